@@ -1,0 +1,1 @@
+"""poolguard: keeps a web service's database connection pool healthy from inside the app."""

@@ -1,0 +1,93 @@
+"""Which exceptions say "the database connection is failing" and which are safe to retry.
+
+The breaker must count a refused, reset or timed-out connection and never an application error
+(a failed constraint, bad SQL), or one bug would take a healthy service offline. Codes come from
+the servers' documented error classes so the rules hold across drivers:
+
+- PostgreSQL SQLSTATE class 08 (connection exception), 53300 (too many connections),
+  57P01-57P03 (shutdown, crash, cannot connect now);
+- MySQL/MariaDB error numbers for lost, refused and too many connections.
+"""
+
+from __future__ import annotations
+
+import sqlalchemy.exc
+
+_PG_CONNECTION_STATES = frozenset({"53300", "57P01", "57P02", "57P03"})
+_PG_TRANSIENT_STATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+_MYSQL_CONNECTION_ERRNOS = frozenset({1040, 1053, 1129, 1152, 1158, 1159, 1160, 1161, 2002, 2003, 2006, 2013})
+_MYSQL_TRANSIENT_ERRNOS = frozenset({1205, 1213})  # lock wait timeout, deadlock
+
+
+def _driver_error(exc: BaseException) -> BaseException:
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
+        return exc.orig
+    return exc
+
+
+def _sqlstate(error: BaseException) -> str | None:
+    for attribute in ("sqlstate", "pgcode"):
+        value = getattr(error, attribute, None)
+        if isinstance(value, str):
+            return value
+    cause = error.__cause__
+    if cause is not None and cause is not error:
+        value = getattr(cause, "sqlstate", None)
+        if isinstance(value, str):
+            return value
+    return None
+
+
+def _mysql_errno(error: BaseException) -> int | None:
+    args = getattr(error, "args", ())
+    if args and isinstance(args[0], int) and not isinstance(args[0], bool):
+        return args[0]
+    return None
+
+
+def is_connection_failure(exc: BaseException, *, during_checkout: bool = False) -> bool:
+    """True when ``exc`` says the database or the network to it is failing.
+
+    During checkout any driver-level operational or interface error is a connection failure, as is a
+    pool timeout or an OS-level socket error: nothing application-specific has run yet. During use
+    only errors that name a lost, refused or exhausted connection count.
+    """
+    if isinstance(exc, sqlalchemy.exc.TimeoutError):
+        return True
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        if exc.connection_invalidated:
+            return True
+        if during_checkout and isinstance(
+            exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError
+        ):
+            return True
+    elif during_checkout and isinstance(exc, OSError | TimeoutError):
+        return True
+    error = _driver_error(exc)
+    state = _sqlstate(error)
+    if state is not None:
+        return state.startswith("08") or state in _PG_CONNECTION_STATES
+    errno = _mysql_errno(error)
+    if errno is not None and errno in _MYSQL_CONNECTION_ERRNOS:
+        return True
+    return isinstance(error, ConnectionError)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True when running the same work again may succeed: lost connections, deadlocks, serialization.
+
+    A driver error without a server code (refused, reset, DNS) is transient; one with a code is only
+    when the code is a connection, deadlock or serialization failure, so bad SQL is never retried.
+    """
+    if is_connection_failure(exc):
+        return True
+    error = _driver_error(exc)
+    state = _sqlstate(error)
+    if state is not None:
+        return state in _PG_TRANSIENT_STATES
+    errno = _mysql_errno(error)
+    if errno is not None:
+        return errno in _MYSQL_TRANSIENT_ERRNOS
+    return isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) or isinstance(
+        error, OSError
+    )
