@@ -1,1 +1,45 @@
-"""poolguard: keeps a web service's database connection pool healthy from inside the app."""
+"""poolguard: keeps a web service's database connection pool healthy from inside the app.
+
+The core is framework-free; adapters live in ``poolguard.flask``, ``poolguard.starlette``,
+``poolguard.fastapi`` and ``poolguard.django`` and are imported only when used.
+"""
+
+from __future__ import annotations
+
+from poolguard.breaker import Breaker as Breaker
+from poolguard.breaker import BreakerState as BreakerState
+from poolguard.engine import create_async_engine as create_async_engine
+from poolguard.engine import create_engine as create_engine
+from poolguard.errors import CircuitOpen as CircuitOpen
+from poolguard.errors import ConfigError as ConfigError
+from poolguard.errors import PoolGuardError as PoolGuardError
+from poolguard.errors import PoolSaturated as PoolSaturated
+from poolguard.errors import Unavailable as Unavailable
+from poolguard.guard import Guard as Guard
+from poolguard.guard import RequestScope as RequestScope
+from poolguard.health import HealthReport as HealthReport
+from poolguard.health import PoolHealth as PoolHealth
+from poolguard.retry import RetryBudget as RetryBudget
+from poolguard.retry import retry as retry
+from poolguard.stats import PoolStats as PoolStats
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "Breaker",
+    "BreakerState",
+    "CircuitOpen",
+    "ConfigError",
+    "Guard",
+    "HealthReport",
+    "PoolGuardError",
+    "PoolHealth",
+    "PoolSaturated",
+    "PoolStats",
+    "RequestScope",
+    "RetryBudget",
+    "Unavailable",
+    "create_async_engine",
+    "create_engine",
+    "retry",
+]

@@ -45,6 +45,11 @@ def _mysql_errno(error: BaseException) -> int | None:
     return None
 
 
+def is_checkout_timeout(exc: BaseException) -> bool:
+    """True when the pool gave up waiting for a free connection (SQLAlchemy's or the driver's timeout)."""
+    return isinstance(exc, sqlalchemy.exc.TimeoutError | TimeoutError)
+
+
 def is_connection_failure(exc: BaseException, *, during_checkout: bool = False) -> bool:
     """True when ``exc`` says the database or the network to it is failing.
 

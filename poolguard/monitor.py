@@ -1,0 +1,245 @@
+"""The per-pool core every pool kind reports into: gating, accounting and leak tracking.
+
+Pool adapters call :meth:`PoolMonitor.checkout` around the pool's own checkout, and the
+``on_*`` hooks from the pool's events. The monitor decides, for checkouts made inside one of
+its guard's scopes, whether the database may be asked at all (breaker) and whether a slot can be
+had within the wait budget (admission); for every checkout, guarded or not, it records wait, use
+and create times, pending waiters, timeouts and who holds what.
+
+Whether a checkout is "through the guard" is carried by a contextvar of this monitor, so a request
+scope of one guard never gates another guard's pool, and SQLAlchemy's lazy checkout deep inside a
+Session (or inside its asyncio greenlet) still sees the request it belongs to.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Awaitable, Callable, Hashable
+from contextvars import ContextVar
+from typing import Any, TypeVar
+
+from opentelemetry import trace
+
+from poolguard._classify import is_checkout_timeout, is_connection_failure
+from poolguard._types import Clock
+from poolguard.admission import Admission
+from poolguard.breaker import Breaker
+from poolguard.errors import CircuitOpen, PoolSaturated, Unavailable
+from poolguard.leaks import Holder, LeakTracker, capture_stack
+from poolguard.pools import PoolCounts
+from poolguard.stats import Ewma, PoolStats, SlidingWindow
+
+logger = logging.getLogger("poolguard")
+
+T = TypeVar("T")
+
+AwaitInGreenlet = Callable[[Awaitable[Any]], Any]
+"""Runs a coroutine to completion from synchronous code inside SQLAlchemy's asyncio greenlet."""
+
+
+class GuardedScope:
+    """What the monitor tracks of one unit of work made through the guard (a request, a session block)."""
+
+    __slots__ = ("held", "route", "waited")
+
+    def __init__(self, route: str | None) -> None:
+        self.route = route
+        self.waited = 0.0
+        self.held = 0
+
+
+class PoolMonitor:
+    """Gating and accounting for one pool; built and owned by a Guard."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        capacity: int | None,
+        breaker: Breaker | None,
+        max_wait: float,
+        leak_threshold: float,
+        capture_stacks: bool,
+        clock: Clock,
+    ) -> None:
+        self.name = name
+        self.breaker = breaker
+        self.max_wait = max_wait
+        self.capture_stacks = capture_stacks
+        self.clock = clock
+        self.scope_var: ContextVar[GuardedScope | None] = ContextVar(f"poolguard_scope_{name}", default=None)
+        self.wait_times = SlidingWindow()
+        self.use_times = SlidingWindow()
+        self.create_times = SlidingWindow(size=256)
+        self.mean_use = Ewma()
+        self.admission = Admission(capacity, pool_name=name, mean_use=self._mean_use, clock=clock)
+        self.leaks = LeakTracker(pool_name=name, threshold=leak_threshold, clock=clock)
+        self.reclaim: Callable[[Any], None] | None = None
+        self._counter_lock = threading.Lock()
+        self.pending = 0
+        self.checkouts = 0
+        self.timeouts = 0
+        self.connections_created = 0
+        self.shed: dict[str, int] = {CircuitOpen.reason: 0, PoolSaturated.reason: 0}
+
+    def _mean_use(self) -> float:
+        return self.mean_use.value
+
+    def checkout(self, real_checkout: Callable[[], T], await_in_greenlet: AwaitInGreenlet | None = None) -> T:
+        """Runs the pool's own checkout, gated when inside a scope of this guard, and accounts for it."""
+        scope = self.scope_var.get()
+        start = self.clock()
+        if scope is not None:
+            self._admit(scope, start, await_in_greenlet)
+        with self._counter_lock:
+            self.pending += 1
+        try:
+            connection = real_checkout()
+        except BaseException as exc:
+            self._checkout_failed(exc, scope, start)
+            raise
+        now = self.clock()
+        wait = now - start
+        with self._counter_lock:
+            self.pending -= 1
+            self.checkouts += 1
+        self.wait_times.add(wait, now)
+        if scope is not None:
+            scope.waited += wait
+            if self.breaker is not None:
+                self.breaker.record_success(wait)
+        return connection
+
+    def _admit(self, scope: GuardedScope, start: float, await_in_greenlet: AwaitInGreenlet | None) -> None:
+        breaker = self.breaker
+        if breaker is not None:
+            try:
+                breaker.acquire()
+            except CircuitOpen as exc:
+                exc.pool = self.name
+                self._count_shed(exc)
+                raise
+        budget = self.max_wait - scope.waited
+        try:
+            if await_in_greenlet is not None:
+                await_in_greenlet(self.admission.acquire_async(budget))
+            else:
+                self.admission.acquire(budget)
+        except BaseException as exc:
+            if breaker is not None:
+                breaker.record_ignored()
+            scope.waited += self.clock() - start
+            if isinstance(exc, PoolSaturated):
+                with self._counter_lock:
+                    self.timeouts += 1
+                self._count_shed(exc)
+            raise
+
+    def _checkout_failed(self, exc: BaseException, scope: GuardedScope | None, start: float) -> None:
+        wait = self.clock() - start
+        timed_out = is_checkout_timeout(exc)
+        with self._counter_lock:
+            self.pending -= 1
+            if timed_out:
+                self.timeouts += 1
+        if scope is None:
+            return
+        scope.waited += wait
+        self.admission.release()
+        if self.breaker is not None:
+            if is_connection_failure(exc, during_checkout=True):
+                self.breaker.record_failure(wait)
+            else:
+                self.breaker.record_ignored()
+
+    def _count_shed(self, exc: Unavailable) -> None:
+        with self._counter_lock:
+            self.shed[exc.reason] += 1
+
+    def on_checkout(self, key: Hashable, handle: Any) -> None:
+        """A connection left the pool (the pool's checkout event): who took it, from which route."""
+        scope = self.scope_var.get()
+        span_context = trace.get_current_span().get_span_context()
+        holder = Holder(
+            since=self.clock(),
+            route=scope.route if scope is not None else None,
+            thread=threading.current_thread().name,
+            trace_id=format(span_context.trace_id, "032x") if span_context.is_valid else None,
+            stack=capture_stack() if self.capture_stacks else None,
+            scope=scope,
+            handle=handle,
+        )
+        if scope is not None:
+            scope.held += 1
+        self.leaks.checked_out(key, holder)
+        self.leaks.sweep()
+
+    def on_checkin(self, key: Hashable) -> None:
+        """A connection came back (or was detached): its use time, and the admission slot it held."""
+        holder = self.leaks.checked_in(key)
+        if holder is None:
+            return
+        now = self.clock()
+        use = now - holder.since
+        self.use_times.add(use, now)
+        self.mean_use.add(use)
+        scope = holder.scope
+        if isinstance(scope, GuardedScope):
+            scope.held -= 1
+            self.admission.release()
+
+    def on_connection_created(self, seconds: float) -> None:
+        with self._counter_lock:
+            self.connections_created += 1
+        self.create_times.add(seconds, self.clock())
+
+    def on_connection_lost(self) -> None:
+        """A connection of a guarded unit of work died in use (disconnect, server shutdown)."""
+        if self.breaker is not None and self.scope_var.get() is not None:
+            self.breaker.record_failure(0.0)
+
+    def reclaim_leftovers(self, scope: GuardedScope) -> int:
+        """Forces back every connection ``scope`` still holds at its end; returns how many there were."""
+        leftovers = self.leaks.held_by(scope)
+        for _key, holder in leftovers:
+            logger.warning(
+                "poolguard: route %s ended while still holding a connection of pool %r; closing it",
+                scope.route or "(no request)",
+                self.name,
+            )
+            self.leaks.reported_total += 1
+            if self.reclaim is not None:
+                self.reclaim(holder.handle)
+        return len(leftovers)
+
+    def snapshot(self, counts: PoolCounts, backend: str) -> PoolStats:
+        """A consistent-enough PoolStats for health and ``guard.stats()``."""
+        now = self.clock()
+        wait = self.wait_times.quantiles(now, 0.5, 0.99)
+        use = self.use_times.quantiles(now, 0.5, 0.99)
+        create = self.create_times.quantiles(now, 0.5)
+        capacity = counts.capacity
+        utilization = counts.checked_out / capacity if capacity else 0.0
+        return PoolStats(
+            name=self.name,
+            backend=backend,
+            size=counts.size,
+            max_overflow=counts.max_overflow,
+            checked_out=counts.checked_out,
+            idle=counts.idle,
+            overflow=counts.overflow,
+            pending=self.pending + self.admission.waiting,
+            utilization=round(min(utilization, 1.0), 4),
+            wait_p50=wait[0] if wait else None,
+            wait_p99=wait[1] if wait else None,
+            use_p50=use[0] if use else None,
+            use_p99=use[1] if use else None,
+            checkouts=self.checkouts,
+            timeouts=self.timeouts,
+            connections_created=self.connections_created,
+            create_p50=create[0] if create else None,
+            suspected_leaks=self.leaks.suspected,
+            shed=sum(self.shed.values()),
+            breaker_state=self.breaker.state.value if self.breaker is not None else "disabled",
+        )

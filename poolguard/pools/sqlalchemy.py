@@ -1,0 +1,145 @@
+"""SQLAlchemy Engine and AsyncEngine pools behind the pool protocol.
+
+SQLAlchemy has events for checkout, checkin and new connections, but none before a checkout
+starts waiting, and that wait is what matters most. So the pool's ``connect`` is wrapped (an
+instance attribute, nothing patched on the class) and re-wrapped when ``engine.dispose()``
+replaces the pool. Everything else uses the engine's public events, which SQLAlchemy keeps across
+``dispose()``. Async engines run the same code: their pool is synchronous code inside a greenlet,
+and admission waits there through ``await_only`` without blocking the event loop.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import sqlalchemy
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
+from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
+from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, QueuePool
+
+from poolguard._classify import is_connection_failure
+from poolguard.errors import ConfigError
+from poolguard.monitor import PoolMonitor
+from poolguard.pools import PoolCounts
+
+_CONNECT_STARTED = "poolguard.connect_started"
+_MONITOR_ATTRIBUTE = "_poolguard_monitor"
+
+
+class SQLAlchemyPool:
+    """Adapts a SQLAlchemy Engine or AsyncEngine (QueuePool, AsyncAdaptedQueuePool, NullPool, ...)."""
+
+    def __init__(self, engine: Engine | AsyncEngine) -> None:
+        self.engine = engine
+        self.sync_engine: Engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
+        self.is_async = isinstance(engine, AsyncEngine)
+        self.backend = self.sync_engine.dialect.name
+        self._monitor: PoolMonitor | None = None
+        self._listeners: list[tuple[Any, str, Any]] = []
+
+    def attach(self, monitor: PoolMonitor) -> None:
+        if getattr(self.sync_engine, _MONITOR_ATTRIBUTE, None) is not None:
+            raise ConfigError(
+                "Guard(engine)",
+                self.sync_engine.url.render_as_string(hide_password=True),
+                "an engine no other Guard watches; share one Guard per engine (guard.close() releases it)",
+            )
+        setattr(self.sync_engine, _MONITOR_ATTRIBUTE, monitor)
+        self._monitor = monitor
+        monitor.reclaim = self._reclaim
+        self._listen(self.sync_engine, "do_connect", self._before_connect)
+        self._listen(self.sync_engine, "connect", self._after_connect)
+        self._listen(self.sync_engine, "checkout", self._on_checkout)
+        self._listen(self.sync_engine, "checkin", self._on_checkin)
+        self._listen(self.sync_engine, "detach", self._on_detach)
+        self._listen(self.sync_engine, "handle_error", self._on_error)
+        self._listen(self.sync_engine, "engine_disposed", self._on_disposed)
+        self._wrap(self.sync_engine.pool)
+
+    def detach(self) -> None:
+        for target, name, fn in self._listeners:
+            event.remove(target, name, fn)
+        self._listeners.clear()
+        self.sync_engine.pool.__dict__.pop("connect", None)
+        if getattr(self.sync_engine, _MONITOR_ATTRIBUTE, None) is self._monitor:
+            delattr(self.sync_engine, _MONITOR_ATTRIBUTE)
+        self._monitor = None
+
+    def _listen(self, target: Any, name: str, fn: Any) -> None:
+        event.listen(target, name, fn)
+        self._listeners.append((target, name, fn))
+
+    def _wrap(self, pool: Pool) -> None:
+        monitor = self._monitor
+        assert monitor is not None
+        real_connect = pool.connect
+        await_in_greenlet = sqlalchemy.util.await_only if self.is_async else None
+
+        def connect() -> PoolProxiedConnection:
+            return monitor.checkout(real_connect, await_in_greenlet)
+
+        pool.connect = connect  # type: ignore[method-assign]
+
+    def _on_disposed(self, engine: Engine) -> None:
+        self._wrap(engine.pool)
+
+    def _before_connect(self, dialect: Any, record: ConnectionPoolEntry, cargs: Any, cparams: Any) -> None:
+        assert self._monitor is not None
+        record.info[_CONNECT_STARTED] = self._monitor.clock()
+
+    def _after_connect(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        monitor = self._monitor
+        started = record.info.pop(_CONNECT_STARTED, None)
+        if monitor is not None and started is not None:
+            monitor.on_connection_created(monitor.clock() - started)
+
+    def _on_checkout(
+        self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
+    ) -> None:
+        if self._monitor is not None:
+            self._monitor.on_checkout(id(record), proxy)
+
+    def _on_checkin(self, dbapi_connection: DBAPIConnection | None, record: ConnectionPoolEntry) -> None:
+        if self._monitor is not None:
+            self._monitor.on_checkin(id(record))
+
+    def _on_detach(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        if self._monitor is not None:
+            self._monitor.on_checkin(id(record))
+
+    def _on_error(self, context: ExceptionContext) -> None:
+        if self._monitor is None or context.connection is None or context.is_pre_ping:
+            return
+        if context.is_disconnect or is_connection_failure(context.original_exception):
+            self._monitor.on_connection_lost()
+
+    @staticmethod
+    def _reclaim(handle: Any) -> None:
+        """Closes a connection a request forgot: invalidated, so no half-done transaction is reused."""
+        if isinstance(handle, PoolProxiedConnection) and handle.is_valid:
+            handle.invalidate()
+
+    def counts(self) -> PoolCounts:
+        pool = self.sync_engine.pool
+        if isinstance(pool, QueuePool):
+            max_overflow: int = getattr(pool, "_max_overflow", 0)
+            return PoolCounts(
+                size=pool.size(),
+                max_overflow=max_overflow if max_overflow >= 0 else None,
+                checked_out=pool.checkedout(),
+                idle=pool.checkedin(),
+                overflow=max(0, pool.overflow()),
+            )
+        held = len(self._monitor.leaks.holders()) if self._monitor is not None else 0
+        return PoolCounts(size=None, max_overflow=None, checked_out=held, idle=0, overflow=0)
+
+    def ping(self) -> None:
+        with self.sync_engine.connect() as connection:
+            connection.exec_driver_sql("SELECT 1").close()
+
+    async def aping(self) -> None:
+        assert isinstance(self.engine, AsyncEngine)
+        async with self.engine.connect() as connection:
+            await connection.exec_driver_sql("SELECT 1")
