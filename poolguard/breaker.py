@@ -373,8 +373,12 @@ class Breaker:
             for listener in listeners:
                 try:
                     listener(old, new)
-                except Exception:
-                    _log.exception("breaker listener %r failed on %s -> %s", listener, old.value, new.value)
+                except Exception as exc:
+                    # The class name only at ERROR: stack traces never go to INFO or above.
+                    _log.error(
+                        "breaker listener %r failed on %s -> %s: %s", listener, old.value, new.value, type(exc).__name__
+                    )
+                    _log.debug("breaker listener failure", exc_info=True)
 
 
 def _check_clock(clock: Clock) -> Clock:

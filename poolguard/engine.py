@@ -15,7 +15,10 @@ user always wins):
 - asyncpg: ``server_settings`` ``application_name`` and ``statement_timeout``, ``timeout``.
 - pymysql: ``program_name`` connection attribute, ``connect_timeout``; the statement timeout is a
   ``SET SESSION`` on each new connection (``max_statement_time`` on MariaDB, ``max_execution_time``
-  on MySQL), since only the server can say which one it is.
+  on MySQL), since only the server can say which one it is. pymysql's ``connect_timeout`` bounds
+  the TCP connect only: a server that accepts but never sends its greeting is waited on for
+  ``read_timeout``, which is not set here because it would also cut long queries client-side
+  (pass ``connect_args={"read_timeout": ...}`` to bound it).
 - SQLite: none apply (``sqlite3``'s ``timeout`` is a lock wait, not a connect timeout).
 - Any other driver: the generic pool defaults only.
 """

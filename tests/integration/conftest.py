@@ -21,3 +21,114 @@ def pg_async_url() -> str:
 def mysql_url() -> str:
     """MariaDB (MySQL protocol) through pymysql."""
     return "mysql+pymysql://root@127.0.0.1:3306/test"
+
+
+# --- Guard fixtures (test_guard_*.py) -----------------------------------------------------------------
+
+from collections.abc import AsyncIterator, Callable, Iterator  # noqa: E402
+from typing import Any  # noqa: E402
+
+import sqlalchemy  # noqa: E402
+from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
+from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine  # noqa: E402
+
+import poolguard  # noqa: E402
+
+
+class FakeClock:
+    """A monotonic clock that moves only when told to (for leak thresholds and breaker intervals)."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def fake_clock() -> FakeClock:
+    return FakeClock()
+
+
+def _left_checked_out(engine: sqlalchemy.Engine) -> str | None:
+    pool = engine.pool
+    checked_out = pool.checkedout() if hasattr(pool, "checkedout") else 0
+    return f"{engine.url.render_as_string()} has {checked_out} connection(s) checked out" if checked_out else None
+
+
+@pytest.fixture
+def make_sync_engine() -> Iterator[Callable[..., sqlalchemy.Engine]]:
+    """sqlalchemy.create_engine; after the test: nothing checked out, then every engine disposed."""
+    engines: list[sqlalchemy.Engine] = []
+
+    def factory(url: str | sqlalchemy.URL, **kwargs: Any) -> sqlalchemy.Engine:
+        engine = sqlalchemy.create_engine(url, **kwargs)
+        engines.append(engine)
+        return engine
+
+    yield factory
+    problems = [p for p in (_left_checked_out(e) for e in engines) if p]
+    for engine in engines:
+        engine.dispose()
+    assert not problems, problems
+
+
+@pytest.fixture
+async def make_async_engine_sa() -> AsyncIterator[Callable[..., AsyncEngine]]:
+    """sqlalchemy's create_async_engine; after the test: nothing checked out, then every engine disposed."""
+    engines: list[AsyncEngine] = []
+
+    def factory(url: str | sqlalchemy.URL, **kwargs: Any) -> AsyncEngine:
+        engine = sa_create_async_engine(url, **kwargs)
+        engines.append(engine)
+        return engine
+
+    yield factory
+    problems = [p for p in (_left_checked_out(e.sync_engine) for e in engines) if p]
+    for engine in engines:
+        await engine.dispose()
+    assert not problems, problems
+
+
+def _guard_factory() -> tuple[Callable[..., poolguard.Guard], Callable[[], None]]:
+    guards: list[poolguard.Guard] = []
+
+    def factory(engine: Any, **kwargs: Any) -> poolguard.Guard:
+        guard = poolguard.Guard(engine, **kwargs)
+        guards.append(guard)
+        return guard
+
+    def finish() -> None:
+        problems: list[str] = []
+        for guard in guards:
+            try:
+                checked_out = guard.stats().checked_out
+                if checked_out:
+                    problems.append(f"guard {guard.name!r}: stats().checked_out == {checked_out}")
+                problem = _left_checked_out(guard.pool.sync_engine)
+                if problem:
+                    problems.append(f"guard {guard.name!r}: {problem}")
+            finally:
+                guard.close()
+        assert not problems, problems
+
+    return factory, finish
+
+
+@pytest.fixture
+def make_guard(make_sync_engine: Any) -> Iterator[Callable[..., poolguard.Guard]]:
+    """poolguard.Guard for a sync engine; after the test: no connection checked out, guard closed."""
+    factory, finish = _guard_factory()
+    yield factory
+    finish()
+
+
+@pytest.fixture
+def make_async_guard(make_async_engine_sa: Any) -> Iterator[Callable[..., poolguard.Guard]]:
+    """poolguard.Guard for an AsyncEngine; checked (and closed) before the engines are disposed."""
+    factory, finish = _guard_factory()
+    yield factory
+    finish()
