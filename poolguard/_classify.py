@@ -19,6 +19,21 @@ _MYSQL_CONNECTION_ERRNOS = frozenset({1040, 1053, 1129, 1152, 1158, 1159, 1160, 
 _MYSQL_TRANSIENT_ERRNOS = frozenset({1205, 1213})  # lock wait timeout, deadlock
 
 
+_PEP249_CONNECTION_CLASSES = frozenset({"OperationalError", "InterfaceError"})
+
+
+def _is_pep249_connection_class(exc: BaseException) -> bool:
+    """An OperationalError/InterfaceError of SQLAlchemy or of any driver (the pool raises the driver's own).
+
+    PEP 249 fixes these class names, so matching by name covers every DB-API driver without importing it.
+    """
+    return any(cls.__name__ in _PEP249_CONNECTION_CLASSES for cls in type(exc).__mro__)
+
+
+def _is_pep249_error(exc: BaseException) -> bool:
+    return any(cls.__name__ == "Error" and cls.__module__ != "builtins" for cls in type(exc).__mro__)
+
+
 def _driver_error(exc: BaseException) -> BaseException:
     if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
         return exc.orig
@@ -38,7 +53,12 @@ def _sqlstate(error: BaseException) -> str | None:
     return None
 
 
-def _mysql_errno(error: BaseException) -> int | None:
+def _mysql_errno(exc: BaseException) -> int | None:
+    """The server's error number of a MySQL driver error (``args[0]``); None for any other exception."""
+    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+        error: BaseException | None = exc.orig
+    else:
+        error = exc if _is_pep249_error(exc) else None
     args = getattr(error, "args", ())
     if args and isinstance(args[0], int) and not isinstance(args[0], bool):
         return args[0]
@@ -59,20 +79,15 @@ def is_connection_failure(exc: BaseException, *, during_checkout: bool = False) 
     """
     if isinstance(exc, sqlalchemy.exc.TimeoutError):
         return True
-    if isinstance(exc, sqlalchemy.exc.DBAPIError):
-        if exc.connection_invalidated:
-            return True
-        if during_checkout and isinstance(
-            exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError
-        ):
-            return True
-    elif during_checkout and isinstance(exc, OSError | TimeoutError):
+    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+        return True
+    if during_checkout and (isinstance(exc, OSError | TimeoutError) or _is_pep249_connection_class(exc)):
         return True
     error = _driver_error(exc)
     state = _sqlstate(error)
     if state is not None:
         return state.startswith("08") or state in _PG_CONNECTION_STATES
-    errno = _mysql_errno(error)
+    errno = _mysql_errno(exc)
     if errno is not None and errno in _MYSQL_CONNECTION_ERRNOS:
         return True
     return isinstance(error, ConnectionError)
@@ -90,7 +105,7 @@ def is_transient(exc: BaseException) -> bool:
     state = _sqlstate(error)
     if state is not None:
         return state in _PG_TRANSIENT_STATES
-    errno = _mysql_errno(error)
+    errno = _mysql_errno(exc)
     if errno is not None:
         return errno in _MYSQL_TRANSIENT_ERRNOS
     return isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) or isinstance(

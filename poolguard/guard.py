@@ -216,7 +216,9 @@ class Guard:
         if self._running_ping is not None and not self._running_ping.done():
             return PingResult(None, "PingStillRunning")
         if self._ping_executor is None:
-            self._ping_executor = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"poolguard-ping-{self.name}")
+            self._ping_executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"poolguard-ping-{self.name}"
+            )
         self._running_ping = future = self._ping_executor.submit(self._timed, self.pool.ping)
         try:
             return PingResult(future.result(timeout=self.ping_timeout))
@@ -294,26 +296,38 @@ class RequestScope(GuardedScope):
         self._unit_token = _context.current_unit.set(self)
         return self
 
-    def close(self, error: BaseException | None = None) -> None:
-        """Ends the request: commit (or rollback on ``error``), close, reclaim anything left checked out."""
+    def finish(self, error: BaseException | None = None) -> None:
+        """Ends the session's work now: commit (rollback on ``error``) and return its connection.
+
+        Adapters call it when the endpoint returns, before a streamed body is sent, so no connection
+        sits idle in a transaction while a slow client reads. A later use opens a new session.
+        """
         session = self._session
+        if session is not None:
+            self._session = None
+            finish_session(cast(Session, session), error)
+
+    async def afinish(self, error: BaseException | None = None) -> None:
+        """The asyncio form of :meth:`finish`."""
+        session = self._session
+        if session is not None:
+            self._session = None
+            if isinstance(session, AsyncSession):
+                await afinish_session(session, error)
+            else:
+                finish_session(session, error)
+
+    def close(self, error: BaseException | None = None) -> None:
+        """Ends the request: :meth:`finish`, then reclaim anything still checked out, and leave the context."""
         try:
-            if session is not None:
-                self._session = None
-                finish_session(cast(Session, session), error)
+            self.finish(error)
         finally:
             self._release()
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """The asyncio form of :meth:`close`."""
-        session = self._session
         try:
-            if session is not None:
-                self._session = None
-                if isinstance(session, AsyncSession):
-                    await afinish_session(session, error)
-                else:
-                    finish_session(session, error)
+            await self.afinish(error)
         finally:
             if self.held > 0 and self.guard.is_async:
                 # Closing an asyncio driver connection needs SQLAlchemy's greenlet.
@@ -333,7 +347,9 @@ class RequestScope(GuardedScope):
     def __enter__(self) -> RequestScope:
         return self.open()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close(exc)
 
     async def __aenter__(self) -> RequestScope:
@@ -449,7 +465,9 @@ class SessionBlock(Generic[S]):
             raise TypeError("guard.session() on an AsyncEngine is used with 'async with'")
         return cast(Session, self._enter())
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         try:
             finish_session(self._session, exc)
         finally:
@@ -505,12 +523,19 @@ class ConnectionBlock(Generic[C]):
             raise
         return cast(Connection, self._connection)
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         connection: Connection = self._connection
         try:
             if connection.in_transaction():
                 if exc is None:
-                    connection.commit()
+                    try:
+                        connection.commit()
+                    except Exception:
+                        # A failed COMMIT may leave the transaction open (SQLite does): never pool it so.
+                        _quietly(connection.rollback)
+                        raise
                 else:
                     _quietly(connection.rollback)
         finally:
@@ -537,7 +562,11 @@ class ConnectionBlock(Generic[C]):
         try:
             if connection.in_transaction() and not isinstance(exc, asyncio.CancelledError):
                 if exc is None:
-                    await connection.commit()
+                    try:
+                        await connection.commit()
+                    except Exception:
+                        await _aquietly(connection.rollback())
+                        raise
                 else:
                     await _aquietly(connection.rollback())
         finally:

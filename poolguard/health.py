@@ -21,8 +21,9 @@ DEGRADED_UTILIZATION = 0.9
 """Utilisation at or above which a pool is degraded: one more burst and requests start to wait."""
 
 _SEVERITY: dict[Status, int] = {"ok": 0, "degraded": 1, "unavailable": 2}
-_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@/\s]*@")
-_KEY_VALUE_PASSWORD = re.compile(r"(?i)\b(password|passwd|pwd)\s*=\s*('[^']*'|\"[^\"]*\"|\S+)")
+# The password ends at the first "@", as SQLAlchemy reads it (it may contain "/").
+_URL_CREDENTIALS = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)(?P<user>[^:/@\s]*):[^@\s]*@")
+_KEY_VALUE_PASSWORD = re.compile(r"(?i)(password|passwd|pwd)\s*=\s*('[^']*'|\"[^\"]*\"|\S+)")
 
 
 def redact(text: str) -> str:

@@ -47,11 +47,7 @@ class Holder:
 
 def capture_stack() -> traceback.StackSummary:
     """The caller's stack, trimmed of poolguard's and SQLAlchemy's own frames; formatted only if reported."""
-    frames = [
-        f
-        for f in traceback.extract_stack(limit=_STACK_LIMIT + 20)
-        if not f.filename.startswith(_LIBRARY_DIRS)
-    ]
+    frames = [f for f in traceback.extract_stack(limit=_STACK_LIMIT + 20) if not f.filename.startswith(_LIBRARY_DIRS)]
     return traceback.StackSummary.from_list(frames[-_STACK_LIMIT:])
 
 
@@ -146,8 +142,6 @@ class LeakTracker:
             f", checked out at {checkout_site(holder.stack)}" if holder.stack is not None else "",
         )
         if holder.stack is not None and logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "poolguard: checkout stack of the connection above:\n%s", "".join(holder.stack.format())
-            )
+            logger.debug("poolguard: checkout stack of the connection above:\n%s", "".join(holder.stack.format()))
         if self._on_leak is not None:
             self._on_leak(holder)

@@ -54,14 +54,19 @@ class SlidingWindow:
 class Ewma:
     """An exponentially weighted moving average: a cheap live estimate for admission decisions."""
 
-    __slots__ = ("_alpha", "value")
+    __slots__ = ("_alpha", "_seeded", "value")
 
     def __init__(self, alpha: float = 0.2) -> None:
         self._alpha = alpha
+        self._seeded = False
         self.value = 0.0
 
     def add(self, sample: float) -> None:
-        self.value = sample if self.value == 0.0 else self.value + self._alpha * (sample - self.value)
+        if self._seeded:
+            self.value += self._alpha * (sample - self.value)
+        else:
+            self.value = sample
+            self._seeded = True
 
 
 @dataclass(frozen=True, slots=True)

@@ -10,6 +10,7 @@ and admission waits there through ``await_only`` without blocking the event loop
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy
@@ -38,6 +39,7 @@ class SQLAlchemyPool:
         self.backend = self.sync_engine.dialect.name
         self._monitor: PoolMonitor | None = None
         self._listeners: list[tuple[Any, str, Any]] = []
+        self._wrapper: Callable[[], PoolProxiedConnection] | None = None
 
     def attach(self, monitor: PoolMonitor) -> None:
         if getattr(self.sync_engine, _MONITOR_ATTRIBUTE, None) is not None:
@@ -59,13 +61,19 @@ class SQLAlchemyPool:
         self._wrap(self.sync_engine.pool)
 
     def detach(self) -> None:
+        """Idempotent, and it removes only its own hooks: a newer Guard on the engine stays intact."""
+        if self._monitor is None:
+            return
         for target, name, fn in self._listeners:
             event.remove(target, name, fn)
         self._listeners.clear()
-        self.sync_engine.pool.__dict__.pop("connect", None)
+        pool_attributes = self.sync_engine.pool.__dict__
+        if pool_attributes.get("connect") is self._wrapper:
+            del pool_attributes["connect"]
         if getattr(self.sync_engine, _MONITOR_ATTRIBUTE, None) is self._monitor:
             delattr(self.sync_engine, _MONITOR_ATTRIBUTE)
         self._monitor = None
+        self._wrapper = None
 
     def _listen(self, target: Any, name: str, fn: Any) -> None:
         event.listen(target, name, fn)
@@ -81,6 +89,7 @@ class SQLAlchemyPool:
             return monitor.checkout(real_connect, await_in_greenlet)
 
         pool.connect = connect  # type: ignore[method-assign]
+        self._wrapper = connect
 
     def _on_disposed(self, engine: Engine) -> None:
         self._wrap(engine.pool)

@@ -16,6 +16,7 @@ over the limit is reset at once. Nothing ever listens beyond 127.0.0.1.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import socket
 import struct
@@ -31,10 +32,8 @@ def _abort(sock: socket.socket | None) -> None:
     """Closes with a TCP RST (SO_LINGER 0), the way a crashed server or a dropped route looks."""
     if sock is None:
         return
-    try:
+    with contextlib.suppress(OSError):
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-    except OSError:
-        pass
     sock.close()
 
 
@@ -137,7 +136,9 @@ class TcpProxy:
         self.port = listener.getsockname()[1]
         self._listener = listener
         self._accepting.set()
-        self._acceptor = threading.Thread(target=self._accept_loop, args=(listener,), name="tcpproxy-accept", daemon=True)
+        self._acceptor = threading.Thread(
+            target=self._accept_loop, args=(listener,), name="tcpproxy-accept", daemon=True
+        )
         self._acceptor.start()
         return self
 
@@ -177,7 +178,9 @@ class TcpProxy:
     def __enter__(self) -> TcpProxy:
         return self.start()
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
     def __repr__(self) -> str:

@@ -1,0 +1,303 @@
+"""Flask extension: a request-scoped session, 503 + Retry-After load shedding and a health route.
+
+Usage::
+
+    from poolguard.flask import PoolGuard, db
+
+    guard = poolguard.Guard(poolguard.create_engine(url, service_name="orders"))
+    PoolGuard(app, guard)              # or, in an app factory: ext = PoolGuard(guard=guard); ext.init_app(app)
+
+    @app.post("/orders")
+    def create_order():
+        db.add(Order(...))             # committed when the view returns, rolled back when it raises
+        return {"ok": True}
+
+Everything per app lives in ``app.extensions["poolguard"]``; nothing is kept in module globals,
+so one extension object serves any number of apps (app factories, tests).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Final, cast
+
+from flask import Flask, Response, current_app, g, has_app_context, has_request_context, request
+from flask import typing as ft
+from sqlalchemy.orm import Session
+from werkzeug.exceptions import HTTPException
+from werkzeug.local import LocalProxy
+
+from poolguard.config import PoolGuardConfig
+from poolguard.engine import create_engine
+from poolguard.errors import ConfigError, Unavailable
+from poolguard.guard import Guard, RequestScope
+from poolguard.http import HttpResponse, detail_allowed, health_response, unavailable_response
+
+__all__ = ["PoolGuard", "db", "get_guard"]
+
+EXTENSION_KEY: Final = "poolguard"
+"""The key of this extension's state in ``app.extensions``."""
+
+HEALTH_ENDPOINT: Final = "poolguard_health"
+"""The endpoint name of the health view (for ``url_for``)."""
+
+_G_KEY: Final = "_poolguard_request"
+_CONFIG_PREFIX: Final = "POOLGUARD_"
+
+logger = logging.getLogger("poolguard")
+
+
+class _RequestState:
+    """The unit of work of one request, and the exception its view raised (handled or not)."""
+
+    __slots__ = ("error", "scope")
+
+    def __init__(self, scope: RequestScope) -> None:
+        self.scope = scope
+        self.error: BaseException | None = None
+
+
+class _AppState:
+    """What one app's registration holds; its bound methods are the app's hooks."""
+
+    __slots__ = ("config", "extension", "guard", "owns_engine")
+
+    def __init__(self, extension: PoolGuard, guard: Guard, config: PoolGuardConfig, *, owns_engine: bool) -> None:
+        self.extension = extension
+        self.guard = guard
+        self.config = config
+        self.owns_engine = owns_engine
+
+    def open_scope(self) -> None:
+        """Opens the request's unit of work; cheap, since nothing touches the pool until ``db`` is used."""
+        if request.endpoint == HEALTH_ENDPOINT:
+            return
+        rule = request.url_rule
+        scope = self.guard.request_scope(route=rule.rule if rule is not None else None)
+        setattr(g, _G_KEY, _RequestState(scope.open()))
+
+    def finish_scope(self, response: Response) -> Response:
+        """Commits (or rolls back) before the response leaves, so a failed commit is never a lost 200.
+
+        A commit that cannot get a connection becomes the 503; any other failure propagates to
+        Flask's 500 handling. The session is finished before a streamed body is sent, so no
+        connection sits idle in a transaction while a slow client reads.
+        """
+        state: _RequestState | None = g.get(_G_KEY)
+        if state is None:
+            return response
+        try:
+            state.scope.finish(state.error)
+        except Unavailable as exc:
+            if state.error is None:
+                state.error = exc
+            return _to_flask(unavailable_response(exc))
+        return response
+
+    def close_scope(self, exc: BaseException | None) -> None:
+        """Runs even when the request failed: the connection always goes back to the pool."""
+        state: _RequestState | None = g.pop(_G_KEY, None)
+        if state is None:
+            return
+        try:
+            state.scope.close(exc or state.error)
+        except Exception as error:
+            # Teardown must not raise; reached only when ``db`` was used after the response was made
+            # (inside a streamed body). The class name only: messages may carry SQL parameters.
+            logger.error(
+                "poolguard: ending the session of route %s failed (%s); its work was rolled back",
+                state.scope.route or "(unmatched)",
+                type(error).__name__,
+            )
+
+    def record_error(self, error: BaseException) -> None:
+        state: _RequestState | None = g.get(_G_KEY)
+        if state is not None and state.error is None:
+            state.error = error
+
+    def health(self) -> Response:
+        config = self.config
+        detail = detail_allowed(
+            config.health_detail,
+            config.health_token,
+            request._get_current_object(),  # type: ignore[attr-defined]
+            request.headers.get("Authorization"),
+        )
+        return _to_flask(health_response(self.guard.health(), detail=detail))
+
+
+class PoolGuard:
+    """Guards a Flask app's database access: ``db`` session per request, 503 when unavailable, health view.
+
+    ``PoolGuard(app, guard)``, or ``PoolGuard(guard=guard)`` then ``init_app(app)`` for app factories;
+    one extension object may be registered on several apps. Each request gets a session (``db``)
+    that commits when the view returns and rolls back when it raises (also when an error handler
+    or ``abort()`` turned the exception into a response); the connection goes back to the pool at
+    the end of every request, whatever happened. ``poolguard.Unavailable`` raised anywhere in a
+    request (breaker open, no connection slot within ``max_wait``) becomes a 503 with
+    ``Retry-After``; routes that never use ``db`` keep answering during an outage.
+
+    Options, as keyword arguments here or as Flask config keys (keyword arguments win over the
+    config, the config over ``POOLGUARD_*`` environment variables); all are read and validated by
+    ``init_app``, so a typo or a bad value fails at startup with ConfigError:
+
+    - ``POOLGUARD_HEALTH_PATH`` (``health_path``): the health route, default ``"/health/db"``;
+      ``None`` turns it off. GET only; it never opens a database session of its own.
+    - ``POOLGUARD_HEALTH_DETAIL`` (``health_detail``): ``"never"`` (default), ``"when-authorized"``
+      or ``"always"``: who sees the full report instead of ``{"status": ...}`` only.
+    - ``POOLGUARD_HEALTH_TOKEN`` (``health_token``): the bearer token (compared in constant time)
+      or a callable taking the Flask request and returning True to allow the detail; required
+      with ``"when-authorized"``.
+    - ``POOLGUARD_MAX_WAIT`` (``max_wait``, 1.0 s), ``POOLGUARD_LEAK_THRESHOLD`` (30.0 s),
+      ``POOLGUARD_CAPTURE_STACKS`` (False), ``POOLGUARD_PING_TIMEOUT`` (1.0 s) and
+      ``POOLGUARD_BREAKER`` (a dict of :class:`poolguard.Breaker` options such as
+      ``{"CONSECUTIVE_FAILURES": 3, "OPEN_FOR": 10}``, or False for no breaker): the guard's
+      options. **They apply only when no guard object is passed**: a ``Guard`` you build keeps the
+      options you built it with (pass them to ``Guard(...)`` instead).
+    - ``POOLGUARD_SQLALCHEMY``: when no guard is passed, a dict with ``URL`` and optional
+      :func:`poolguard.create_engine` keywords (``SERVICE_NAME``, ``POOL_SIZE``, ...); the extension
+      builds the engine and the guard from it. The app owns them then: dispose with
+      ``get_guard(app).engine.dispose()`` when the app shuts down.
+    - ``POOLGUARD_DATABASES`` is accepted for symmetry with Django and has no effect here.
+
+    Environment variables ``POOLGUARD_<OPTION>`` (and ``POOLGUARD_BREAKER_<OPTION>``) fill in what
+    neither the keyword arguments nor the config set.
+    """
+
+    def __init__(self, app: Flask | None = None, guard: Guard | None = None, **options: Any) -> None:
+        if guard is not None and not isinstance(guard, Guard):
+            raise ConfigError("PoolGuard(guard)", type(guard).__name__, "a poolguard.Guard")
+        unknown = sorted(set(options) - set(PoolGuardConfig.option_names()))
+        if unknown:
+            # Names fail here; values are validated per app by init_app, together with that app's config.
+            raise ConfigError(unknown[0], options[unknown[0]], "one of " + ", ".join(PoolGuardConfig.option_names()))
+        self.guard = guard
+        self.options: Mapping[str, Any] = dict(options)
+        if app is not None:
+            self.init_app(app)
+
+    def init_app(self, app: Flask) -> None:
+        """Registers the hooks, the error handler and the health view on ``app``."""
+        if EXTENSION_KEY in app.extensions:
+            raise RuntimeError(
+                "A 'PoolGuard' instance has already been registered on this Flask app. "
+                "Import and use that instance (or get_guard(app)) instead of creating another one."
+            )
+        settings = {
+            key[len(_CONFIG_PREFIX) :]: value for key, value in app.config.items() if key.startswith(_CONFIG_PREFIX)
+        }
+        config = PoolGuardConfig.load(self.options, settings=settings, source="Flask config")
+        guard, owns_engine = self._guard_for(config)
+        state = _AppState(self, guard, config, owns_engine=owns_engine)
+        app.extensions[EXTENSION_KEY] = state
+
+        # First before_request and last after_request/teardown, so every other hook may use ``db``.
+        app.before_request_funcs.setdefault(None, []).insert(0, state.open_scope)
+        app.after_request_funcs.setdefault(None, []).insert(0, state.finish_scope)
+        app.teardown_request_funcs.setdefault(None, []).insert(0, state.close_scope)
+        app.register_error_handler(Unavailable, _unavailable)
+        _watch_view_errors(app, state)
+        if config.health_path is not None:
+            app.add_url_rule(config.health_path, HEALTH_ENDPOINT, state.health, methods=["GET"])
+
+    def _guard_for(self, config: PoolGuardConfig) -> tuple[Guard, bool]:
+        if self.guard is not None:
+            if config.sqlalchemy is not None:
+                raise ConfigError(
+                    "POOLGUARD_SQLALCHEMY",
+                    "(set)",
+                    "unset when a Guard is passed to PoolGuard (the guard's engine is used), or pass no guard",
+                )
+            guard, owns = self.guard, False
+        else:
+            guard, owns = _build_guard(config), True
+        if guard.is_async:
+            raise ConfigError(
+                "PoolGuard(guard)",
+                "a Guard on an AsyncEngine",
+                "a Guard on a synchronous Engine: Flask runs views synchronously",
+            )
+        return guard, owns
+
+
+def _build_guard(config: PoolGuardConfig) -> Guard:
+    if config.sqlalchemy is None:
+        raise ConfigError(
+            "PoolGuard(guard)",
+            None,
+            "a poolguard.Guard (PoolGuard(app, guard)), or POOLGUARD_SQLALCHEMY = {'URL': ...} in the Flask config",
+        )
+    options = dict(config.sqlalchemy)
+    url = options.pop("url", None)
+    if not url:
+        raise ConfigError("POOLGUARD_SQLALCHEMY", "(no URL)", "a dict with a 'URL' key and create_engine options")
+    return Guard(create_engine(url, **options), **config.guard_options())
+
+
+def _watch_view_errors(app: Flask, state: _AppState) -> None:
+    """Notes every exception a view raises, including those an error handler turns into a response.
+
+    Flask's teardown only sees unhandled exceptions, and no hook or signal sees handled ones
+    (``abort(409)`` after a write, an app's own ``errorhandler``); without this the write would be
+    committed. Every view exception passes through ``handle_user_exception``, so it is wrapped on
+    this app object only.
+    """
+    original = app.handle_user_exception
+
+    def handle_user_exception(e: Exception) -> HTTPException | ft.ResponseReturnValue:
+        state.record_error(e)
+        return original(e)
+
+    app.handle_user_exception = handle_user_exception  # type: ignore[method-assign]
+
+
+def _unavailable(exc: Unavailable) -> Response:
+    return _to_flask(unavailable_response(exc))
+
+
+def _to_flask(response: HttpResponse) -> Response:
+    """The framework-neutral answer from ``poolguard.http`` as the app's response class, body untouched."""
+    response_class: type[Response] = current_app.response_class
+    return response_class(response.body, status=response.status, headers=list(response.headers))
+
+
+def get_guard(app: Flask | None = None) -> Guard:
+    """The Guard registered on ``app`` (default: the current app), e.g. for ``guard.session()`` in a CLI."""
+    if app is None:
+        if not has_app_context():
+            raise RuntimeError("poolguard.flask.get_guard() needs an app: pass it, or call it inside an app context.")
+        app = cast(Flask, current_app._get_current_object())  # type: ignore[attr-defined]
+    state = app.extensions.get(EXTENSION_KEY)
+    if not isinstance(state, _AppState):
+        raise RuntimeError(f"PoolGuard is not registered on the Flask app {app.name!r}: call PoolGuard(app, guard).")
+    return state.guard
+
+
+def _current_session() -> Session:
+    if not has_request_context():
+        raise RuntimeError(
+            "poolguard.flask.db is the session of the current request, and no request is being handled here. "
+            "Outside a request (CLI commands, jobs), use 'with get_guard(app).session() as session:'."
+        )
+    state: _RequestState | None = g.get(_G_KEY)
+    if state is None:
+        if EXTENSION_KEY not in current_app.extensions:
+            raise RuntimeError(
+                f"poolguard.flask.db was used in a request of the Flask app {current_app.name!r}, "
+                "which has no PoolGuard: call PoolGuard(app, guard) or init_app(app) first."
+            )
+        raise RuntimeError(
+            "poolguard.flask.db has no session in this request: it was used before PoolGuard's "
+            "before_request hook, after the request ended (e.g. in a streamed body without "
+            "stream_with_context), or in the health view, which opens none."
+        )
+    return cast(Session, state.scope.session)
+
+
+db: Session = cast(Session, LocalProxy(_current_session))
+"""The current request's ``sqlalchemy.orm.Session``: ``db.execute(...)``, ``db.add(...)``.
+
+Created on first use; the first statement checks out a connection (breaker, then admission, then
+the pool). Outside a request it raises RuntimeError saying why.
+"""

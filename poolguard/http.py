@@ -1,0 +1,86 @@
+"""The one mapping from core outcomes to HTTP, so every adapter answers byte for byte the same.
+
+Adapters never build a 503 or a health body themselves: they turn :class:`HttpResponse` into their
+framework's response object. The 503 for ``Unavailable`` carries ``Retry-After`` in whole seconds
+(at least 1, since 0 would invite an instant retry storm) and ``Cache-Control: no-store`` so no
+proxy serves a stale outage; the body names the reason but never the pool's URL or the error text.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from poolguard.errors import Unavailable
+from poolguard.health import HealthReport
+
+JSON_CONTENT_TYPE = "application/json"
+HEALTH_DETAIL_MODES = ("never", "when-authorized", "always")
+
+
+@dataclass(frozen=True, slots=True)
+class HttpResponse:
+    """A framework-neutral response: status, headers (in order) and the encoded body."""
+
+    status: int
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
+
+
+def retry_after_seconds(retry_after: float) -> int:
+    """``Retry-After`` must be whole seconds; round up and never below 1."""
+    if not math.isfinite(retry_after):
+        return 1
+    return max(1, math.ceil(retry_after))
+
+
+def unavailable_response(exc: Unavailable) -> HttpResponse:
+    """The 503 every adapter returns when a request needs the database and cannot have it."""
+    seconds = retry_after_seconds(exc.retry_after)
+    body = _encode({"error": "database_unavailable", "reason": exc.reason, "retry_after": seconds})
+    return HttpResponse(
+        status=503,
+        headers=(
+            ("Content-Type", JSON_CONTENT_TYPE),
+            ("Retry-After", str(seconds)),
+            ("Cache-Control", "no-store"),
+        ),
+        body=body,
+    )
+
+
+def health_response(report: HealthReport, *, detail: bool) -> HttpResponse:
+    """200 for ok/degraded, 503 for unavailable; the full report only when ``detail`` is allowed."""
+    payload = report.to_dict() if detail else {"status": report.status}
+    headers: tuple[tuple[str, str], ...] = (("Content-Type", JSON_CONTENT_TYPE), ("Cache-Control", "no-store"))
+    if report.http_status == 503:
+        headers = (*headers, ("Retry-After", "1"))
+    return HttpResponse(status=report.http_status, headers=headers, body=_encode(payload))
+
+
+HealthToken = str | Callable[[Any], bool] | None
+"""A bearer token compared in constant time, or a callable deciding from the framework's request."""
+
+
+def detail_allowed(mode: str, token: HealthToken, request: Any, authorization: str | None) -> bool:
+    """Whether this caller may see the health detail (``health_detail`` and ``health_token``)."""
+    if mode == "always":
+        return True
+    if mode != "when-authorized" or token is None:
+        return False
+    if callable(token):
+        return bool(token(request))
+    if authorization is None:
+        return False
+    scheme, _, credentials = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not credentials:
+        return False
+    return hmac.compare_digest(credentials.strip().encode(), token.encode())

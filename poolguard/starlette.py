@@ -1,0 +1,313 @@
+"""Starlette (and any ASGI app): a pure ASGI middleware, ``get_session`` and a lifespan helper.
+
+Usage::
+
+    from starlette.applications import Starlette
+    from starlette.middleware import Middleware
+    from poolguard.starlette import PoolGuardMiddleware, get_session, poolguard_lifespan
+
+    app = Starlette(
+        routes=[...],
+        middleware=[Middleware(PoolGuardMiddleware, guard=guard, health_path="/health/db")],
+        lifespan=poolguard_lifespan(guard),
+    )
+
+    async def view(request):
+        db = get_session(request)      # AsyncSession (Session for a synchronous Engine)
+
+The middleware is plain ASGI rather than ``BaseHTTPMiddleware``: that one runs the endpoint in
+another task (so contextvars set here would not reach it, and the request scope is carried by a
+contextvar), breaks ``BackgroundTasks`` and costs a multiple in throughput.
+
+Why the session commits when the response *starts* and not when the request ends: a
+``StreamingResponse`` (or a slow client) may take seconds to receive its body, and a connection
+held idle in a transaction all that time is what exhausts pools. The commit hands the connection
+back before the first body byte; the session object stays usable, so ``BackgroundTasks`` (or a
+stream generator) that keep using it open a new transaction, which is committed when the request
+ends (rolled back if that later work raises).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import AbstractAsyncContextManager
+from typing import Any, Final
+
+from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
+from starlette.requests import HTTPConnection, Request
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from poolguard.config import PoolGuardConfig
+from poolguard.errors import ConfigError, Unavailable
+from poolguard.guard import Guard, RequestScope
+from poolguard.http import HealthToken, HttpResponse, detail_allowed, health_response, unavailable_response
+
+__all__ = ["STATE_KEY", "PoolGuardMiddleware", "get_session", "poolguard_lifespan"]
+
+logger = logging.getLogger("poolguard")
+
+STATE_KEY: Final = "poolguard"
+"""The key of the request's :class:`RequestScope` in ``scope["state"]`` (``request.state.poolguard``)."""
+
+_ADAPTER_OPTIONS: Final = ("health_path", "health_detail", "health_token")
+_INTERNAL_ERROR: Final = HttpResponse(
+    status=500, headers=(("Content-Type", "text/plain; charset=utf-8"),), body=b"Internal Server Error"
+)
+
+
+class _Unset:
+    """Marks an option the caller did not pass, so the ``POOLGUARD_*`` environment can supply it."""
+
+    def __repr__(self) -> str:
+        return "<unset>"
+
+
+_UNSET: Final = _Unset()
+
+
+class PoolGuardMiddleware:
+    """Gives each HTTP request a guarded unit of work and turns ``Unavailable`` into the 503.
+
+    Options (keyword-only), also read from ``POOLGUARD_*`` environment variables when not passed:
+    ``health_path`` (default ``"/health/db"``, ``None`` turns the route off), ``health_detail``
+    (``"never"``, ``"when-authorized"``, ``"always"``) and ``health_token`` (a bearer token or a
+    callable taking the ``Request``). Pool options (``max_wait``, the breaker, ...) belong to the
+    :class:`~poolguard.Guard`; passing them here raises ConfigError rather than being ignored.
+
+    Only ``http`` scopes are handled: ``websocket`` and ``lifespan`` pass through untouched.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        guard: Guard,
+        health_path: str | _Unset | None = _UNSET,
+        health_detail: str | _Unset = _UNSET,
+        health_token: HealthToken | _Unset = _UNSET,
+        **options: Any,
+    ) -> None:
+        if not isinstance(guard, Guard):
+            raise ConfigError("PoolGuardMiddleware.guard", f"<{type(guard).__name__}>", "a poolguard.Guard")
+        for name in options:
+            # Never echo the value: it may be a token or a URL with a password.
+            if name in PoolGuardConfig.option_names():
+                raise ConfigError(
+                    f"PoolGuardMiddleware.{name}",
+                    "(a Guard option)",
+                    f"pass {name} to poolguard.Guard(...); the middleware takes " + ", ".join(_ADAPTER_OPTIONS),
+                )
+            raise ConfigError(
+                f"PoolGuardMiddleware.{name}", "(unknown option)", "one of " + ", ".join(_ADAPTER_OPTIONS)
+            )
+        given = {"health_path": health_path, "health_detail": health_detail, "health_token": health_token}
+        config = PoolGuardConfig.load({k: v for k, v in given.items() if v is not _UNSET})
+        self.app = app
+        self.guard = guard
+        self.health_path = config.health_path
+        self.health_detail = config.health_detail
+        self.health_token = config.health_token
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self.health_path is not None and scope["method"] in ("GET", "HEAD") and _path(scope) == self.health_path:
+            await self._health(scope, receive, send)
+            return
+
+        request_scope = self.guard.request_scope()
+        request_scope.open()
+        scope.setdefault("state", {})[STATE_KEY] = request_scope
+        started = False
+        answered = False  # a commit at response start failed and this middleware sent the response
+
+        async def send_after_commit(message: Message) -> None:
+            nonlocal started, answered
+            if answered:
+                return  # the app's own response was replaced; drop the rest of it
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                _take_route(request_scope, scope)
+                try:
+                    await _commit(request_scope)
+                except Exception as exc:
+                    answered = True
+                    unavailable = _unavailable(exc)
+                    await _answer(send, unavailable_response(unavailable) if unavailable else _INTERNAL_ERROR)
+                    raise
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_after_commit)
+        except BaseException as exc:
+            _take_route(request_scope, scope)
+            await _close(request_scope, exc)
+            unavailable = _unavailable(exc)
+            if unavailable is not None and not started:
+                await _answer(send, unavailable_response(unavailable))
+                return
+            if unavailable is not None and answered:
+                return  # the 503 went out already; shedding load is not an error to log
+            raise
+        _take_route(request_scope, scope)
+        await _close(request_scope, None)
+
+    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Answers from the guard's health alone: no request scope, so it works while the pool is full."""
+        report = await self.guard.ahealth()
+        authorization = Headers(scope=scope).get("authorization")
+        detail = detail_allowed(self.health_detail, self.health_token, Request(scope, receive), authorization)
+        await _answer(send, health_response(report, detail=detail), body=scope["method"] != "HEAD")
+
+
+def get_session(request: HTTPConnection) -> Any:
+    """The request's session: an ``AsyncSession`` for an AsyncEngine, a ``Session`` for an Engine.
+
+    It is created on first call and checks out a connection only when first used (so a route that
+    never queries keeps working during an outage). It commits when the response starts and rolls
+    back when the endpoint raises; do not commit or close it yourself unless you mean to.
+    """
+    try:
+        request_scope: RequestScope = request.scope["state"][STATE_KEY]
+    except KeyError:
+        raise RuntimeError(
+            "poolguard.starlette.get_session() found no request scope: add "
+            "Middleware(poolguard.starlette.PoolGuardMiddleware, guard=guard) to the application's middleware"
+        ) from None
+    _take_route(request_scope, request.scope)
+    return request_scope.session
+
+
+def poolguard_lifespan(
+    guard: Guard,
+    *,
+    lifespan: Callable[[Any], AbstractAsyncContextManager[Any]] | None = None,
+    dispose_engine: bool = True,
+) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
+    """A ``lifespan=`` for Starlette or FastAPI: check the database at startup, release it at shutdown.
+
+    Startup pings the database and only logs a warning when it is unreachable: the app should come
+    up (and answer its DB-free routes and the 503s) during an outage, not crash-loop. ``lifespan``
+    is an app's own lifespan, entered after the ping and left before the shutdown; whatever state it
+    yields is passed on. Shutdown closes the guard and disposes of the engine (``dispose_engine=False``
+    keeps it, for an engine shared with something else).
+    """
+
+    @contextlib.asynccontextmanager
+    async def poolguard_lifespan_context(app: Any) -> AsyncIterator[Any]:
+        await _check_database(guard)
+        try:
+            if lifespan is None:
+                yield None
+            else:
+                async with lifespan(app) as state:
+                    yield state
+        finally:
+            guard.close()
+            if dispose_engine:
+                engine = guard.engine
+                if isinstance(engine, AsyncEngine):
+                    await engine.dispose()
+                else:
+                    await run_in_threadpool(engine.dispose)
+
+    return poolguard_lifespan_context
+
+
+async def _check_database(guard: Guard) -> None:
+    try:
+        report = await guard.ahealth()
+    except Exception as exc:
+        logger.warning("poolguard: could not check pool %r at startup (%s)", guard.name, type(exc).__name__)
+        return
+    if report.status == "unavailable":
+        logger.warning(
+            "poolguard: the database of pool %r is unavailable at startup (%s); starting anyway, "
+            "requests that need it get 503 until it is back",
+            guard.name,
+            "; ".join(report.to_dict()["issues"]) or "no detail",
+        )
+
+
+def _path(scope: Scope) -> str:
+    """The path without the mount prefix, so ``health_path`` works behind a ``root_path``."""
+    path: str = scope["path"]
+    root_path: str = scope.get("root_path", "")
+    if root_path and path.startswith(root_path):
+        return path[len(root_path) :] or "/"
+    return path
+
+
+def _take_route(request_scope: RequestScope, scope: Mapping[str, Any]) -> None:
+    """Names the unit of work by the matched route's template (known only once the router ran)."""
+    template = getattr(scope.get("route"), "path", None)
+    if isinstance(template, str):
+        request_scope.route = template
+
+
+def _unavailable(exc: BaseException) -> Unavailable | None:
+    """The Unavailable behind ``exc``, also when a task group wrapped it (and only it)."""
+    if isinstance(exc, Unavailable):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        matched, rest = exc.split(Unavailable)
+        if matched is not None and rest is None:
+            leaf: BaseException = matched
+            while isinstance(leaf, BaseExceptionGroup):
+                leaf = leaf.exceptions[0]
+            return leaf if isinstance(leaf, Unavailable) else None
+    return None
+
+
+def _sync_session(request_scope: RequestScope) -> bool:
+    return request_scope.has_session and not isinstance(request_scope.session, AsyncSession)
+
+
+async def _commit(request_scope: RequestScope) -> None:
+    """Commits the request's work so far and returns its connection, keeping the session usable.
+
+    Keeping the session (rather than ``afinish``, which drops it) matters for FastAPI: a dependency
+    resolved before the endpoint hands the same object to a background task, and that task's work
+    must still be committed at the end of the request. A synchronous Session commits in a worker
+    thread so the event loop never blocks on the database.
+    """
+    if not request_scope.has_session:
+        return
+    session = request_scope.session
+    try:
+        if isinstance(session, AsyncSession):
+            await session.commit()
+        else:
+            await run_in_threadpool(session.commit)
+    except BaseException as exc:
+        await _finish(request_scope, exc)
+        raise
+
+
+async def _finish(request_scope: RequestScope, error: BaseException | None) -> None:
+    """Commit or roll back and close the session, in a worker thread for a synchronous one."""
+    if _sync_session(request_scope):
+        await run_in_threadpool(request_scope.finish, error)
+    else:
+        await request_scope.afinish(error)
+
+
+async def _close(request_scope: RequestScope, error: BaseException | None) -> None:
+    """Ends the request's unit of work: last commit (or rollback), leftovers reclaimed, context left."""
+    try:
+        await _finish(request_scope, error)
+    finally:
+        await request_scope.aclose(error)
+
+
+async def _answer(send: Send, response: HttpResponse, *, body: bool = True) -> None:
+    """Sends one of poolguard.http's responses as it is, so every adapter's bytes are the same."""
+    headers = [(name.lower().encode("latin-1"), value.encode("latin-1")) for name, value in response.headers]
+    headers.append((b"content-length", str(len(response.body)).encode("latin-1")))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    await send({"type": "http.response.body", "body": response.body if body else b""})

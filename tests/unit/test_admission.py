@@ -1,0 +1,411 @@
+"""The bulkhead: immediate grants, deadline-aware shedding and FIFO handoff to threads and tasks.
+
+Waiting threads are synchronised with bounded polls of ``admission.waiting`` (each step is a 1 ms
+Event wait, a synchronisation poll, not a timing assertion); no test depends on how long anything takes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+
+import pytest
+
+from poolguard.admission import Admission
+from poolguard.errors import PoolSaturated, Unavailable
+from tests.unit.conftest import FakeClock
+
+GENEROUS = 30.0  # a budget no test ever waits out: waiters are always released explicitly
+
+
+class MeanUse:
+    """A settable stand-in for the live mean use time."""
+
+    def __init__(self, value: float = 0.0) -> None:
+        self.value = value
+
+    def __call__(self) -> float:
+        return self.value
+
+
+def make(clock: FakeClock, capacity: int | None = 2, mean_use: Callable[[], float] | None = None) -> Admission:
+    return Admission(capacity, pool_name="primary", mean_use=mean_use or MeanUse(), clock=clock)
+
+
+def wait_until(condition: Callable[[], bool], steps: int = 5000) -> None:
+    """Bounded synchronisation poll: fails the test instead of hanging."""
+    pause = threading.Event()
+    for _ in range(steps):
+        if condition():
+            return
+        pause.wait(0.001)
+    assert condition(), "condition never became true"
+
+
+async def async_wait_until(condition: Callable[[], bool], steps: int = 1000) -> None:
+    for _ in range(steps):
+        if condition():
+            return
+        await asyncio.sleep(0)  # a yield to the loop, not a sleep
+    assert condition(), "condition never became true"
+
+
+class ThreadWaiter:
+    """Calls ``admission.acquire`` in a thread and records the outcome."""
+
+    def __init__(self, admission: Admission, name: str, order: list[str], budget: float = GENEROUS) -> None:
+        self.error: BaseException | None = None
+        self.acquired = threading.Event()
+        self._admission = admission
+        self._order = order
+        self._budget = budget
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def _run(self) -> None:
+        try:
+            self._admission.acquire(self._budget)
+        except BaseException as exc:
+            self.error = exc
+            return
+        self._order.append(self.thread.name)
+        self.acquired.set()
+
+    def start_queued(self, expected_waiting: int) -> ThreadWaiter:
+        self.thread.start()
+        wait_until(lambda: self._admission.waiting == expected_waiting)
+        return self
+
+    def join(self) -> None:
+        self.thread.join(timeout=10)
+        assert not self.thread.is_alive(), "waiter thread never finished"
+
+
+# -- immediate grants -----------------------------------------------------------------------------------
+
+
+def test_grants_at_once_while_slots_are_free(clock: FakeClock) -> None:
+    admission = make(clock, capacity=2)
+    admission.acquire(0.0)
+    admission.acquire(0.0)
+    assert admission.in_use == 2
+    assert admission.waiting == 0
+    assert admission.shed == 0
+
+
+async def test_async_grants_at_once_while_slots_are_free(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    await admission.acquire_async(0.0)
+    assert admission.in_use == 1
+
+
+def test_release_frees_a_slot_for_the_next_caller(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    admission.acquire(0.0)
+    admission.release()
+    assert admission.in_use == 0
+    admission.acquire(0.0)
+    assert admission.in_use == 1
+
+
+def test_unbounded_capacity_admits_everything_and_counts(clock: FakeClock) -> None:
+    admission = make(clock, capacity=None, mean_use=MeanUse(100.0))
+    for _ in range(500):
+        admission.acquire(0.0)
+    assert admission.in_use == 500
+    assert admission.shed == 0
+    for _ in range(500):
+        admission.release()
+    assert admission.in_use == 0
+
+
+# -- shedding -------------------------------------------------------------------------------------------
+
+
+def test_full_pool_with_no_budget_sheds_at_once(clock: FakeClock) -> None:
+    admission = make(clock, capacity=2)
+    admission.acquire(0.0)
+    admission.acquire(0.0)
+    with pytest.raises(PoolSaturated) as caught:
+        admission.acquire(0.0)
+    error = caught.value
+    assert isinstance(error, Unavailable)
+    assert error.reason == "pool_saturated"
+    assert error.retry_after >= 1.0
+    assert error.pool == "primary"
+    message = str(error)
+    assert "primary" in message
+    assert "2 of 2" in message
+    assert "://" not in message
+    assert "password" not in message.lower()
+    assert admission.in_use == 2
+    assert admission.waiting == 0
+    assert admission.shed == 1
+
+
+def test_negative_budget_sheds_at_once(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    admission.acquire(0.0)
+    with pytest.raises(PoolSaturated):
+        admission.acquire(-0.5)
+    assert admission.shed == 1
+
+
+async def test_async_full_pool_with_no_budget_sheds_at_once(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    await admission.acquire_async(0.0)
+    with pytest.raises(PoolSaturated) as caught:
+        await admission.acquire_async(0.0)
+    assert caught.value.reason == "pool_saturated"
+    assert admission.waiting == 0
+    assert admission.shed == 1
+
+
+def test_predicted_wait_spreads_the_queue_over_the_capacity(clock: FakeClock) -> None:
+    admission = make(clock, capacity=2, mean_use=MeanUse(2.0))
+    assert admission.predicted_wait(0) == pytest.approx(1.0)
+    assert admission.predicted_wait(1) == pytest.approx(2.0)
+    assert admission.predicted_wait(3) == pytest.approx(4.0)
+
+
+def test_sheds_without_waiting_when_the_predicted_wait_exceeds_the_budget(clock: FakeClock) -> None:
+    mean_use = MeanUse(0.0)
+    admission = make(clock, capacity=2, mean_use=mean_use)
+    admission.acquire(0.0)
+    admission.acquire(0.0)
+    order: list[str] = []
+    ahead = ThreadWaiter(admission, "ahead", order).start_queued(expected_waiting=1)
+
+    # Two connections held 2.0 s on average, one waiter ahead: a slot frees in ~2.0 s, over the 1.0 s budget.
+    # Called from the main thread, which would block if it queued. Should it ever join the queue, the
+    # watchdog hands it a slot, so the call returns instead of raising and the test fails.
+    mean_use.value = 2.0
+    done = threading.Event()
+    queued = threading.Event()
+
+    def watchdog() -> None:
+        pause = threading.Event()
+        while not done.is_set():
+            if admission.waiting >= 2:
+                queued.set()
+                admission.release()
+                admission.release()
+                return
+            pause.wait(0.001)
+
+    guard = threading.Thread(target=watchdog, daemon=True)
+    guard.start()
+    try:
+        with pytest.raises(PoolSaturated) as caught:
+            admission.acquire(1.0)
+    finally:
+        done.set()
+        guard.join(timeout=10)
+    assert not queued.is_set(), "the caller queued instead of being shed"
+    assert caught.value.retry_after == pytest.approx(2.0)
+    assert admission.shed == 1
+    assert admission.waiting == 1  # the shed caller never joined the queue
+
+    admission.release()
+    ahead.join()
+    assert ahead.error is None
+    assert order == ["ahead"]
+
+
+def test_predicted_wait_within_the_budget_queues(clock: FakeClock) -> None:
+    admission = make(clock, capacity=2, mean_use=MeanUse(2.0))
+    admission.acquire(0.0)
+    admission.acquire(0.0)
+    order: list[str] = []
+    # Head of the queue: (0 + 1) * 2.0 / 2 = 1.0 s predicted, within a 1.5 s budget, so it waits.
+    waiter = ThreadWaiter(admission, "head", order, budget=1.5).start_queued(expected_waiting=1)
+    admission.release()
+    waiter.join()
+    assert waiter.error is None
+    assert admission.shed == 0
+
+
+# -- handoff to threads ---------------------------------------------------------------------------------
+
+
+def test_release_hands_the_slot_to_a_waiting_thread(clock: FakeClock) -> None:
+    admission = make(clock, capacity=2)
+    admission.acquire(0.0)
+    admission.acquire(0.0)
+    order: list[str] = []
+    waiter = ThreadWaiter(admission, "waiter", order).start_queued(expected_waiting=1)
+    assert not waiter.acquired.is_set()
+
+    admission.release()
+    waiter.join()
+
+    assert waiter.error is None
+    assert order == ["waiter"]
+    assert admission.waiting == 0
+    assert admission.in_use == 2  # handed over, never freed in between
+
+
+def test_handoff_keeps_in_use_at_capacity_so_newcomers_cannot_jump_the_queue(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    admission.acquire(0.0)
+    order: list[str] = []
+    waiter = ThreadWaiter(admission, "waiter", order).start_queued(expected_waiting=1)
+    admission.release()
+    waiter.join()
+    with pytest.raises(PoolSaturated):
+        admission.acquire(0.0)
+    assert admission.in_use == 1
+
+
+def test_threads_are_served_in_fifo_order(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    admission.acquire(0.0)
+    order: list[str] = []
+    first = ThreadWaiter(admission, "first", order).start_queued(expected_waiting=1)
+    second = ThreadWaiter(admission, "second", order).start_queued(expected_waiting=2)
+    third = ThreadWaiter(admission, "third", order).start_queued(expected_waiting=3)
+
+    admission.release()
+    first.join()
+    assert order == ["first"]
+    assert admission.waiting == 2
+    assert not second.acquired.is_set()
+    assert not third.acquired.is_set()
+
+    admission.release()
+    second.join()
+    assert order == ["first", "second"]
+
+    admission.release()
+    third.join()
+    assert order == ["first", "second", "third"]
+    assert admission.in_use == 1
+    admission.release()
+    assert admission.in_use == 0
+
+
+# -- handoff to asyncio tasks ---------------------------------------------------------------------------
+
+
+async def test_release_hands_the_slot_to_a_waiting_task(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    await admission.acquire_async(0.0)
+    task = asyncio.create_task(admission.acquire_async(GENEROUS))
+    await async_wait_until(lambda: admission.waiting == 1)
+    assert not task.done()
+
+    admission.release()
+    await asyncio.wait_for(task, timeout=10)
+
+    assert task.exception() is None
+    assert admission.in_use == 1
+    assert admission.waiting == 0
+
+
+async def test_tasks_are_served_in_fifo_order(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    await admission.acquire_async(0.0)
+    order: list[str] = []
+
+    async def wait_for_slot(name: str) -> None:
+        await admission.acquire_async(GENEROUS)
+        order.append(name)
+
+    tasks = []
+    for position, name in enumerate(["a", "b", "c"], start=1):
+        tasks.append(asyncio.create_task(wait_for_slot(name)))
+        await async_wait_until(lambda position=position: admission.waiting == position)
+
+    for served in range(1, 4):
+        admission.release()
+        await asyncio.wait_for(tasks[served - 1], timeout=10)
+        assert order == ["a", "b", "c"][:served]
+    assert admission.in_use == 1
+
+
+async def test_a_release_from_another_thread_wakes_a_task(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    await admission.acquire_async(0.0)
+    task = asyncio.create_task(admission.acquire_async(GENEROUS))
+    await async_wait_until(lambda: admission.waiting == 1)
+
+    releaser = threading.Thread(target=admission.release)
+    releaser.start()
+    releaser.join(timeout=10)
+    await asyncio.wait_for(task, timeout=10)
+
+    assert task.exception() is None
+    assert admission.in_use == 1
+
+
+async def test_threads_and_tasks_share_one_fifo_queue(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    await admission.acquire_async(0.0)
+    order: list[str] = []
+
+    async def task_waiter() -> None:
+        await admission.acquire_async(GENEROUS)
+        order.append("task")
+
+    task = asyncio.create_task(task_waiter())
+    await async_wait_until(lambda: admission.waiting == 1)
+    thread = ThreadWaiter(admission, "thread", order)
+    thread.thread.start()
+    await async_wait_until(lambda: admission.waiting == 2, steps=100_000)
+
+    admission.release()
+    await asyncio.wait_for(task, timeout=10)
+    assert order == ["task"]
+    assert not thread.acquired.is_set()
+
+    admission.release()
+    await asyncio.to_thread(thread.join)
+    assert order == ["task", "thread"]
+
+
+async def test_a_cancelled_task_leaves_the_queue_without_leaking_a_slot(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    await admission.acquire_async(0.0)
+    task = asyncio.create_task(admission.acquire_async(GENEROUS))
+    await async_wait_until(lambda: admission.waiting == 1)
+
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert admission.waiting == 0
+    assert admission.in_use == 1
+    admission.release()  # nobody is waiting any more: the slot is free, not handed to the cancelled task
+    assert admission.in_use == 0
+    await admission.acquire_async(0.0)
+    assert admission.in_use == 1
+
+
+async def test_a_task_cancelled_after_its_grant_hands_the_slot_back(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    await admission.acquire_async(0.0)
+    task = asyncio.create_task(admission.acquire_async(GENEROUS))
+    await async_wait_until(lambda: admission.waiting == 1)
+
+    admission.release()  # granted, but the task has not run yet
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+    assert admission.waiting == 0
+    assert admission.in_use == 0
+
+
+# -- counters -------------------------------------------------------------------------------------------
+
+
+def test_shed_counter_counts_every_shed_request(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1)
+    admission.acquire(0.0)
+    for expected in range(1, 6):
+        with pytest.raises(PoolSaturated):
+            admission.acquire(0.0)
+        assert admission.shed == expected
+    admission.release()
+    admission.acquire(0.0)
+    assert admission.shed == 5

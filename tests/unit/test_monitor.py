@@ -1,0 +1,344 @@
+"""PoolMonitor with a plain callable as the pool's own checkout: gating, accounting, no database."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+import psycopg.errors
+import pytest
+import sqlalchemy.exc
+
+from poolguard.breaker import Breaker, BreakerState
+from poolguard.errors import CircuitOpen, PoolSaturated
+from poolguard.monitor import GuardedScope, PoolMonitor
+from poolguard.pools import PoolCounts
+from tests.unit.conftest import FakeClock
+
+ROUTE = "/orders/{id}"
+
+
+def make(clock: FakeClock, *, capacity: int | None = 2, breaker: Breaker | None = None) -> PoolMonitor:
+    return PoolMonitor(
+        name="primary",
+        capacity=capacity,
+        breaker=breaker if breaker is not None else Breaker(consecutive_failures=3, clock=clock),
+        max_wait=1.0,
+        leak_threshold=30.0,
+        capture_stacks=False,
+        clock=clock,
+    )
+
+
+@contextmanager
+def scope_of(monitor: PoolMonitor, route: str | None = ROUTE, waited: float = 0.0) -> Iterator[GuardedScope]:
+    scope = GuardedScope(route)
+    scope.waited = waited
+    token = monitor.scope_var.set(scope)
+    try:
+        yield scope
+    finally:
+        monitor.scope_var.reset(token)
+
+
+def trip(breaker: Breaker) -> None:
+    for _ in range(100):
+        if breaker.state is BreakerState.OPEN:
+            return
+        breaker.acquire()
+        breaker.record_failure(0.0)
+    assert breaker.state is BreakerState.OPEN
+
+
+class RealCheckout:
+    """Stands in for the pool's own checkout: counts calls, may advance the clock or raise."""
+
+    def __init__(self, clock: FakeClock, *, takes: float = 0.0, error: BaseException | None = None) -> None:
+        self.calls = 0
+        self._clock = clock
+        self._takes = takes
+        self._error = error
+
+    def __call__(self) -> str:
+        self.calls += 1
+        self._clock.advance(self._takes)
+        if self._error is not None:
+            raise self._error
+        return f"connection-{self.calls}"
+
+
+def refused() -> sqlalchemy.exc.OperationalError:
+    return sqlalchemy.exc.OperationalError("connect", None, ConnectionRefusedError(111, "Connection refused"))
+
+
+def duplicate_key() -> sqlalchemy.exc.IntegrityError:
+    return sqlalchemy.exc.IntegrityError("INSERT", None, psycopg.errors.UniqueViolation("duplicate key"))
+
+
+COUNTS = PoolCounts(size=2, max_overflow=0, checked_out=1, idle=1, overflow=0)
+
+
+# -- gating ------------------------------------------------------------------------------------------------
+
+
+def test_checkout_outside_any_scope_is_not_gated_even_with_the_breaker_open(clock: FakeClock) -> None:
+    monitor = make(clock, capacity=1)
+    assert monitor.breaker is not None
+    trip(monitor.breaker)
+    real = RealCheckout(clock)
+
+    assert monitor.checkout(real) == "connection-1"
+    assert monitor.checkout(real) == "connection-2"  # over capacity too: not through the guard
+
+    assert real.calls == 2
+    assert monitor.admission.in_use == 0
+    assert monitor.shed == {"circuit_open": 0, "pool_saturated": 0}
+    assert monitor.checkouts == 2
+
+
+def test_open_breaker_inside_a_scope_raises_circuit_open_and_counts_it(clock: FakeClock) -> None:
+    monitor = make(clock)
+    assert monitor.breaker is not None
+    trip(monitor.breaker)
+    real = RealCheckout(clock)
+
+    with scope_of(monitor), pytest.raises(CircuitOpen) as caught:
+        monitor.checkout(real)
+
+    assert caught.value.reason == "circuit_open"
+    assert caught.value.pool == "primary"
+    assert caught.value.retry_after > 0
+    assert real.calls == 0
+    assert monitor.shed["circuit_open"] == 1
+    assert monitor.shed["pool_saturated"] == 0
+    assert monitor.admission.in_use == 0
+    assert monitor.pending == 0
+
+
+def test_a_scope_of_another_monitor_does_not_gate_this_one(clock: FakeClock) -> None:
+    monitor = make(clock)
+    other = make(clock)
+    assert monitor.breaker is not None
+    trip(monitor.breaker)
+    with scope_of(other):
+        assert monitor.checkout(RealCheckout(clock)) == "connection-1"
+    assert monitor.admission.in_use == 0
+
+
+def test_a_guarded_checkout_takes_an_admission_slot(clock: FakeClock) -> None:
+    monitor = make(clock, capacity=2)
+    with scope_of(monitor):
+        monitor.checkout(RealCheckout(clock))
+    assert monitor.admission.in_use == 1
+
+
+def test_full_admission_inside_a_scope_sheds_with_pool_saturated(clock: FakeClock) -> None:
+    monitor = make(clock, capacity=1)
+    real = RealCheckout(clock)
+    with scope_of(monitor, waited=1.0):  # the whole wait budget is spent
+        monitor.checkout(real)
+        with pytest.raises(PoolSaturated) as caught:
+            monitor.checkout(real)
+    assert caught.value.pool == "primary"
+    assert real.calls == 1
+    assert monitor.shed["pool_saturated"] == 1
+    assert monitor.timeouts == 1
+    assert monitor.admission.in_use == 1
+
+
+# -- failures ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("error", [refused(), ConnectionRefusedError(111, "refused"), sqlalchemy.exc.TimeoutError()])
+def test_a_connection_failure_is_recorded_on_the_breaker_and_frees_the_slot(
+    clock: FakeClock, error: BaseException
+) -> None:
+    breaker = Breaker(consecutive_failures=3, clock=clock)
+    monitor = make(clock, capacity=1, breaker=breaker)
+    real = RealCheckout(clock, takes=0.2, error=error)
+
+    for _ in range(3):
+        with scope_of(monitor) as scope, pytest.raises(type(error)):
+            monitor.checkout(real)
+        assert monitor.admission.in_use == 0
+        assert scope.waited == pytest.approx(0.2)
+
+    assert breaker.failure_rate == 1.0
+    assert breaker.state is BreakerState.OPEN
+    assert monitor.pending == 0
+    assert monitor.checkouts == 0
+
+
+def test_a_checkout_timeout_is_counted(clock: FakeClock) -> None:
+    monitor = make(clock)
+    with scope_of(monitor), pytest.raises(sqlalchemy.exc.TimeoutError):
+        monitor.checkout(RealCheckout(clock, error=sqlalchemy.exc.TimeoutError()))
+    assert monitor.timeouts == 1
+
+
+def test_an_application_error_records_nothing_on_the_breaker(clock: FakeClock) -> None:
+    breaker = Breaker(consecutive_failures=1, minimum_calls=1, window_size=5, clock=clock)
+    monitor = make(clock, capacity=1, breaker=breaker)
+    real = RealCheckout(clock, error=duplicate_key())
+
+    for _ in range(20):
+        with scope_of(monitor), pytest.raises(sqlalchemy.exc.IntegrityError):
+            monitor.checkout(real)
+        assert monitor.admission.in_use == 0
+
+    assert real.calls == 20
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.failure_rate == 0.0
+    assert monitor.pending == 0
+
+
+def test_a_failure_outside_a_scope_is_not_recorded_on_the_breaker(clock: FakeClock) -> None:
+    breaker = Breaker(consecutive_failures=1, clock=clock)
+    monitor = make(clock, breaker=breaker)
+    with pytest.raises(sqlalchemy.exc.OperationalError):
+        monitor.checkout(RealCheckout(clock, error=refused()))
+    assert breaker.state is BreakerState.CLOSED
+    assert monitor.admission.in_use == 0
+    assert monitor.pending == 0
+
+
+# -- accounting ----------------------------------------------------------------------------------------------
+
+
+def test_wait_time_is_recorded(clock: FakeClock) -> None:
+    monitor = make(clock, capacity=2)
+    with scope_of(monitor) as scope:
+        monitor.checkout(RealCheckout(clock, takes=0.3))
+        monitor.checkout(RealCheckout(clock, takes=0.1))
+    assert scope.waited == pytest.approx(0.4)
+    snapshot = monitor.snapshot(COUNTS, "postgresql")
+    assert snapshot.wait_p50 == pytest.approx(0.1)
+    assert snapshot.wait_p99 == pytest.approx(0.3)
+    assert snapshot.checkouts == 2
+    assert snapshot.pending == 0
+
+
+def test_unguarded_wait_time_is_recorded_too(clock: FakeClock) -> None:
+    monitor = make(clock)
+    monitor.checkout(RealCheckout(clock, takes=0.25))
+    assert monitor.snapshot(COUNTS, "postgresql").wait_p99 == pytest.approx(0.25)
+
+
+def test_pending_counts_checkouts_in_progress(clock: FakeClock) -> None:
+    monitor = make(clock)
+    seen: list[int] = []
+
+    def real() -> str:
+        seen.append(monitor.pending)
+        return "connection"
+
+    monitor.checkout(real)
+    assert seen == [1]
+    assert monitor.pending == 0
+
+
+def test_checkout_checkin_pair_records_use_time_and_releases_the_slot(clock: FakeClock) -> None:
+    monitor = make(clock, capacity=1)
+    with scope_of(monitor) as scope:
+        connection = monitor.checkout(RealCheckout(clock))
+        monitor.on_checkout("key-1", connection)
+        assert scope.held == 1
+        assert monitor.admission.in_use == 1
+        clock.advance(0.25)
+        monitor.on_checkin("key-1")
+
+    assert scope.held == 0
+    assert monitor.admission.in_use == 0
+    assert monitor.mean_use.value == pytest.approx(0.25)
+    snapshot = monitor.snapshot(COUNTS, "postgresql")
+    assert snapshot.use_p50 == pytest.approx(0.25)
+    assert snapshot.use_p99 == pytest.approx(0.25)
+
+
+def test_holder_records_route_and_thread(clock: FakeClock) -> None:
+    monitor = make(clock)
+    with scope_of(monitor, route="/reports"):
+        monitor.on_checkout("key-1", "handle")
+    (holder,) = monitor.leaks.holders()
+    assert holder.route == "/reports"
+    assert holder.thread == threading.current_thread().name
+    assert holder.handle == "handle"
+    assert holder.stack is None  # capture_stacks is off
+
+
+def test_checkin_of_an_unguarded_connection_does_not_free_a_guarded_slot(clock: FakeClock) -> None:
+    monitor = make(clock, capacity=1)
+    with scope_of(monitor):
+        monitor.on_checkout("guarded", monitor.checkout(RealCheckout(clock)))
+    monitor.on_checkout("unguarded", monitor.checkout(RealCheckout(clock)))
+    clock.advance(0.1)
+    monitor.on_checkin("unguarded")
+    monitor.on_checkin("unknown")
+    assert monitor.admission.in_use == 1
+    monitor.on_checkin("guarded")
+    assert monitor.admission.in_use == 0
+
+
+def test_suspected_leaks_show_in_the_snapshot(clock: FakeClock) -> None:
+    monitor = make(clock)
+    with scope_of(monitor):
+        monitor.on_checkout("key-1", monitor.checkout(RealCheckout(clock)))
+    clock.advance(31)
+    assert monitor.snapshot(COUNTS, "postgresql").suspected_leaks == 1
+    monitor.on_checkin("key-1")
+    assert monitor.snapshot(COUNTS, "postgresql").suspected_leaks == 0
+
+
+# -- the wait budget -------------------------------------------------------------------------------------------
+
+
+def run_in_scope(monitor: PoolMonitor, action: Callable[[], object], results: list[object]) -> threading.Thread:
+    """Runs ``action`` in a thread inside a fresh scope of ``monitor`` (threads do not inherit contextvars)."""
+
+    def target() -> None:
+        with scope_of(monitor):
+            try:
+                results.append(action())
+            except BaseException as exc:
+                results.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    return thread
+
+
+def wait_until(condition: Callable[[], bool], steps: int = 5000) -> None:
+    pause = threading.Event()
+    for _ in range(steps):
+        if condition():
+            return
+        pause.wait(0.001)
+    assert condition(), "condition never became true"
+
+
+def test_the_budget_shrinks_with_what_the_scope_already_waited(clock: FakeClock) -> None:
+    monitor = make(clock, capacity=1)
+    monitor.mean_use.add(0.5)  # a slot frees in ~0.5 s
+    with scope_of(monitor):
+        monitor.on_checkout("first", monitor.checkout(RealCheckout(clock)))
+    real = RealCheckout(clock)
+
+    # 0.8 s of the 1.0 s budget already spent: 0.2 s left, under the 0.5 s predicted wait. Shed at once
+    # (called from the main thread, which would block if it queued).
+    with scope_of(monitor, waited=0.8), pytest.raises(PoolSaturated):
+        monitor.checkout(real)
+    assert real.calls == 0
+    assert monitor.shed["pool_saturated"] == 1
+    assert monitor.admission.waiting == 0
+
+    # A fresh scope has the whole 1.0 s budget: it queues for the slot and gets it on checkin.
+    results: list[object] = []
+    thread = run_in_scope(monitor, lambda: monitor.checkout(real), results)
+    wait_until(lambda: monitor.admission.waiting == 1)
+    monitor.on_checkin("first")
+    thread.join(timeout=10)
+    assert not thread.is_alive()
+    assert results == ["connection-1"]
+    assert monitor.admission.in_use == 1
+    assert monitor.shed["pool_saturated"] == 1
