@@ -6,6 +6,7 @@ The core is framework-free; adapters live in ``poolguard.flask``, ``poolguard.st
 
 from __future__ import annotations
 
+from poolguard._version import __version__ as __version__
 from poolguard.breaker import Breaker as Breaker
 from poolguard.breaker import BreakerState as BreakerState
 from poolguard.engine import create_async_engine as create_async_engine
@@ -22,8 +23,6 @@ from poolguard.health import PoolHealth as PoolHealth
 from poolguard.retry import RetryBudget as RetryBudget
 from poolguard.retry import retry as retry
 from poolguard.stats import PoolStats as PoolStats
-
-__version__ = "0.1.0.dev0"
 
 __all__ = [
     "Breaker",

@@ -33,6 +33,7 @@ import sqlalchemy
 from sqlalchemy import event, text
 from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session
+from sqlalchemy.pool import Pool
 
 from poolguard.breaker import Breaker, BreakerState
 from poolguard.errors import Unavailable
@@ -47,6 +48,7 @@ __all__ = [
     "Record",
     "Side",
     "Summary",
+    "create_sqlite_schema",
     "open_side",
     "render_report",
     "run_demo",
@@ -83,8 +85,8 @@ class DemoSettings:
     max_wait: float = 0.25
     overload_factor: float = 4.0
     """Offered load in the overload phase, in multiples of the pool's capacity."""
-    outage_load: float = 0.75
-    """Offered load in the outage phase, as a share of the pool's capacity: a normal day."""
+    outage_load: float = 1.0
+    """Offered load in the outage phase, as a share of the pool's capacity: a busy but normal day."""
     consecutive_failures: int = 3
 
     @property
@@ -99,17 +101,18 @@ class DemoSettings:
 
     @property
     def open_for(self) -> float:
-        """The breaker's first open interval: it probes shortly after the outage ends.
+        """The breaker's first open interval: it opens about a connect timeout into the outage and
+        then probes shortly after the outage ends.
 
-        Longer than the connect timeout, so the attempts that were already hanging when the breaker
-        opened have all failed before it half-opens and do not count against the probes.
+        Much longer than the connect timeout, so the attempts that were already hanging when the
+        breaker opened have all failed before it half-opens and do not count against the probes.
         """
-        return self.seconds * 3 / 8
+        return self.seconds * 0.4
 
     @property
     def outage_window(self) -> tuple[float, float]:
         """When the database is down, in seconds from the start of the outage phase."""
-        return 0.2 * self.seconds, 0.6 * self.seconds
+        return 0.15 * self.seconds, 0.65 * self.seconds
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,10 +281,16 @@ class Side:
     guard: Guard | None
     app: ExampleApp
     outage: threading.Event
+    retired_pools: list[Pool] = field(default_factory=list)
 
     def start_outage(self) -> None:
-        """The database goes away: new connects hang then fail, and no pooled connection survives."""
+        """The database goes away: new connects hang then fail, and no pooled connection survives.
+
+        Connections in use when it happens go back to the replaced pool, which is kept so the side
+        can close them once the phase is over.
+        """
         self.outage.set()
+        self.retired_pools.append(self.engine.pool)
         self.engine.dispose()
 
     def end_outage(self) -> None:
@@ -304,18 +313,21 @@ def open_side(url: URL, settings: DemoSettings, *, guarded: bool) -> Iterator[Si
 
     event.listen(engine, "do_connect", unreachable)
     guard: Guard | None = None
+    side: Side | None = None
     try:
         if guarded:
             breaker = Breaker(consecutive_failures=settings.consecutive_failures, open_for=settings.open_for)
             guard = Guard(engine, name="demo", max_wait=settings.max_wait, breaker=breaker)
         _warm_up(engine, settings.pool_size)
-        yield Side(
-            "guarded" if guarded else "plain", engine, guard, ExampleApp(engine, guard, hold=settings.hold), outage
-        )
+        app = ExampleApp(engine, guard, hold=settings.hold)
+        side = Side("guarded" if guarded else "plain", engine, guard, app, outage)
+        yield side
     finally:
         if guard is not None:
             guard.close()
         engine.dispose()
+        for retired in side.retired_pools if side is not None else ():
+            retired.dispose()
 
 
 def _warm_up(engine: Engine, size: int) -> None:
@@ -418,8 +430,12 @@ def run_outage(side: Side, settings: DemoSettings, *, clock: Clock = time.perf_c
             side.app.status, clients=1, rate=50.0, duration=settings.seconds, t0=t0, clock=clock
         )
         _sleep_until(t0 + down, clock)
+        # Segments use the moments the switch actually flipped: a request that started a hair before
+        # still found the database up.
+        down = clock() - t0
         side.start_outage()
         _sleep_until(t0 + up, clock)
+        up = clock() - t0
         side.end_outage()
         for thread in (*threads, *probe_threads):
             thread.join()
@@ -430,7 +446,7 @@ def run_outage(side: Side, settings: DemoSettings, *, clock: Clock = time.perf_c
     return OutageResult(
         outage=summarize([r for r in records if down <= r.start < up], deadline=settings.deadline, window=window),
         recovery=summarize(
-            [r for r in records if r.start >= up], deadline=settings.deadline, window=settings.seconds - up
+            [r for r in records if up <= r.start], deadline=settings.deadline, window=settings.seconds - up
         ),
         db_free=summarize([r for r in probe if down <= r.start < up], deadline=settings.deadline, window=window),
         transitions=transitions,
@@ -499,7 +515,7 @@ def run_demo(url: str | URL | None, settings: DemoSettings, *, progress: Progres
         if url is None:
             workdir = Path(tempfile.mkdtemp(prefix="poolguard-demo-"))
             target = make_url(f"sqlite:///{workdir / 'demo.db'}")
-            _create_sqlite_schema(target)
+            create_sqlite_schema(target)
             database = "SQLite (a temporary file, removed afterwards)"
         else:
             target = make_url(url) if isinstance(url, str) else url
@@ -538,7 +554,7 @@ def run_demo(url: str | URL | None, settings: DemoSettings, *, progress: Progres
             shutil.rmtree(workdir, ignore_errors=True)
 
 
-def _create_sqlite_schema(url: URL) -> None:
+def create_sqlite_schema(url: URL) -> None:
     """A small table for the example route to read, so the query is a real one."""
     engine = sqlalchemy.create_engine(url)
     try:

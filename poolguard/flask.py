@@ -44,6 +44,7 @@ HEALTH_ENDPOINT: Final = "poolguard_health"
 
 _G_KEY: Final = "_poolguard_request"
 _CONFIG_PREFIX: Final = "POOLGUARD_"
+_BREAKER_PREFIX: Final = "BREAKER_"
 
 logger = logging.getLogger("poolguard")
 
@@ -61,13 +62,12 @@ class _RequestState:
 class _AppState:
     """What one app's registration holds; its bound methods are the app's hooks."""
 
-    __slots__ = ("config", "extension", "guard", "owns_engine")
+    __slots__ = ("config", "extension", "guard")
 
-    def __init__(self, extension: PoolGuard, guard: Guard, config: PoolGuardConfig, *, owns_engine: bool) -> None:
+    def __init__(self, extension: PoolGuard, guard: Guard, config: PoolGuardConfig) -> None:
         self.extension = extension
         self.guard = guard
         self.config = config
-        self.owns_engine = owns_engine
 
     def open_scope(self) -> None:
         """Opens the request's unit of work; cheap, since nothing touches the pool until ``db`` is used."""
@@ -152,7 +152,8 @@ class PoolGuard:
     - ``POOLGUARD_MAX_WAIT`` (``max_wait``, 1.0 s), ``POOLGUARD_LEAK_THRESHOLD`` (30.0 s),
       ``POOLGUARD_CAPTURE_STACKS`` (False), ``POOLGUARD_PING_TIMEOUT`` (1.0 s) and
       ``POOLGUARD_BREAKER`` (a dict of :class:`poolguard.Breaker` options such as
-      ``{"CONSECUTIVE_FAILURES": 3, "OPEN_FOR": 10}``, or False for no breaker): the guard's
+      ``{"CONSECUTIVE_FAILURES": 3, "OPEN_FOR": 10}``, or False for no breaker; the flat form
+      ``POOLGUARD_BREAKER_OPEN_FOR = 10`` works too, as in the environment): the guard's
       options. **They apply only when no guard object is passed**: a ``Guard`` you build keeps the
       options you built it with (pass them to ``Guard(...)`` instead).
     - ``POOLGUARD_SQLALCHEMY``: when no guard is passed, a dict with ``URL`` and optional
@@ -184,12 +185,8 @@ class PoolGuard:
                 "A 'PoolGuard' instance has already been registered on this Flask app. "
                 "Import and use that instance (or get_guard(app)) instead of creating another one."
             )
-        settings = {
-            key[len(_CONFIG_PREFIX) :]: value for key, value in app.config.items() if key.startswith(_CONFIG_PREFIX)
-        }
-        config = PoolGuardConfig.load(self.options, settings=settings, source="Flask config")
-        guard, owns_engine = self._guard_for(config)
-        state = _AppState(self, guard, config, owns_engine=owns_engine)
+        config = PoolGuardConfig.load(self.options, settings=_flask_settings(app.config), source="Flask config")
+        state = _AppState(self, self._guard_for(config), config)
         app.extensions[EXTENSION_KEY] = state
 
         # First before_request and last after_request/teardown, so every other hook may use ``db``.
@@ -201,7 +198,7 @@ class PoolGuard:
         if config.health_path is not None:
             app.add_url_rule(config.health_path, HEALTH_ENDPOINT, state.health, methods=["GET"])
 
-    def _guard_for(self, config: PoolGuardConfig) -> tuple[Guard, bool]:
+    def _guard_for(self, config: PoolGuardConfig) -> Guard:
         if self.guard is not None:
             if config.sqlalchemy is not None:
                 raise ConfigError(
@@ -209,16 +206,39 @@ class PoolGuard:
                     "(set)",
                     "unset when a Guard is passed to PoolGuard (the guard's engine is used), or pass no guard",
                 )
-            guard, owns = self.guard, False
+            guard = self.guard
         else:
-            guard, owns = _build_guard(config), True
+            guard = _build_guard(config)
         if guard.is_async:
             raise ConfigError(
                 "PoolGuard(guard)",
                 "a Guard on an AsyncEngine",
                 "a Guard on a synchronous Engine: Flask runs views synchronously",
             )
-        return guard, owns
+        return guard
+
+
+def _flask_settings(flask_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The app's ``POOLGUARD_*`` keys without the prefix; flat ``POOLGUARD_BREAKER_<OPTION>`` keys,
+    spelled as the environment variables are, join the ``POOLGUARD_BREAKER`` dict."""
+    settings: dict[str, Any] = {}
+    breaker: dict[str, Any] = {}
+    for key, value in flask_config.items():
+        if not key.startswith(_CONFIG_PREFIX):
+            continue
+        name = key[len(_CONFIG_PREFIX) :]
+        if name.startswith(_BREAKER_PREFIX):
+            breaker[name[len(_BREAKER_PREFIX) :]] = value
+        else:
+            settings[name] = value
+    if breaker:
+        nested = settings.get("BREAKER", True)
+        if nested is False:
+            raise ConfigError(
+                "POOLGUARD_BREAKER", False, "True or a dict of options when POOLGUARD_BREAKER_* keys are set"
+            )
+        settings["BREAKER"] = {**(nested if isinstance(nested, Mapping) else {}), **breaker}
+    return settings
 
 
 def _build_guard(config: PoolGuardConfig) -> Guard:

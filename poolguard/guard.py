@@ -23,6 +23,8 @@ from contextvars import Token
 from types import TracebackType
 from typing import Any, Generic, TypeVar, cast
 
+from opentelemetry.metrics import MeterProvider
+from opentelemetry.trace import TracerProvider
 from sqlalchemy import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 from sqlalchemy.orm import Session, sessionmaker
@@ -37,6 +39,8 @@ from poolguard.health import HealthReport, PingResult, PoolHealth, assess
 from poolguard.monitor import GuardedScope, PoolMonitor
 from poolguard.pools.sqlalchemy import SQLAlchemyPool
 from poolguard.stats import PoolStats
+from poolguard.telemetry import PoolTelemetry
+from poolguard.telemetry import unregister as unregister_telemetry
 
 logger = logging.getLogger("poolguard")
 
@@ -54,7 +58,8 @@ class Guard:
     stack for leak reports (costly: off by default); ``session_factory`` a sessionmaker or
     async_sessionmaker (default: one bound to the engine with ``expire_on_commit=False``, so objects
     stay readable after the block commits); ``clock`` a monotonic clock for tests;
-    ``ping_timeout`` bounds the health ping.
+    ``ping_timeout`` bounds the health ping; ``tracer_provider`` / ``meter_provider`` replace the
+    global OpenTelemetry providers for this guard's spans and metrics.
     """
 
     def __init__(
@@ -69,8 +74,8 @@ class Guard:
         session_factory: Callable[[], Session] | Callable[[], AsyncSession] | None = None,
         clock: Clock | None = None,
         ping_timeout: float = 1.0,
-        tracer_provider: Any = None,
-        meter_provider: Any = None,
+        tracer_provider: TracerProvider | None = None,
+        meter_provider: MeterProvider | None = None,
     ) -> None:
         if not isinstance(engine, Engine | AsyncEngine):
             raise ConfigError("Guard(engine)", type(engine).__name__, "a sqlalchemy Engine or AsyncEngine")
@@ -89,9 +94,14 @@ class Guard:
         self.engine = engine
         self.is_async = isinstance(engine, AsyncEngine)
         self.session_factory = self._make_session_factory(engine, session_factory)
-        self.tracer_provider = tracer_provider
-        self.meter_provider = meter_provider
         self.pool = SQLAlchemyPool(engine)
+        self.telemetry = PoolTelemetry(
+            pool_name=name,
+            db_system=self.pool.db_system,
+            counts=self.pool.counts,
+            tracer_provider=tracer_provider,
+            meter_provider=meter_provider,
+        )
         self._monitor = PoolMonitor(
             name=name,
             capacity=self.pool.counts().capacity,
@@ -100,9 +110,11 @@ class Guard:
             leak_threshold=self.leak_threshold,
             capture_stacks=capture_stacks,
             clock=self.clock,
+            telemetry=self.telemetry,
         )
+        self.telemetry.monitor = self._monitor
         self.pool.attach(self._monitor)
-        self._remove_breaker_listener = self.breaker.add_listener(self._log_transition) if self.breaker else None
+        self._remove_breaker_listener = self.breaker.add_listener(self._on_transition) if self.breaker else None
         self._ping_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._running_ping: concurrent.futures.Future[float] | None = None
 
@@ -131,7 +143,8 @@ class Guard:
             raise ConfigError("Guard.session_factory", factory, "a sessionmaker or async_sessionmaker")
         return factory
 
-    def _log_transition(self, old: BreakerState, new: BreakerState) -> None:
+    def _on_transition(self, old: BreakerState, new: BreakerState) -> None:
+        self.telemetry.breaker_transition(old, new)
         if new is BreakerState.OPEN:
             retry_after = self.breaker.retry_after if self.breaker else None
             logger.warning(
@@ -247,6 +260,7 @@ class Guard:
     def close(self) -> None:
         """Removes the instrumentation from the engine (it stays usable) and stops the ping thread."""
         self.pool.detach()
+        unregister_telemetry(self.telemetry)
         if self._remove_breaker_listener is not None:
             self._remove_breaker_listener()
             self._remove_breaker_listener = None

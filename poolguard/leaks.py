@@ -42,6 +42,7 @@ class Holder:
     stack: traceback.StackSummary | None = None
     scope: object | None = None
     handle: Any = None
+    span: Any = None
     reported: bool = field(default=False)
 
 
@@ -112,9 +113,9 @@ class LeakTracker:
         with self._lock:
             return [*self._suspected.values(), *self._holders.values()]
 
-    def sweep(self) -> None:
+    def sweep(self, now: float | None = None) -> None:
         """Reports every holder that has crossed the threshold since the last sweep."""
-        deadline = self._clock() - self._threshold
+        deadline = (self._clock() if now is None else now) - self._threshold
         newly: list[Holder] = []
         with self._lock:
             while self._holders:

@@ -29,6 +29,7 @@ from poolguard.errors import CircuitOpen, PoolSaturated, Unavailable
 from poolguard.leaks import Holder, LeakTracker, capture_stack
 from poolguard.pools import PoolCounts
 from poolguard.stats import Ewma, PoolStats, SlidingWindow
+from poolguard.telemetry import PoolTelemetry
 
 logger = logging.getLogger("poolguard")
 
@@ -36,6 +37,13 @@ T = TypeVar("T")
 
 AwaitInGreenlet = Callable[[Awaitable[Any]], Any]
 """Runs a coroutine to completion from synchronous code inside SQLAlchemy's asyncio greenlet."""
+
+
+def _outcome(exc: BaseException) -> str:
+    """The ``poolguard.outcome`` span attribute for a checkout that did not get a connection."""
+    if isinstance(exc, Unavailable):
+        return exc.reason
+    return "timeout" if is_checkout_timeout(exc) else "error"
 
 
 class GuardedScope:
@@ -62,8 +70,10 @@ class PoolMonitor:
         leak_threshold: float,
         capture_stacks: bool,
         clock: Clock,
+        telemetry: PoolTelemetry | None = None,
     ) -> None:
         self.name = name
+        self.telemetry = telemetry
         self.breaker = breaker
         self.max_wait = max_wait
         self.capture_stacks = capture_stacks
@@ -74,7 +84,9 @@ class PoolMonitor:
         self.create_times = SlidingWindow(size=256)
         self.mean_use = Ewma()
         self.admission = Admission(capacity, pool_name=name, mean_use=self._mean_use, clock=clock)
-        self.leaks = LeakTracker(pool_name=name, threshold=leak_threshold, clock=clock)
+        self.leaks = LeakTracker(
+            pool_name=name, threshold=leak_threshold, clock=clock, on_leak=self._on_leak if telemetry else None
+        )
         self.reclaim: Callable[[Any], None] | None = None
         self._counter_lock = threading.Lock()
         self.pending = 0
@@ -89,15 +101,22 @@ class PoolMonitor:
     def checkout(self, real_checkout: Callable[[], T], await_in_greenlet: AwaitInGreenlet | None = None) -> T:
         """Runs the pool's own checkout, gated when inside a scope of this guard, and accounts for it."""
         scope = self.scope_var.get()
+        telemetry = self.telemetry
+        span = telemetry.start_checkout() if telemetry is not None else None
         start = self.clock()
-        if scope is not None:
-            self._admit(scope, start, await_in_greenlet)
-        with self._counter_lock:
-            self.pending += 1
         try:
-            connection = real_checkout()
+            if scope is not None:
+                self._admit(scope, start, await_in_greenlet)
+            with self._counter_lock:
+                self.pending += 1
+            try:
+                connection = real_checkout()
+            except BaseException as exc:
+                self._checkout_failed(exc, scope, start)
+                raise
         except BaseException as exc:
-            self._checkout_failed(exc, scope, start)
+            if span is not None:
+                telemetry.end_checkout(span, _outcome(exc))  # type: ignore[union-attr]
             raise
         now = self.clock()
         wait = now - start
@@ -109,6 +128,10 @@ class PoolMonitor:
             scope.waited += wait
             if self.breaker is not None:
                 self.breaker.record_success(wait)
+        if telemetry is not None:
+            telemetry.record_wait(wait)
+            if span is not None:
+                telemetry.end_checkout(span, "acquired")
         return connection
 
     def _admit(self, scope: GuardedScope, start: float, await_in_greenlet: AwaitInGreenlet | None) -> None:
@@ -156,24 +179,33 @@ class PoolMonitor:
     def _count_shed(self, exc: Unavailable) -> None:
         with self._counter_lock:
             self.shed[exc.reason] += 1
+        if self.telemetry is not None:
+            self.telemetry.request_shed(exc.reason)
+
+    def _on_leak(self, holder: Holder) -> None:
+        if self.telemetry is not None:
+            self.telemetry.leak_suspected(holder, self.clock() - holder.since)
 
     def on_checkout(self, key: Hashable, handle: Any) -> None:
         """A connection left the pool (the pool's checkout event): who took it, from which route."""
         scope = self.scope_var.get()
-        span_context = trace.get_current_span().get_span_context()
+        span = trace.get_current_span()
+        span_context = span.get_span_context()
+        now = self.clock()
         holder = Holder(
-            since=self.clock(),
+            since=now,
             route=scope.route if scope is not None else None,
             thread=threading.current_thread().name,
             trace_id=format(span_context.trace_id, "032x") if span_context.is_valid else None,
             stack=capture_stack() if self.capture_stacks else None,
             scope=scope,
             handle=handle,
+            span=span if span_context.is_valid else None,
         )
         if scope is not None:
             scope.held += 1
         self.leaks.checked_out(key, holder)
-        self.leaks.sweep()
+        self.leaks.sweep(now)
 
     def on_checkin(self, key: Hashable) -> None:
         """A connection came back (or was detached): its use time, and the admission slot it held."""
@@ -184,6 +216,8 @@ class PoolMonitor:
         use = now - holder.since
         self.use_times.add(use, now)
         self.mean_use.add(use)
+        if self.telemetry is not None:
+            self.telemetry.record_use(use, holder.route)
         scope = holder.scope
         if isinstance(scope, GuardedScope):
             scope.held -= 1
@@ -193,6 +227,8 @@ class PoolMonitor:
         with self._counter_lock:
             self.connections_created += 1
         self.create_times.add(seconds, self.clock())
+        if self.telemetry is not None:
+            self.telemetry.record_create(seconds)
 
     def on_connection_lost(self) -> None:
         """A connection of a guarded unit of work died in use (disconnect, server shutdown)."""
@@ -209,6 +245,7 @@ class PoolMonitor:
                 self.name,
             )
             self.leaks.reported_total += 1
+            self._on_leak(holder)
             if self.reclaim is not None:
                 self.reclaim(holder.handle)
         return len(leftovers)

@@ -37,6 +37,9 @@ class SQLAlchemyPool:
         self.sync_engine: Engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         self.is_async = isinstance(engine, AsyncEngine)
         self.backend = self.sync_engine.dialect.name
+        dialect = self.sync_engine.dialect
+        self.db_system = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
+        """The OpenTelemetry ``db.system.name`` value."""
         self._monitor: PoolMonitor | None = None
         self._listeners: list[tuple[Any, str, Any]] = []
         self._wrapper: Callable[[], PoolProxiedConnection] | None = None

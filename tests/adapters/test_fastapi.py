@@ -1,0 +1,245 @@
+"""poolguard.fastapi: DbSession (AsyncEngine) and SyncDbSession (Engine) against the real PostgreSQL server."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import sqlalchemy
+from fastapi import BackgroundTasks, FastAPI
+from fastapi.responses import StreamingResponse
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Session
+
+from poolguard import Breaker, Guard
+from poolguard.fastapi import DbSession, PoolGuardMiddleware, SyncDbSession, poolguard_lifespan
+from tests.adapters.test_starlette import (
+    TOKEN,
+    Resources,
+    assert_no_secret,
+    assert_unavailable,
+    checked_out,
+    client,
+    flavor,
+    names,
+    observer,
+    resources,
+    serving,
+    table,
+    unreachable_url,
+)
+
+pytestmark = pytest.mark.postgres
+
+__all__ = ["flavor", "observer", "resources", "table"]  # fixtures shared with test_starlette.py
+
+
+def build_api(
+    guard: Guard,
+    table: str,
+    *,
+    observer: sqlalchemy.Engine | None = None,
+    probes: list[tuple[int, int, bool]] | None = None,
+    lifespan: Any = None,
+    **options: Any,
+) -> FastAPI:
+    """The same routes for both engines: async views with DbSession, def views with SyncDbSession."""
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(PoolGuardMiddleware, guard=guard, **options)
+    insert = text(f"INSERT INTO {table} (name) VALUES (:name)")
+
+    def probe(name: str) -> None:
+        assert probes is not None
+        assert observer is not None
+        probes.append((guard.stats().checked_out, checked_out(guard.engine), name in names(observer, table)))
+
+    @app.get("/")
+    async def free() -> dict[str, str]:
+        return {"database": "not used"}
+
+    if guard.is_async:
+
+        @app.post("/items/{name}")
+        async def write(name: str, db: DbSession) -> dict[str, str]:
+            await db.execute(insert, {"name": name})
+            return {"written": name}
+
+        @app.post("/items/{name}/fail")
+        async def fail(name: str, db: DbSession) -> dict[str, str]:
+            await db.execute(insert, {"name": name})
+            raise RuntimeError("the view failed after writing")
+
+        @app.get("/sleep")
+        async def sleep(db: DbSession) -> dict[str, str]:
+            await db.execute(text("SELECT pg_sleep(0.5)"))
+            return {"slept": "yes"}
+
+        @app.get("/stream/{name}")
+        async def stream(name: str, db: DbSession) -> StreamingResponse:
+            await db.execute(insert, {"name": name})
+
+            async def body() -> AsyncIterator[bytes]:
+                probe(name)
+                yield b"first "
+                yield b"second"
+
+            return StreamingResponse(body(), media_type="text/plain")
+
+        async def later(db: AsyncSession, name: str) -> None:
+            await db.execute(insert, {"name": f"{name}-later"})
+
+        @app.post("/background/{name}")
+        async def background(name: str, db: DbSession, tasks: BackgroundTasks) -> dict[str, str]:
+            await db.execute(insert, {"name": name})
+            tasks.add_task(later, db, name)
+            return {"written": name}
+
+        @app.get("/wrong-annotation")
+        def wrong(db: SyncDbSession) -> dict[str, str]:
+            return {"never": "reached"}
+
+    else:
+
+        @app.post("/items/{name}")
+        def write_sync(name: str, db: SyncDbSession) -> dict[str, str]:
+            db.execute(insert, {"name": name})
+            return {"written": name}
+
+        @app.post("/items/{name}/fail")
+        def fail_sync(name: str, db: SyncDbSession) -> dict[str, str]:
+            db.execute(insert, {"name": name})
+            raise RuntimeError("the view failed after writing")
+
+        @app.get("/sleep")
+        def sleep_sync(db: SyncDbSession) -> dict[str, str]:
+            db.execute(text("SELECT pg_sleep(0.5)"))
+            return {"slept": "yes"}
+
+        @app.get("/stream/{name}")
+        def stream_sync(name: str, db: SyncDbSession) -> StreamingResponse:
+            db.execute(insert, {"name": name})
+
+            def body() -> Iterator[bytes]:
+                probe(name)
+                yield b"first "
+                yield b"second"
+
+            return StreamingResponse(body(), media_type="text/plain")
+
+        def later_sync(db: Session, name: str) -> None:
+            db.execute(insert, {"name": f"{name}-later"})
+
+        @app.post("/background/{name}")
+        def background_sync(name: str, db: SyncDbSession, tasks: BackgroundTasks) -> dict[str, str]:
+            db.execute(insert, {"name": name})
+            tasks.add_task(later_sync, db, name)
+            return {"written": name}
+
+        @app.get("/wrong-annotation")
+        async def wrong_async(db: DbSession) -> dict[str, str]:
+            return {"never": "reached"}
+
+    return app
+
+
+async def test_write_that_returns_commits_and_one_that_raises_rolls_back(
+    resources: Resources, flavor: str, observer: Any, table: str
+):
+    guard = resources.guard(resources.engine(flavor))
+    async with client(build_api(guard, table)) as http:
+        kept = await http.post("/items/kept")
+        failed = await http.post("/items/gone/fail")
+    assert kept.json() == {"written": "kept"}
+    assert failed.status_code == 500
+    assert names(observer, table) == ["kept"]
+
+
+async def test_streaming_response_holds_no_connection(resources: Resources, flavor: str, observer: Any, table: str):
+    guard = resources.guard(resources.engine(flavor))
+    probes: list[tuple[int, int, bool]] = []
+    async with client(build_api(guard, table, observer=observer, probes=probes)) as http:
+        response = await http.get("/stream/streamed")
+    assert response.text == "first second"
+    assert probes == [(0, 0, True)]
+
+
+async def test_background_task_with_the_same_session_is_committed(
+    resources: Resources, flavor: str, observer: Any, table: str
+):
+    guard = resources.guard(resources.engine(flavor))
+    async with client(build_api(guard, table)) as http:
+        response = await http.post("/background/job")
+    assert response.json() == {"written": "job"}
+    assert names(observer, table) == ["job", "job-later"]
+
+
+async def test_open_breaker_503_while_db_free_route_answers(resources: Resources, flavor: str, table: str):
+    engine = resources.engine(flavor, unreachable_url(flavor))
+    guard = resources.guard(engine, breaker=Breaker(consecutive_failures=1))
+    async with client(build_api(guard, table, health_detail="always")) as http:
+        first = await http.post("/items/x")
+        shed = await http.post("/items/x")
+        free = await http.get("/")
+        health = await http.get("/health/db")
+    assert first.status_code == 500
+    assert_unavailable(shed, "circuit_open")
+    assert free.json() == {"database": "not used"}
+    assert health.status_code == 503
+    assert health.json()["status"] == "unavailable"
+    assert_no_secret(first, shed, free, health)
+
+
+async def test_saturated_pool_sheds_within_the_wait_budget(resources: Resources, flavor: str, table: str):
+    guard = resources.guard(resources.engine(flavor, pool_size=1, max_overflow=0), max_wait=0.3)
+    async with client(build_api(guard, table)) as http:
+
+        async def timed() -> tuple[httpx.Response, float]:
+            started = time.monotonic()
+            response = await http.get("/sleep")
+            return response, time.monotonic() - started
+
+        results = await asyncio.gather(*(timed() for _ in range(10)))
+    statuses = [response.status_code for response, _ in results]
+    assert 200 in statuses
+    assert 503 in statuses
+    for response, elapsed in results:
+        assert elapsed < 1.2, elapsed
+        if response.status_code == 503:
+            assert_unavailable(response, "pool_saturated")
+
+
+async def test_health_status_only_unless_authorized(resources: Resources, flavor: str, table: str):
+    guard = resources.guard(resources.engine(flavor))
+    app = build_api(guard, table, health_detail="when-authorized", health_token=TOKEN)
+    async with client(app) as http:
+        anonymous = await http.get("/health/db")
+        authorized = await http.get("/health/db", headers={"Authorization": f"Bearer {TOKEN}"})
+    assert anonymous.status_code == 200
+    assert anonymous.content == b'{"status":"ok"}'
+    assert authorized.json()["pools"][0]["status"] == "ok"
+
+
+async def test_session_annotation_must_match_the_engine(resources: Resources, flavor: str, table: str):
+    guard = resources.guard(resources.engine(flavor))
+    transport = httpx.ASGITransport(app=build_api(guard, table))
+    expected = "SyncDbSession" if flavor == "sync" else "DbSession"
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        with pytest.raises(TypeError, match=f"use poolguard.fastapi.{expected}|with poolguard.fastapi.{expected}"):
+            await http.get("/wrong-annotation")
+
+
+async def test_lifespan_and_middleware_in_a_fastapi_app(resources: Resources, observer: Any, table: str):
+    engine = resources.engine("async")
+    guard = resources.guard(engine)
+    app = build_api(guard, table, lifespan=poolguard_lifespan(guard))
+    async with serving(app), client(app) as http:
+        assert (await http.post("/items/served")).status_code == 200
+        assert (await http.get("/health/db")).json() == {"status": "ok"}
+    resources.closed.append(guard)
+    assert names(observer, table) == ["served"]
+    assert checked_out(engine) == 0
