@@ -229,8 +229,12 @@ def _flask_settings(flask_config: Mapping[str, Any]) -> dict[str, Any]:
         name = key[len(_CONFIG_PREFIX) :]
         if name.startswith(_BREAKER_PREFIX):
             breaker[name[len(_BREAKER_PREFIX) :]] = value
-        else:
+        elif name.lower() in PoolGuardConfig.option_names():
             settings[name] = value
+        else:
+            # Named here with its prefix, as the user wrote it in the Flask config.
+            accepted = ", ".join(_CONFIG_PREFIX + option.upper() for option in PoolGuardConfig.option_names())
+            raise ConfigError(f"Flask config {key}", "(unknown option)", "one of " + accepted)
     if breaker:
         nested = settings.get("BREAKER", True)
         if nested is False:

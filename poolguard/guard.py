@@ -282,12 +282,13 @@ class RequestScope(GuardedScope):
     the database never waits for, or is refused, a connection.
     """
 
-    __slots__ = ("_scope_token", "_session", "_unit_token", "guard")
+    __slots__ = ("_failure", "_scope_token", "_session", "_unit_token", "guard")
 
     def __init__(self, guard: Guard, route: str | None) -> None:
         super().__init__(route)
         self.guard = guard
         self._session: Session | AsyncSession | None = None
+        self._failure: BaseException | None = None
         self._scope_token: Token[GuardedScope | None] | None = None
         self._unit_token: Token[_context.UnitOfWork | None] | None = None
 
@@ -310,38 +311,49 @@ class RequestScope(GuardedScope):
         self._unit_token = _context.current_unit.set(self)
         return self
 
+    def fail(self, error: BaseException) -> None:
+        """Marks the request as failed, so its work is rolled back even though no exception escapes.
+
+        For errors a framework turns into a response before the adapter sees them (``abort(409)``,
+        FastAPI's ``HTTPException``): the endpoint raised, so its writes must not be committed.
+        """
+        self._failure = error
+
     def finish(self, error: BaseException | None = None) -> None:
-        """Ends the session's work now: commit (rollback on ``error``) and return its connection.
+        """Ends the transaction now: commit (rollback on ``error`` or after :meth:`fail`).
 
         Adapters call it when the endpoint returns, before a streamed body is sent, so no connection
-        sits idle in a transaction while a slow client reads. A later use opens a new session.
+        sits idle in a transaction while a slow client reads. The session stays usable: work done
+        later (a background task) starts a new transaction, which :meth:`close` ends.
         """
-        session = self._session
-        if session is not None:
-            self._session = None
-            finish_session(cast(Session, session), error)
+        if self._session is not None:
+            end_transaction(cast(Session, self._session), error or self._failure)
 
     async def afinish(self, error: BaseException | None = None) -> None:
         """The asyncio form of :meth:`finish`."""
         session = self._session
-        if session is not None:
-            self._session = None
-            if isinstance(session, AsyncSession):
-                await afinish_session(session, error)
-            else:
-                finish_session(session, error)
+        if isinstance(session, AsyncSession):
+            await aend_transaction(session, error or self._failure)
+        elif session is not None:
+            end_transaction(session, error or self._failure)
 
     def close(self, error: BaseException | None = None) -> None:
-        """Ends the request: :meth:`finish`, then reclaim anything still checked out, and leave the context."""
+        """Ends the request: last commit (or rollback), session closed, leftovers reclaimed, context left."""
+        session, self._session = self._session, None
         try:
-            self.finish(error)
+            if session is not None:
+                finish_session(cast(Session, session), error or self._failure)
         finally:
             self._release()
 
     async def aclose(self, error: BaseException | None = None) -> None:
         """The asyncio form of :meth:`close`."""
+        session, self._session = self._session, None
         try:
-            await self.afinish(error)
+            if isinstance(session, AsyncSession):
+                await afinish_session(session, error or self._failure)
+            elif session is not None:
+                finish_session(session, error or self._failure)
         finally:
             if self.held > 0 and self.guard.is_async:
                 # Closing an asyncio driver connection needs SQLAlchemy's greenlet.
@@ -385,8 +397,11 @@ def _reset(var: contextvars.ContextVar[Any], token: Token[Any] | None) -> None:
         var.set(token.old_value if token.old_value is not Token.MISSING else None)
 
 
-def finish_session(session: Session, error: BaseException | None) -> None:
-    """Commit on success, rollback on error, close always; a failing rollback never hides ``error``."""
+def end_transaction(session: Session, error: BaseException | None) -> None:
+    """Commit on success, rollback on error; a failed commit is rolled back before it propagates.
+
+    A failing rollback never hides ``error``: the caller's exception is the one worth reporting.
+    """
     try:
         if error is None:
             session.commit()
@@ -397,15 +412,21 @@ def finish_session(session: Session, error: BaseException | None) -> None:
             _quietly(session.rollback)
             raise
         logger.debug("poolguard: rollback after an error failed too", exc_info=True)
+
+
+def finish_session(session: Session, error: BaseException | None) -> None:
+    """:func:`end_transaction`, then close always."""
+    try:
+        end_transaction(session, error)
     finally:
         session.close()
 
 
-async def afinish_session(session: AsyncSession, error: BaseException | None) -> None:
-    """The asyncio form: on cancellation the close runs shielded, so the connection always goes back."""
+async def aend_transaction(session: AsyncSession, error: BaseException | None) -> None:
+    """The asyncio form of :func:`end_transaction`; nothing is sent to a cancelled request's connection."""
+    if isinstance(error, asyncio.CancelledError):
+        return
     try:
-        if isinstance(error, asyncio.CancelledError):
-            return
         if error is None:
             await session.commit()
         else:
@@ -415,6 +436,12 @@ async def afinish_session(session: AsyncSession, error: BaseException | None) ->
             await _aquietly(session.rollback())
             raise
         logger.debug("poolguard: rollback after an error failed too", exc_info=True)
+
+
+async def afinish_session(session: AsyncSession, error: BaseException | None) -> None:
+    """The asyncio form: on cancellation the close runs shielded, so the connection always goes back."""
+    try:
+        await aend_transaction(session, error)
     finally:
         await close_surely(session.close)
 

@@ -33,7 +33,7 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
 from starlette.concurrency import run_in_threadpool
@@ -54,19 +54,10 @@ STATE_KEY: Final = "poolguard"
 """The key of the request's :class:`RequestScope` in ``scope["state"]`` (``request.state.poolguard``)."""
 
 _ADAPTER_OPTIONS: Final = ("health_path", "health_detail", "health_token")
+_GUARD_OPTIONS: Final = frozenset({"max_wait", "leak_threshold", "capture_stacks", "ping_timeout", "breaker"})
 _INTERNAL_ERROR: Final = HttpResponse(
     status=500, headers=(("Content-Type", "text/plain; charset=utf-8"),), body=b"Internal Server Error"
 )
-
-
-class _Unset:
-    """Marks an option the caller did not pass, so the ``POOLGUARD_*`` environment can supply it."""
-
-    def __repr__(self) -> str:
-        return "<unset>"
-
-
-_UNSET: Final = _Unset()
 
 
 class PoolGuardMiddleware:
@@ -76,36 +67,54 @@ class PoolGuardMiddleware:
     ``health_path`` (default ``"/health/db"``, ``None`` turns the route off), ``health_detail``
     (``"never"``, ``"when-authorized"``, ``"always"``) and ``health_token`` (a bearer token or a
     callable taking the ``Request``). Pool options (``max_wait``, the breaker, ...) belong to the
-    :class:`~poolguard.Guard`; passing them here raises ConfigError rather than being ignored.
+    :class:`~poolguard.Guard`; passing them here raises ConfigError rather than being ignored, and so
+    does an unknown or invalid option, when the middleware is built (at startup).
 
     Only ``http`` scopes are handled: ``websocket`` and ``lifespan`` pass through untouched.
     """
 
-    def __init__(
-        self,
-        app: ASGIApp,
-        *,
-        guard: Guard,
-        health_path: str | _Unset | None = _UNSET,
-        health_detail: str | _Unset = _UNSET,
-        health_token: HealthToken | _Unset = _UNSET,
-        **options: Any,
-    ) -> None:
+    if TYPE_CHECKING:
+        # What type checkers see: the options by name. Starlette's Middleware()/add_middleware() check
+        # their arguments against this signature, which a **kwargs catch-all would defeat.
+        def __init__(
+            self,
+            app: ASGIApp,
+            *,
+            guard: Guard,
+            health_path: str | None = ...,
+            health_detail: str = ...,
+            health_token: HealthToken = ...,
+        ) -> None: ...
+
+    else:
+
+        def __init__(self, app: ASGIApp, **options: Any) -> None:
+            # Any keyword reaches _configure, so a misspelt option is a ConfigError like everywhere else.
+            self._configure(app, options)
+
+    def _configure(self, app: ASGIApp, options: dict[str, Any]) -> None:
+        """Validates the options (explicit ones over ``POOLGUARD_*`` variables) once, at construction."""
+        options = dict(options)
+        if "guard" not in options:
+            raise ConfigError(
+                "PoolGuardMiddleware.guard", None, "a poolguard.Guard: PoolGuardMiddleware(app, guard=guard)"
+            )
+        guard = options.pop("guard")
         if not isinstance(guard, Guard):
             raise ConfigError("PoolGuardMiddleware.guard", f"<{type(guard).__name__}>", "a poolguard.Guard")
         for name in options:
             # Never echo the value: it may be a token or a URL with a password.
-            if name in PoolGuardConfig.option_names():
+            if name in _GUARD_OPTIONS:
                 raise ConfigError(
                     f"PoolGuardMiddleware.{name}",
-                    "(a Guard option)",
+                    "(an option of the Guard)",
                     f"pass {name} to poolguard.Guard(...); the middleware takes " + ", ".join(_ADAPTER_OPTIONS),
                 )
-            raise ConfigError(
-                f"PoolGuardMiddleware.{name}", "(unknown option)", "one of " + ", ".join(_ADAPTER_OPTIONS)
-            )
-        given = {"health_path": health_path, "health_detail": health_detail, "health_token": health_token}
-        config = PoolGuardConfig.load({k: v for k, v in given.items() if v is not _UNSET})
+            if name not in _ADAPTER_OPTIONS:
+                raise ConfigError(
+                    f"PoolGuardMiddleware.{name}", "(unknown option)", "one of guard, " + ", ".join(_ADAPTER_OPTIONS)
+                )
+        config = PoolGuardConfig.load(options)
         self.app = app
         self.guard = guard
         self.health_path = config.health_path
@@ -269,21 +278,19 @@ def _sync_session(request_scope: RequestScope) -> bool:
 
 
 async def _commit(request_scope: RequestScope) -> None:
-    """Commits the request's work so far and returns its connection, keeping the session usable.
+    """Ends the work so far (commit, or rollback if the endpoint failed) and returns its connection.
 
-    Keeping the session (rather than ``afinish``, which drops it) matters for FastAPI: a dependency
-    resolved before the endpoint hands the same object to a background task, and that task's work
-    must still be committed at the end of the request. A synchronous Session commits in a worker
-    thread so the event loop never blocks on the database.
+    The session stays usable (:meth:`RequestScope.finish`): a FastAPI dependency may have handed the
+    same object to a background task, whose work :func:`_close` commits at the end of the request.
+    A synchronous Session commits in a worker thread so the event loop never blocks on the database.
     """
     if not request_scope.has_session:
         return
-    session = request_scope.session
     try:
-        if isinstance(session, AsyncSession):
-            await session.commit()
+        if _sync_session(request_scope):
+            await run_in_threadpool(request_scope.finish, None)
         else:
-            await run_in_threadpool(session.commit)
+            await request_scope.afinish(None)
     except BaseException as exc:
         await _finish(request_scope, exc)
         raise

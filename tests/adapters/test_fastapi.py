@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 import sqlalchemy
-from fastapi import BackgroundTasks, FastAPI
+from fastapi import BackgroundTasks, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -74,6 +74,11 @@ def build_api(
             await db.execute(insert, {"name": name})
             raise RuntimeError("the view failed after writing")
 
+        @app.post("/items/{name}/conflict")
+        async def conflict(name: str, db: DbSession) -> dict[str, str]:
+            await db.execute(insert, {"name": name})
+            raise HTTPException(status_code=409, detail="conflict after writing")
+
         @app.get("/sleep")
         async def sleep(db: DbSession) -> dict[str, str]:
             await db.execute(text("SELECT pg_sleep(0.5)"))
@@ -114,6 +119,11 @@ def build_api(
         def fail_sync(name: str, db: SyncDbSession) -> dict[str, str]:
             db.execute(insert, {"name": name})
             raise RuntimeError("the view failed after writing")
+
+        @app.post("/items/{name}/conflict")
+        def conflict_sync(name: str, db: SyncDbSession) -> dict[str, str]:
+            db.execute(insert, {"name": name})
+            raise HTTPException(status_code=409, detail="conflict after writing")
 
         @app.get("/sleep")
         def sleep_sync(db: SyncDbSession) -> dict[str, str]:
@@ -156,6 +166,16 @@ async def test_write_that_returns_commits_and_one_that_raises_rolls_back(
         failed = await http.post("/items/gone/fail")
     assert kept.json() == {"written": "kept"}
     assert failed.status_code == 500
+    assert names(observer, table) == ["kept"]
+
+
+async def test_http_exception_after_a_write_rolls_back(resources: Resources, flavor: str, observer: Any, table: str):
+    guard = resources.guard(resources.engine(flavor))
+    async with client(build_api(guard, table)) as http:
+        refused = await http.post("/items/refused/conflict")
+        kept = await http.post("/items/kept")
+    assert refused.status_code == 409
+    assert kept.status_code == 200
     assert names(observer, table) == ["kept"]
 
 

@@ -488,9 +488,11 @@ def test_options_are_validated_at_construction(monkeypatch: pytest.MonkeyPatch):
             return None
 
         with pytest.raises(ConfigError, match="health_pth"):
-            PoolGuardMiddleware(app, guard=guard, health_pth="/x")
+            PoolGuardMiddleware(app, guard=guard, health_pth="/x")  # type: ignore[call-arg]
         with pytest.raises(ConfigError, match=r"max_wait.*poolguard\.Guard"):
-            PoolGuardMiddleware(app, guard=guard, max_wait=2.0)
+            PoolGuardMiddleware(app, guard=guard, max_wait=2.0)  # type: ignore[call-arg]
+        with pytest.raises(ConfigError, match="guard"):
+            PoolGuardMiddleware(app)  # type: ignore[call-arg]
         with pytest.raises(ConfigError, match="health_detail"):
             PoolGuardMiddleware(app, guard=guard, health_detail="sometimes")
         with pytest.raises(ConfigError, match="health_token"):

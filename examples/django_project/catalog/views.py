@@ -1,0 +1,42 @@
+"""The example's routes: one without a database, a read, a write, and a write that fails.
+
+``ATOMIC_REQUESTS`` wraps the sync views in a transaction, so ``/items/fail`` leaves no row behind.
+``/`` opts out of it (and is async): it never touches the database, so it keeps answering 200 while
+the database is down and poolguard answers the other routes with a fast 503.
+"""
+
+from django.db import transaction
+from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.views.decorators.http import require_POST
+
+from catalog.models import Item
+
+
+@transaction.non_atomic_requests
+async def index(request: HttpRequest) -> HttpResponse:
+    return JsonResponse({"service": "catalog", "database": "not used by this route"})
+
+
+def items(request: HttpRequest) -> HttpResponse:
+    names = list(Item.objects.order_by("-id").values_list("name", flat=True)[:50])
+    return JsonResponse({"items": names})
+
+
+def _name(request: HttpRequest) -> str:
+    return request.POST.get("name") or request.GET.get("name") or "unnamed"
+
+
+@require_POST
+def create(request: HttpRequest) -> HttpResponse:
+    item = Item.objects.create(name=_name(request))
+    return JsonResponse({"id": item.pk, "name": item.name}, status=201)
+
+
+class SimulatedFailure(Exception):
+    pass
+
+
+@require_POST
+def fail(request: HttpRequest) -> HttpResponse:
+    Item.objects.create(name=_name(request))
+    raise SimulatedFailure("the write above is rolled back by ATOMIC_REQUESTS")

@@ -1,0 +1,280 @@
+"""Settings and per-process state of the Django integration.
+
+``settings.POOLGUARD`` is read in one place, :func:`configure_settings`, so a test can swap it with
+``override_settings`` (the app rebuilds its state on ``setting_changed``) and a bad value fails at
+startup with the ConfigError message instead of on the first request. The state built from it (one
+monitor and breaker per guarded alias, the optional SQLAlchemy Guard) lives on the AppConfig.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from contextvars import Token
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings  # type: ignore[import-untyped]
+
+from poolguard._validate import positive_int
+from poolguard.breaker import Breaker, BreakerState
+from poolguard.config import PoolGuardConfig
+from poolguard.engine import create_engine
+from poolguard.errors import CircuitOpen, ConfigError, Unavailable
+from poolguard.guard import Guard, RequestScope
+from poolguard.health import HealthReport, PingResult, PoolHealth, assess
+from poolguard.http import HttpResponse, detail_allowed, health_response, unavailable_response
+from poolguard.monitor import GuardedScope, PoolMonitor
+from poolguard.pools.django import AliasScope, DjangoPool, failed_alias
+
+logger = logging.getLogger("poolguard")
+
+SOURCE = "settings.POOLGUARD"
+DJANGO_ONLY_OPTIONS = ("PROCESSES", "THREADS")
+"""Keys only the Django integration reads: the connection budget check (poolguard.W002) uses them."""
+SQLALCHEMY_OPTIONS = ("URL", "POOL_SIZE", "MAX_OVERFLOW")
+SQLALCHEMY_GUARD_NAME = "sqlalchemy"
+
+
+@dataclass(frozen=True, slots=True)
+class DjangoSettings:
+    """The validated ``settings.POOLGUARD``: the shared config plus the Django-only keys."""
+
+    config: PoolGuardConfig
+    processes: int = 1
+    threads: int = 1
+
+
+def configure_settings(raw: Mapping[str, Any] | None = None) -> DjangoSettings:
+    """Reads and validates ``settings.POOLGUARD`` (or ``raw``); raises ConfigError naming the bad key.
+
+    ``POOLGUARD_*`` environment variables fill the options the dict leaves out, as in every adapter.
+    ``PROCESSES`` and ``THREADS`` (default 1 each) describe how the project is served, for the
+    connection budget check.
+    """
+    if raw is None:
+        raw = getattr(settings, "POOLGUARD", None) or {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(SOURCE, type(raw).__name__, "a dict of poolguard options")
+    shared = {key: value for key, value in raw.items() if str(key).upper() not in DJANGO_ONLY_OPTIONS}
+    extra = {str(key).upper(): value for key, value in raw.items() if str(key).upper() in DJANGO_ONLY_OPTIONS}
+    config = PoolGuardConfig.load(settings=shared, source=SOURCE)
+    if config.sqlalchemy is not None:
+        _check_sqlalchemy(config.sqlalchemy)
+    return DjangoSettings(
+        config=config,
+        processes=positive_int(f"{SOURCE}['PROCESSES']", extra.get("PROCESSES", 1)),
+        threads=positive_int(f"{SOURCE}['THREADS']", extra.get("THREADS", 1)),
+    )
+
+
+def _check_sqlalchemy(options: Mapping[str, Any]) -> None:
+    setting = f"{SOURCE}['SQLALCHEMY']"
+    if not isinstance(options, Mapping):
+        raise ConfigError(setting, options, "a dict with 'URL' and optionally 'POOL_SIZE', 'MAX_OVERFLOW'")
+    unknown = sorted(str(key).upper() for key in options if str(key).upper() not in SQLALCHEMY_OPTIONS)
+    if unknown:
+        raise ConfigError(f"{setting}['{unknown[0]}']", "(unknown option)", "one of " + ", ".join(SQLALCHEMY_OPTIONS))
+    url = options.get("url")
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(
+            f"{setting}['URL']", "<hidden>" if url else url, "a SQLAlchemy URL such as postgresql+psycopg://..."
+        )
+    for key in ("pool_size", "max_overflow"):
+        if options.get(key) is not None:
+            positive_int(f"{setting}['{key.upper()}']", options[key])
+
+
+class PoolGuardState:
+    """Everything poolguard keeps per process for Django: built by the AppConfig, closed on rebuild."""
+
+    def __init__(self, loaded: DjangoSettings, *, handler: Any = None) -> None:
+        self.settings = loaded
+        self.config = config = loaded.config
+        self.pools: dict[str, DjangoPool] = {}
+        self.monitors: dict[str, PoolMonitor] = {}
+        self.guard: Guard | None = None
+        self._listeners: list[Any] = []
+        try:
+            for alias in config.databases:
+                pool = DjangoPool(alias, handler=handler)
+                breaker = config.make_breaker()
+                monitor = PoolMonitor(
+                    name=alias,
+                    capacity=pool.capacity,
+                    breaker=breaker if isinstance(breaker, Breaker) else None,
+                    max_wait=config.max_wait,
+                    leak_threshold=config.leak_threshold,
+                    capture_stacks=config.capture_stacks,
+                    clock=time.monotonic,
+                )
+                pool.attach(monitor)
+                self.pools[alias] = pool
+                self.monitors[alias] = monitor
+                if monitor.breaker is not None:
+                    self._listeners.append(monitor.breaker.add_listener(_log_transition(alias, monitor.breaker)))
+            if config.sqlalchemy is not None:
+                self.guard = _make_guard(config)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Removes every hook and listener, stops ping threads and disposes the SQLAlchemy engine."""
+        for remove in self._listeners:
+            remove()
+        self._listeners.clear()
+        for pool in self.pools.values():
+            pool.detach()
+        if self.guard is not None:
+            self.guard.close()
+            engine = self.guard.engine
+            dispose = getattr(engine, "dispose", None)
+            if dispose is not None:
+                dispose()
+            self.guard = None
+
+    # -- requests ------------------------------------------------------------------------------------
+
+    def begin(self, route: str | None) -> RequestWork:
+        """Opens the request's scopes: nothing touches a database until the view needs it."""
+        return RequestWork(self, route)
+
+    def as_unavailable(self, exc: BaseException) -> Unavailable | None:
+        """The Unavailable a view's exception stands for: itself, or a connection failure already counted."""
+        if isinstance(exc, Unavailable):
+            return exc
+        alias = failed_alias(exc)
+        if alias is None:
+            return None
+        monitor = self.monitors.get(alias)
+        breaker = monitor.breaker if monitor is not None else None
+        retry_after = (breaker.retry_after if breaker is not None else None) or 1.0
+        return CircuitOpen(f"database {alias!r} connection failed", retry_after=retry_after, pool=alias)
+
+    def unavailable_http(self, exc: BaseException) -> HttpResponse | None:
+        unavailable = self.as_unavailable(exc)
+        return None if unavailable is None else unavailable_response(unavailable)
+
+    # -- health --------------------------------------------------------------------------------------
+
+    def is_health_request(self, path: str, method: str) -> bool:
+        return self.config.health_path is not None and path == self.config.health_path and method in ("GET", "HEAD")
+
+    def health_http(self, request: Any) -> HttpResponse:
+        config = self.config
+        detail = detail_allowed(
+            config.health_detail, config.health_token, request, request.headers.get("Authorization")
+        )
+        return health_response(self.health(), detail=detail)
+
+    def health(self, *, ping: bool = True) -> HealthReport:
+        """Every guarded alias (pinged in parallel, each bounded by PING_TIMEOUT) and the SQLAlchemy pool."""
+        timeout = self.config.ping_timeout
+        started = time.monotonic()
+        snapshots = {
+            alias: self.monitors[alias].snapshot(pool.counts(), pool.backend) for alias, pool in self.pools.items()
+        }
+        futures = {
+            alias: pool.start_ping(timeout)
+            for alias, pool in self.pools.items()
+            if ping and not _saturated(snapshots[alias].idle, snapshots[alias].size, snapshots[alias].utilization)
+        }
+        extra: list[PoolHealth] = list(self.guard.health(ping=ping).pools) if self.guard is not None else []
+        pools: list[PoolHealth] = []
+        for alias, stats in snapshots.items():
+            result: PingResult | None = None
+            if alias in futures:
+                result = DjangoPool.ping_result(futures[alias], timeout - (time.monotonic() - started))
+            breaker = self.monitors[alias].breaker
+            retry_after = breaker.retry_after if breaker is not None else None
+            pools.append(
+                assess(
+                    stats,
+                    ping=result,
+                    max_wait=self.config.max_wait,
+                    breaker_failure_rate=round(breaker.failure_rate, 4) if breaker is not None else None,
+                    breaker_retry_after=round(retry_after, 3) if retry_after is not None else None,
+                )
+            )
+        return HealthReport.of(pools + extra)
+
+
+def _saturated(idle: int, size: int | None, utilization: float) -> bool:
+    """A full pool would make the ping queue behind requests; its numbers already tell the story."""
+    return idle == 0 and size is not None and utilization >= 1.0
+
+
+def _make_guard(config: PoolGuardConfig) -> Guard:
+    options = config.sqlalchemy or {}
+    kwargs: dict[str, Any] = {}
+    if options.get("pool_size") is not None:
+        kwargs["pool_size"] = options["pool_size"]
+    if options.get("max_overflow") is not None:
+        kwargs["max_overflow"] = options["max_overflow"]
+    engine = create_engine(options["url"], **kwargs)
+    try:
+        return Guard(engine, name=SQLALCHEMY_GUARD_NAME, **config.guard_options())
+    except BaseException:
+        engine.dispose()
+        raise
+
+
+def _log_transition(alias: str, breaker: Breaker) -> Any:
+    def log(old: BreakerState, new: BreakerState) -> None:
+        if new is BreakerState.OPEN:
+            logger.warning(
+                "poolguard: circuit breaker of Django database %r opened (was %s); failing fast for %.1fs",
+                alias,
+                old.value,
+                breaker.retry_after or 0.0,
+            )
+        else:
+            logger.info(
+                "poolguard: circuit breaker of Django database %r is now %s (was %s)", alias, new.value, old.value
+            )
+
+    return log
+
+
+class RequestWork:
+    """One request's scopes: one per guarded alias, and the SQLAlchemy request scope when configured."""
+
+    __slots__ = ("_tokens", "error", "sqlalchemy", "state")
+
+    def __init__(self, state: PoolGuardState, route: str | None) -> None:
+        self.state = state
+        self.error: BaseException | None = None
+        self._tokens: list[tuple[PoolMonitor, AliasScope, Token[GuardedScope | None]]] = []
+        for monitor in state.monitors.values():
+            scope = AliasScope(route)
+            self._tokens.append((monitor, scope, monitor.scope_var.set(scope)))
+        self.sqlalchemy: RequestScope | None = state.guard.request_scope(route).open() if state.guard else None
+
+    def set_route(self, route: str) -> None:
+        for _, scope, _token in self._tokens:
+            scope.route = route
+        if self.sqlalchemy is not None:
+            self.sqlalchemy.route = route
+
+    def finish_session(self) -> None:
+        """Commits the SQLAlchemy session (rollback when the view raised); blocking, so a thread under ASGI."""
+        if self.sqlalchemy is not None:
+            self.sqlalchemy.finish(self.error)
+
+    def close(self) -> None:
+        """Ends the request: the SQLAlchemy scope, then each alias's checkout; leaves the contexts."""
+        try:
+            if self.sqlalchemy is not None:
+                self.sqlalchemy.close(self.error)
+        finally:
+            for monitor, scope, token in reversed(self._tokens):
+                if scope.checked_out:
+                    scope.checked_out = False
+                    monitor.on_checkin(id(scope))
+                try:
+                    monitor.scope_var.reset(token)
+                except ValueError:
+                    monitor.scope_var.set(None)
+            self._tokens.clear()

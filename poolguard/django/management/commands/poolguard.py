@@ -1,0 +1,58 @@
+"""``manage.py poolguard doctor``: what poolguard sees of this project's databases, from this process.
+
+It reports, per guarded alias (and the SQLAlchemy pool when configured): how connections are
+handled, the pool counts, the breaker state and a live ping bounded by ``PING_TIMEOUT``. A fresh
+management process has served no requests, so its breaker is closed and its counts are its own;
+the server-side view (pg_stat_activity, budgets) is ``poolguard doctor URL``. Exits non-zero when a
+database does not answer.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.apps import apps  # type: ignore[import-untyped]
+from django.core.management.base import BaseCommand, CommandError, CommandParser  # type: ignore[import-untyped]
+
+from poolguard.health import PoolHealth
+
+
+class Command(BaseCommand):  # type: ignore[misc]
+    help = "poolguard for Django: 'doctor' reports the guarded databases (connection handling, counts, breaker, ping)."
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("action", choices=["doctor"], help="doctor: report the guarded databases")
+        parser.add_argument("--json", action="store_true", help="print the health report as JSON")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        state = apps.get_app_config("poolguard").require_state()
+        report = state.health()
+        if options["json"]:
+            self.stdout.write(json.dumps(report.to_dict(), indent=2))
+        else:
+            self.stdout.write("poolguard doctor (this process; server-side checks: `poolguard doctor URL`)")
+            for pool in report.pools:
+                kind = state.pools[pool.name].describe() if pool.name in state.pools else "SQLAlchemy engine"
+                self.stdout.write(_line(pool, kind))
+            for issue in report.to_dict()["issues"]:
+                self.stdout.write(f"  issue: {issue}")
+            self.stdout.write(f"status: {report.status}")
+        if report.status == "unavailable":
+            raise CommandError("poolguard: a guarded database is unavailable (see above)")
+
+
+def _line(pool: PoolHealth, kind: str) -> str:
+    data = pool.to_dict()
+    ping = pool.ping
+    if ping is None:
+        ping_text = "not pinged"
+    elif ping.error is not None:
+        ping_text = f"ping failed ({ping.error})"
+    else:
+        ping_text = f"ping {1000 * (ping.seconds or 0.0):.1f} ms"
+    size = "unbounded" if data["size"] is None else str(data["size"])
+    return (
+        f"- {pool.name} [{data['backend']}] {pool.status}: {kind}; size {size}, checked out "
+        f"{data['checked_out']}, idle {data['idle']}; breaker {data['breaker']['state']}; {ping_text}"
+    )

@@ -1,0 +1,156 @@
+"""``PoolGuardMiddleware``: one middleware, sync and async capable, placed first in MIDDLEWARE.
+
+Like Django's ``MiddlewareMixin`` it runs in the mode of the handler it wraps: under WSGI a plain
+call, under ASGI a coroutine, so an ASGI server never spends a thread on the middleware itself.
+It answers the health URL without a urls.py entry, opens the request's scopes (nothing touches a
+database until the view does), turns ``Unavailable`` and connection failures the breaker has
+counted into poolguard's 503, and closes the scopes at the end. The ORM's transactions stay
+Django's (``ATOMIC_REQUESTS``); only the optional SQLAlchemy session is committed here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from asgiref.sync import iscoroutinefunction, markcoroutinefunction, sync_to_async
+from django.apps import apps  # type: ignore[import-untyped]
+from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
+from django.http import HttpResponse as DjangoHttpResponse  # type: ignore[import-untyped]
+
+from poolguard.django.conf import PoolGuardState, RequestWork
+from poolguard.http import HttpResponse
+
+__all__ = ["PoolGuardMiddleware", "get_session"]
+
+APP_LABEL = "poolguard"
+_REQUEST_ATTRIBUTE = "_poolguard"
+
+
+def _app_config() -> Any:
+    try:
+        return apps.get_app_config(APP_LABEL)
+    except LookupError:
+        raise ImproperlyConfigured(
+            "poolguard.django.PoolGuardMiddleware needs the app: add 'poolguard.django' to INSTALLED_APPS"
+        ) from None
+
+
+def to_django(response: HttpResponse) -> Any:
+    """poolguard's framework-neutral response as a Django HttpResponse, headers in the same order."""
+    django_response = DjangoHttpResponse(response.body, status=response.status)
+    for name, value in response.headers:
+        django_response[name] = value
+    return django_response
+
+
+def get_session(request: Any) -> Any:
+    """The request's SQLAlchemy Session (``POOLGUARD["SQLALCHEMY"]``): committed when the view returns,
+    rolled back when it raises, closed at the end of the request.
+    """
+    work: RequestWork | None = getattr(request, _REQUEST_ATTRIBUTE, None)
+    if work is None:
+        raise ImproperlyConfigured(
+            "poolguard.django.get_session() found no poolguard request: put "
+            "'poolguard.django.PoolGuardMiddleware' first in MIDDLEWARE"
+        )
+    if work.sqlalchemy is None:
+        raise ImproperlyConfigured(
+            "poolguard.django.get_session() needs POOLGUARD['SQLALCHEMY'] = {'URL': ..., 'POOL_SIZE': ...} in settings"
+        )
+    return work.sqlalchemy.session
+
+
+class PoolGuardMiddleware:
+    """Guards each request's database use; see the module docstring."""
+
+    sync_capable = True
+    async_capable = True
+
+    def __init__(self, get_response: Callable[[Any], Any]) -> None:
+        if get_response is None:
+            raise ValueError("get_response must be provided.")
+        self.get_response = get_response
+        self.app_config = _app_config()
+        self.app_config.require_state()  # an invalid POOLGUARD fails at startup, not on a request
+        self.async_mode = iscoroutinefunction(get_response)
+        if self.async_mode:
+            markcoroutinefunction(self)
+
+    def __repr__(self) -> str:
+        return f"<PoolGuardMiddleware get_response={getattr(self.get_response, '__qualname__', '?')}>"
+
+    def __call__(self, request: Any) -> Any:
+        if self.async_mode:
+            return self.__acall__(request)
+        state: PoolGuardState = self.app_config.require_state()
+        if state.is_health_request(request.path_info, request.method):
+            return to_django(state.health_http(request))
+        work = state.begin(request.path_info)
+        setattr(request, _REQUEST_ATTRIBUTE, work)
+        try:
+            response = self.get_response(request)
+        except BaseException as exc:
+            work.error = work.error or exc
+            work.close()
+            raise
+        return self._finish(work, response, work.close)
+
+    async def __acall__(self, request: Any) -> Any:
+        state: PoolGuardState = self.app_config.require_state()
+        if state.is_health_request(request.path_info, request.method):
+            http = await sync_to_async(state.health_http, thread_sensitive=False)(request)
+            return to_django(http)
+        work = state.begin(request.path_info)
+        setattr(request, _REQUEST_ATTRIBUTE, work)
+        get_response: Callable[[Any], Awaitable[Any]] = self.get_response
+        try:
+            response = await get_response(request)
+        except BaseException as exc:
+            work.error = work.error or exc
+            await self._aclose(work)
+            raise
+        try:
+            await self._aclose(work)
+        except Exception as exc:
+            converted = state.unavailable_http(exc)
+            if converted is None:
+                raise
+            return to_django(converted)
+        return response
+
+    @staticmethod
+    async def _aclose(work: RequestWork) -> None:
+        try:
+            if work.sqlalchemy is not None and work.sqlalchemy.has_session:
+                # Commit is blocking I/O: in the request's own thread, like the sync view that used the session.
+                await sync_to_async(work.finish_session, thread_sensitive=True)()
+        finally:
+            work.close()
+
+    @staticmethod
+    def _finish(work: RequestWork, response: Any, close: Callable[[], None]) -> Any:
+        try:
+            close()
+        except Exception as exc:
+            converted = work.state.unavailable_http(exc)
+            if converted is None:
+                raise
+            return to_django(converted)
+        return response
+
+    def process_view(self, request: Any, view_func: Any, view_args: Any, view_kwargs: Any) -> None:
+        """Names the scopes after the URL pattern, not the path: leak reports and metrics stay low-cardinality."""
+        work: RequestWork | None = getattr(request, _REQUEST_ATTRIBUTE, None)
+        match = getattr(request, "resolver_match", None)
+        if work is not None and match is not None and match.route:
+            work.set_route("/" + str(match.route).lstrip("^"))
+
+    def process_exception(self, request: Any, exception: Exception) -> Any:
+        """A view raised: the SQLAlchemy session will roll back; Unavailable becomes poolguard's 503."""
+        work: RequestWork | None = getattr(request, _REQUEST_ATTRIBUTE, None)
+        if work is None:
+            return None
+        work.error = exception
+        converted = work.state.unavailable_http(exception)
+        return None if converted is None else to_django(converted)

@@ -1,0 +1,422 @@
+"""Django's own database connections behind the pool protocol.
+
+Django's classic connections have no pool object to wrap: each thread owns one connection per
+alias, opened on first use and closed at the end of the request (or kept for ``CONN_MAX_AGE``).
+So the checkout poolguard gates there is a request's first use of the alias, which always goes
+through ``ensure_connection``: every cursor, every query and ``transaction.atomic`` (thus
+``ATOMIC_REQUESTS``) calls it before touching the database. Django 5.1+'s psycopg pool
+(``OPTIONS["pool"]``) has real checkouts, so for it the pool's own ``getconn``/``putconn`` are
+wrapped instead: an admission slot is then held exactly as long as a connection is out of the pool.
+
+Django makes connection wrappers per thread, so the hooks go on every wrapper as it is created (an
+instance attribute on the ConnectionHandler's ``create_connection``; nothing is patched on a class).
+They are installed once and look the adapter of their alias up at call time, so rebuilding
+poolguard's state (``override_settings`` in tests) never leaves a stale hook behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import contextlib
+import functools
+import time
+from collections.abc import Callable
+from contextvars import ContextVar
+from typing import Any
+
+from django.db import connections as default_connections  # type: ignore[import-untyped]
+from django.db.utils import DatabaseError  # type: ignore[import-untyped]
+
+from poolguard._classify import is_connection_failure
+from poolguard.errors import ConfigError, PoolSaturated, Unavailable
+from poolguard.health import PingResult
+from poolguard.monitor import GuardedScope, PoolMonitor
+from poolguard.pools import PoolCounts
+
+__all__ = ["AliasScope", "DjangoPool", "failed_alias"]
+
+PSYCOPG_POOL_DEFAULT_MIN_SIZE = 4
+"""psycopg_pool's own default ``min_size`` (and ``max_size`` follows it when unset)."""
+
+_MIN_GETCONN_WAIT = 0.05
+"""Even with the wait budget spent, the pool gets this long to hand over a connection being returned."""
+
+_REGISTRY = "_poolguard_adapters"
+_HOOKED = "_poolguard_hooked"
+_FAILURE_MARK = "_poolguard_failed_alias"
+
+_ping_wait: ContextVar[float | None] = ContextVar("poolguard_django_ping_wait", default=None)
+"""Set in the ping thread: psycopg_pool's ``getconn`` then waits no longer than the ping may take."""
+
+
+class AliasScope(GuardedScope):
+    """One request's use of one alias; ``checked_out`` once its first use went through the gate."""
+
+    __slots__ = ("checked_out",)
+
+    def __init__(self, route: str | None) -> None:
+        super().__init__(route)
+        self.checked_out = False
+
+
+def failed_alias(exc: BaseException) -> str | None:
+    """The alias whose connection failure ``exc`` is (already recorded on its breaker), else None."""
+    seen = 0
+    current: BaseException | None = exc
+    while current is not None and seen < 4:
+        alias = getattr(current, _FAILURE_MARK, None)
+        if isinstance(alias, str):
+            return alias
+        current = current.__cause__ or current.__context__
+        seen += 1
+    return None
+
+
+def _mark(exc: BaseException, alias: str) -> None:
+    for target in (exc, exc.__cause__):
+        if target is not None:
+            with contextlib.suppress(AttributeError):  # an exception class with __slots__
+                setattr(target, _FAILURE_MARK, alias)
+
+
+def _pool_settings(settings_dict: dict[str, Any]) -> tuple[int, int] | None:
+    """(max_size, min_size) of Django's psycopg pool for this alias, or None without one."""
+    engine = str(settings_dict.get("ENGINE", ""))
+    options = settings_dict.get("OPTIONS") or {}
+    pool = options.get("pool") if isinstance(options, dict) else None
+    if not pool or not engine.endswith("postgresql"):
+        return None
+    if pool is True:
+        return PSYCOPG_POOL_DEFAULT_MIN_SIZE, PSYCOPG_POOL_DEFAULT_MIN_SIZE
+    if not isinstance(pool, dict):
+        raise ConfigError(
+            "DATABASES[...]['OPTIONS']['pool']", pool, "True or a dict of psycopg_pool.ConnectionPool options"
+        )
+    min_size = int(pool.get("min_size", PSYCOPG_POOL_DEFAULT_MIN_SIZE))
+    max_size = pool.get("max_size")
+    return (int(max_size) if max_size is not None else min_size), min_size
+
+
+class DjangoPool:
+    """Adapts one alias of ``django.db.connections`` (persistent/per-request connections or the psycopg pool)."""
+
+    is_async = False
+
+    def __init__(self, alias: str, *, handler: Any = None) -> None:
+        self.handler: Any = handler if handler is not None else default_connections
+        if alias not in self.handler.settings:
+            raise ConfigError(
+                "POOLGUARD['DATABASES']",
+                alias,
+                "aliases of settings.DATABASES: " + ", ".join(repr(a) for a in self.handler.settings),
+            )
+        self.alias = alias
+        settings_dict = self.handler.settings[alias]
+        self.backend: str = self.handler[alias].vendor
+        pool = _pool_settings(settings_dict)
+        self.pooled = pool is not None
+        self.max_size: int | None = pool[0] if pool is not None else None
+        self.min_size: int | None = pool[1] if pool is not None else None
+        self.conn_max_age: float | None = settings_dict.get("CONN_MAX_AGE", 0)
+        self._monitor: PoolMonitor | None = None
+        self._pool: Any = None
+        self._ping_executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._running_ping: concurrent.futures.Future[float] | None = None
+
+    @property
+    def capacity(self) -> int | None:
+        """Connections the alias can hand out at once: the pool's max_size, None for per-thread connections."""
+        return self.max_size
+
+    @property
+    def monitor(self) -> PoolMonitor | None:
+        return self._monitor
+
+    def describe(self) -> str:
+        """What kind of connection handling the alias uses, for the doctor."""
+        if self.pooled:
+            return f"psycopg pool (min_size={self.min_size}, max_size={self.max_size})"
+        if self.conn_max_age is None:
+            return "persistent per-thread connections (CONN_MAX_AGE=None)"
+        if self.conn_max_age:
+            return f"persistent per-thread connections (CONN_MAX_AGE={self.conn_max_age:g})"
+        return "a new connection per request (CONN_MAX_AGE=0)"
+
+    # -- the protocol ------------------------------------------------------------------------------
+
+    def attach(self, monitor: PoolMonitor) -> None:
+        registry: dict[str, DjangoPool] = self.handler.__dict__.setdefault(_REGISTRY, {})
+        if registry.get(self.alias) is not None:
+            raise ConfigError(
+                "POOLGUARD['DATABASES']",
+                self.alias,
+                "an alias no other poolguard state watches (close the old one first)",
+            )
+        self._monitor = monitor
+        registry[self.alias] = self
+        _hook_handler(self.handler, registry)
+        for connection in self.handler.all(initialized_only=True):
+            _instrument(connection, registry)
+
+    def detach(self) -> None:
+        registry: dict[str, DjangoPool] = self.handler.__dict__.get(_REGISTRY, {})
+        if registry.get(self.alias) is self:
+            del registry[self.alias]
+        self._monitor = None
+        if self._ping_executor is not None:
+            self._ping_executor.shutdown(wait=False, cancel_futures=True)
+            self._ping_executor = None
+
+    def counts(self) -> PoolCounts:
+        if self.pooled:
+            pool = self._pool
+            if pool is None:
+                return PoolCounts(size=self.max_size, max_overflow=0, checked_out=0, idle=0, overflow=0)
+            stats = pool.get_stats()
+            available = int(stats.get("pool_available", 0))
+            opened = int(stats.get("pool_size", 0))
+            return PoolCounts(
+                size=self.max_size, max_overflow=0, checked_out=max(0, opened - available), idle=available, overflow=0
+            )
+        held = len(self._monitor.leaks.holders()) if self._monitor is not None else 0
+        return PoolCounts(size=None, max_overflow=None, checked_out=held, idle=0, overflow=0)
+
+    def ping(self) -> None:
+        """``SELECT 1`` on a connection of its own (Django's are thread-bound), closed after."""
+        connection = self.handler.create_connection(self.alias)
+        try:
+            with connection.cursor() as cursor:
+                cursor.execute("SELECT 1")
+        finally:
+            connection.close()
+
+    async def aping(self) -> None:
+        await asyncio.to_thread(self.ping)
+
+    # -- bounded pings (health, doctor) ------------------------------------------------------------
+
+    def start_ping(self, timeout: float) -> concurrent.futures.Future[float] | None:
+        """Starts a ping in this alias's worker thread; None while the previous one still hangs."""
+        if self._running_ping is not None and not self._running_ping.done():
+            return None
+        if self._ping_executor is None:
+            self._ping_executor = concurrent.futures.ThreadPoolExecutor(
+                1, thread_name_prefix=f"poolguard-ping-{self.alias}"
+            )
+        self._running_ping = self._ping_executor.submit(self._timed_ping, timeout)
+        return self._running_ping
+
+    def _timed_ping(self, timeout: float) -> float:
+        _ping_wait.set(timeout)
+        started = time.monotonic()
+        self.ping()
+        return time.monotonic() - started
+
+    @staticmethod
+    def ping_result(future: concurrent.futures.Future[float] | None, timeout: float) -> PingResult:
+        if future is None:
+            return PingResult(None, "PingStillRunning")
+        try:
+            return PingResult(future.result(timeout=max(timeout, 0.0)))
+        except concurrent.futures.TimeoutError:
+            return PingResult(None, "PingTimeout")
+        except Exception as exc:
+            return PingResult(None, type(exc).__name__)
+
+    # -- hooks ---------------------------------------------------------------------------------------
+
+    def _ensure(self, connection: Any, real: Callable[[], None]) -> None:
+        monitor = self._monitor
+        if monitor is None:
+            real()
+            return
+        if self.pooled:
+            if connection.connection is None:
+                self._watch_pool(connection)
+            real()
+            return
+        scope = monitor.scope_var.get()
+        connecting = connection.connection is None
+        if not isinstance(scope, AliasScope):
+            real()
+            return
+        if scope.checked_out:
+            if not connecting:
+                real()
+                return
+            try:  # a reconnect within the request: not gated again, but its failure counts
+                real()
+            except DatabaseError as exc:
+                if is_connection_failure(exc, during_checkout=True):
+                    _mark(exc, self.alias)
+                    monitor.on_connection_lost()
+                raise
+            return
+        scope.checked_out = True  # before connecting: connect() itself calls ensure_connection again
+        try:
+            monitor.checkout(real)
+        except BaseException as exc:
+            scope.checked_out = False
+            if connecting and not isinstance(exc, Unavailable) and is_connection_failure(exc, during_checkout=True):
+                _mark(exc, self.alias)  # the monitor has recorded it on the breaker
+            raise
+        monitor.on_checkout(id(scope), connection)
+
+    def _watch_pool(self, connection: Any) -> None:
+        pool = connection.pool
+        if pool is None or pool is self._pool:
+            return
+        _hook_pool(pool, self.handler.__dict__[_REGISTRY], self.alias)
+        self._pool = pool
+
+    def _getconn(self, pool: Any, real: Callable[[float | None], Any], timeout: float | None) -> Any:
+        monitor = self._monitor
+        if monitor is None:
+            return real(timeout)
+        self._pool = pool
+        scope = monitor.scope_var.get()
+        if scope is None:
+            wait = _ping_wait.get()
+            connection = monitor.checkout(functools.partial(real, wait if wait is not None else timeout))
+        else:
+            start = monitor.clock()
+
+            def bounded() -> Any:
+                # Admission gave a slot: wait for the connection itself only what is left of the budget,
+                # never psycopg_pool's own 30 s timeout.
+                remaining = monitor.max_wait - scope.waited - (monitor.clock() - start)
+                limit = max(remaining, _MIN_GETCONN_WAIT)
+                if timeout is not None:
+                    limit = min(limit, timeout)
+                try:
+                    return real(limit)
+                except Exception as exc:
+                    if type(exc).__name__ == "PoolTimeout" and self._pool_busy(pool):
+                        raise PoolSaturated(
+                            f"pool {self.alias!r} is saturated: every psycopg pool connection is in use "
+                            f"(some outside poolguard's requests); no connection within {limit:.3f}s",
+                            retry_after=1.0,
+                            pool=self.alias,
+                        ) from None
+                    raise
+
+            try:
+                connection = monitor.checkout(bounded)
+            except Unavailable:
+                raise
+            except Exception as exc:
+                if is_connection_failure(exc, during_checkout=True):
+                    _mark(exc, self.alias)
+                raise
+        monitor.on_checkout(id(connection), connection)
+        return connection
+
+    def _pool_busy(self, pool: Any) -> bool:
+        """True when every connection the pool may open is open and in use: saturation, not a failure."""
+        stats = pool.get_stats()
+        return bool(int(stats.get("pool_size", 0)) >= int(pool.max_size) and int(stats.get("pool_available", 0)) == 0)
+
+    def _putconn(self, connection: Any) -> None:
+        if self._monitor is not None:
+            self._monitor.on_checkin(id(connection))
+
+    def _on_query_error(self, exc: BaseException, connection: Any) -> None:
+        """A query failed: a lost connection counts on the breaker, an application error does not."""
+        monitor = self._monitor
+        if monitor is None or getattr(exc, _FAILURE_MARK, None) is not None:
+            return
+        name = type(exc).__name__
+        if name not in ("OperationalError", "InterfaceError"):
+            return
+        if is_connection_failure(exc) or _driver_broken(connection.connection):
+            _mark(exc, self.alias)
+            monitor.on_connection_lost()
+
+
+def _driver_broken(raw: Any) -> bool:
+    """Whether the DB-API connection says it is dead (psycopg 3 ``broken``, psycopg2 ``closed`` = 2)."""
+    if raw is None:
+        return True
+    broken = getattr(raw, "broken", None)
+    if isinstance(broken, bool):
+        return broken
+    closed = getattr(raw, "closed", None)
+    return bool(closed) if isinstance(closed, bool | int) else False
+
+
+def _hook_handler(handler: Any, registry: dict[str, DjangoPool]) -> None:
+    if handler.__dict__.get(_HOOKED):
+        return
+    real_create = handler.create_connection
+
+    def create_connection(alias: str) -> Any:
+        connection = real_create(alias)
+        _instrument(connection, registry)
+        return connection
+
+    handler.create_connection = create_connection
+    handler.__dict__[_HOOKED] = True
+
+
+def _instrument(connection: Any, registry: dict[str, DjangoPool]) -> None:
+    """Hooks one connection wrapper once; the hooks cost a dict lookup while its alias is unguarded."""
+    if connection.__dict__.get(_HOOKED):
+        return
+    connection.__dict__[_HOOKED] = True
+    alias = connection.alias
+    real_ensure = connection.ensure_connection
+
+    def ensure_connection() -> None:
+        adapter = registry.get(alias)
+        if adapter is None:
+            real_ensure()
+        else:
+            adapter._ensure(connection, real_ensure)
+
+    connection.ensure_connection = ensure_connection
+    connection.execute_wrappers.append(_ExecuteHook(registry, alias))
+
+
+class _ExecuteHook:
+    """A Django execute wrapper: sees every query's error, so a connection lost in use reaches the breaker."""
+
+    __slots__ = ("alias", "registry")
+
+    def __init__(self, registry: dict[str, DjangoPool], alias: str) -> None:
+        self.registry = registry
+        self.alias = alias
+
+    def __call__(self, execute: Callable[..., Any], sql: Any, params: Any, many: bool, context: Any) -> Any:
+        try:
+            return execute(sql, params, many, context)
+        except DatabaseError as exc:
+            adapter = self.registry.get(self.alias)
+            if adapter is not None:
+                adapter._on_query_error(exc, context["connection"])
+            raise
+
+
+def _hook_pool(pool: Any, registry: dict[str, DjangoPool], alias: str) -> None:
+    if pool.__dict__.get(_HOOKED):
+        return
+    real_getconn = pool.getconn
+    real_putconn = pool.putconn
+
+    def getconn(timeout: float | None = None) -> Any:
+        adapter = registry.get(alias)
+        if adapter is None:
+            return real_getconn(timeout)
+        return adapter._getconn(pool, real_getconn, timeout)
+
+    def putconn(connection: Any) -> None:
+        try:
+            real_putconn(connection)
+        finally:
+            adapter = registry.get(alias)
+            if adapter is not None:
+                adapter._putconn(connection)
+
+    pool.getconn = getconn
+    pool.putconn = putconn
+    pool.__dict__[_HOOKED] = True

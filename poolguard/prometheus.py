@@ -1,0 +1,319 @@
+"""The pool metrics under Prometheus names, for apps scraped by Prometheus without an OpenTelemetry SDK.
+
+Install the extra (``pip install poolguard[prometheus]``) and register each guard once::
+
+    import poolguard.prometheus
+    poolguard.prometheus.register(guard)                  # prometheus_client's default REGISTRY
+    poolguard.prometheus.register(guard, registry=mine)   # or a CollectorRegistry of your own
+
+then serve ``prometheus_client.make_wsgi_app()`` / ``make_asgi_app()`` at ``/metrics``.
+
+The names follow the OpenTelemetry-to-Prometheus translation of the semantic-convention names
+(dots become underscores, the unit ``s`` becomes ``_seconds``, counters end in ``_total``), and
+attributes become labels ``pool_name``, ``state``, ``reason`` and ``route``. So the alert rules and
+the dashboard in ``integrations/`` work whether the numbers come from here or from an
+OpenTelemetry Collector's Prometheus exporter.
+
+Counts, limits, timeouts, sheds, leaks and the breaker state are read at scrape time from the
+numbers the guard keeps anyway (``PoolTelemetry.observe()``): nothing is paid per checkout.
+The three histograms need every event; until the core offers an observer hook, this module taps
+the guard's ``PoolTelemetry.record_wait`` / ``record_use`` / ``record_create`` by composition
+(an instance attribute wrapping the original method, installed once per guard). Events before
+:func:`register` are not in the histograms: register right after creating the guard.
+"""
+
+from __future__ import annotations
+
+import threading
+from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import REGISTRY, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+
+from poolguard.errors import ConfigError
+from poolguard.telemetry import CONNECTION_STATE, DURATION_BUCKETS, POOL_NAME, REASON
+
+if TYPE_CHECKING:
+    from poolguard.guard import Guard
+    from poolguard.telemetry import PoolTelemetry
+
+__all__ = ["PoolGuardCollector", "register", "unregister"]
+
+LABELS = {POOL_NAME: "pool_name", CONNECTION_STATE: "state", REASON: "reason"}
+"""OpenTelemetry attribute -> Prometheus label."""
+
+ROUTE_LIMIT = 1024
+"""Distinct ``route`` label values per pool; later routes are folded into ``route="other"``."""
+
+_GAUGE = "gauge"
+_COUNTER = "counter"
+
+# OpenTelemetry instrument -> (Prometheus family name, type, label names, help)
+_OBSERVED: dict[str, tuple[str, str, tuple[str, ...], str]] = {
+    "db.client.connection.count": (
+        "db_client_connection_count",
+        _GAUGE,
+        ("pool_name", "state"),
+        "The number of connections in the state given by the state label (idle or used).",
+    ),
+    "db.client.connection.max": (
+        "db_client_connection_max",
+        _GAUGE,
+        ("pool_name",),
+        "The maximum number of open connections allowed.",
+    ),
+    "db.client.connection.idle.max": (
+        "db_client_connection_idle_max",
+        _GAUGE,
+        ("pool_name",),
+        "The maximum number of idle open connections allowed.",
+    ),
+    "db.client.connection.idle.min": (
+        "db_client_connection_idle_min",
+        _GAUGE,
+        ("pool_name",),
+        "The minimum number of idle open connections allowed.",
+    ),
+    "db.client.connection.pending_requests": (
+        "db_client_connection_pending_requests",
+        _GAUGE,
+        ("pool_name",),
+        "Pending requests for an open connection.",
+    ),
+    "db.client.connection.timeouts": (
+        "db_client_connection_timeouts",
+        _COUNTER,
+        ("pool_name",),
+        "Timeouts trying to obtain a connection from the pool.",
+    ),
+    "poolguard.requests.shed": (
+        "poolguard_requests_shed",
+        _COUNTER,
+        ("pool_name", "reason"),
+        "Requests refused with 503 instead of waiting or failing, by reason.",
+    ),
+    "poolguard.connection.leaks": (
+        "poolguard_connection_leaks",
+        _COUNTER,
+        ("pool_name",),
+        "Connections held past the leak threshold.",
+    ),
+    "poolguard.breaker.state": (
+        "poolguard_breaker_state",
+        _GAUGE,
+        ("pool_name",),
+        "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
+    ),
+}
+
+_HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
+    ("wait", "db_client_connection_wait_time_seconds", "The time it took to obtain an open connection from the pool."),
+    ("use", "db_client_connection_use_time_seconds", "The time between borrowing a connection and returning it."),
+    ("create", "db_client_connection_create_time_seconds", "The time it took to create a new connection."),
+)
+
+_TAP_ATTRIBUTE = "_poolguard_prometheus_tap"
+_COLLECTOR_ATTRIBUTE = "_poolguard_collector"
+
+
+class _Series:
+    __slots__ = ("counts", "total")
+
+    def __init__(self, buckets: int) -> None:
+        self.counts = [0] * buckets
+        self.total = 0.0
+
+
+class _Histogram:
+    """Per-route bucket counts: O(log buckets) per event under a short lock; cumulated only at scrape."""
+
+    __slots__ = ("_bounds", "_lock", "_series")
+
+    def __init__(self, bounds: Sequence[float] = DURATION_BUCKETS) -> None:
+        self._bounds = tuple(bounds)
+        self._lock = threading.Lock()
+        self._series: dict[str, _Series] = {}
+
+    def observe(self, seconds: float, route: str | None = None) -> None:
+        key = route or ""
+        index = bisect_left(self._bounds, seconds)  # first bound >= seconds: Prometheus' "le"
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                if len(self._series) >= ROUTE_LIMIT:
+                    key = "other"
+                series = self._series.setdefault(key, _Series(len(self._bounds) + 1))
+            series.counts[index] += 1
+            series.total += seconds
+
+    def snapshot(self) -> list[tuple[str, list[tuple[str, float]], float]]:
+        """(route, cumulative buckets ending with +Inf, sum) for every route seen."""
+        with self._lock:
+            copies = [(route, list(s.counts), s.total) for route, s in self._series.items()]
+        result = []
+        for route, counts, total in copies:
+            cumulative = 0
+            buckets: list[tuple[str, float]] = []
+            for bound, count in zip((*map(floatToGoString, self._bounds), "+Inf"), counts, strict=True):
+                cumulative += count
+                buckets.append((bound, cumulative))
+            result.append((route, buckets, total))
+        return result
+
+
+class _Tap:
+    """One per guard: the histograms, fed by wrapping its PoolTelemetry's record_* methods.
+
+    Temporary: replace by an observer registered on the monitor once the core has one.
+    """
+
+    def __init__(self, telemetry: PoolTelemetry) -> None:
+        self.wait = _Histogram()
+        self.use = _Histogram()
+        self.create = _Histogram()
+        record_wait = telemetry.record_wait
+        record_use = telemetry.record_use
+        record_create = telemetry.record_create
+        wait, use, create = self.wait.observe, self.use.observe, self.create.observe
+
+        def tapped_wait(seconds: float) -> None:
+            record_wait(seconds)
+            wait(seconds)
+
+        def tapped_use(seconds: float, route: str | None) -> None:
+            record_use(seconds, route)
+            use(seconds, route)
+
+        def tapped_create(seconds: float) -> None:
+            record_create(seconds)
+            create(seconds)
+
+        # setattr: an instance attribute shadows the method for this one guard only.
+        setattr(telemetry, "record_wait", tapped_wait)  # noqa: B010
+        setattr(telemetry, "record_use", tapped_use)  # noqa: B010
+        setattr(telemetry, "record_create", tapped_create)  # noqa: B010
+
+    @classmethod
+    def of(cls, telemetry: PoolTelemetry) -> _Tap:
+        tap: _Tap | None = getattr(telemetry, _TAP_ATTRIBUTE, None)
+        if tap is None:
+            tap = cls(telemetry)
+            setattr(telemetry, _TAP_ATTRIBUTE, tap)
+        return tap
+
+    def histogram(self, kind: str) -> _Histogram:
+        histogram: _Histogram = getattr(self, kind)
+        return histogram
+
+
+def _is_closed(guard: Guard) -> bool:
+    """A closed guard no longer watches its pool (``Guard.close()`` detaches the pool instrumentation)."""
+    return guard.pool._monitor is None
+
+
+class PoolGuardCollector:
+    """A prometheus_client collector for one or more guards, read at scrape time.
+
+    ``PoolGuardCollector(*guards)`` then ``registry.register(collector)``; or let :func:`register`
+    keep one collector per registry. Guards must have distinct names (the ``pool_name`` label).
+    A closed guard stops reporting.
+    """
+
+    def __init__(self, *guards: Guard) -> None:
+        self._guards: dict[str, tuple[Guard, _Tap]] = {}
+        self._lock = threading.Lock()
+        for guard in guards:
+            self.add(guard)
+
+    def add(self, guard: Guard) -> None:
+        with self._lock:
+            known = self._guards.get(guard.name)
+            if known is not None:
+                if known[0] is guard:
+                    return
+                raise ConfigError(
+                    "poolguard.prometheus guard name",
+                    guard.name,
+                    "a name no other registered guard uses (Guard(..., name=...)); it is the pool_name label",
+                )
+            self._guards[guard.name] = (guard, _Tap.of(guard.telemetry))
+
+    def remove(self, guard: Guard) -> None:
+        with self._lock:
+            known = self._guards.get(guard.name)
+            if known is not None and known[0] is guard:
+                del self._guards[guard.name]
+
+    @property
+    def guards(self) -> list[Guard]:
+        with self._lock:
+            return [guard for guard, _ in self._guards.values()]
+
+    def describe(self) -> list[Metric]:
+        """The family names, so a registry can refuse a second collector exporting the same ones."""
+        return [*self._families().values(), *(family for family, _ in self._histogram_families())]
+
+    def collect(self) -> Iterable[Metric]:
+        with self._lock:
+            watched = [(guard, tap) for guard, tap in self._guards.values() if not _is_closed(guard)]
+        families = self._families()
+        histograms = self._histogram_families()
+        for guard, tap in watched:
+            for instrument, value, attributes in guard.telemetry.observe():
+                family = families.get(instrument)
+                if family is None:
+                    continue
+                spec = _OBSERVED[instrument]
+                labels = {LABELS[key]: str(v) for key, v in attributes.items() if key in LABELS}
+                family.add_metric([labels[name] for name in spec[2]], value)
+            for family, kind in histograms:
+                for route, buckets, total in tap.histogram(kind).snapshot():
+                    label_values = [guard.name, route] if kind == "use" else [guard.name]
+                    family.add_metric(label_values, buckets, total)
+        yield from families.values()
+        for family, _kind in histograms:
+            yield family
+
+    @staticmethod
+    def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
+        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
+        for instrument, (name, kind, labels, help_text) in _OBSERVED.items():
+            factory: Callable[..., GaugeMetricFamily | CounterMetricFamily] = (
+                GaugeMetricFamily if kind == _GAUGE else CounterMetricFamily
+            )
+            families[instrument] = factory(name, help_text, labels=list(labels))
+        return families
+
+    @staticmethod
+    def _histogram_families() -> list[tuple[HistogramMetricFamily, str]]:
+        return [
+            (
+                HistogramMetricFamily(
+                    name, help_text, labels=["pool_name", "route"] if kind == "use" else ["pool_name"], unit="seconds"
+                ),
+                kind,
+            )
+            for kind, name, help_text in _HISTOGRAMS
+        ]
+
+
+def register(guard: Guard, registry: CollectorRegistry = REGISTRY) -> PoolGuardCollector:
+    """Exposes ``guard``'s pool metrics in ``registry``; one collector per registry serves every guard."""
+    collector: PoolGuardCollector | None = getattr(registry, _COLLECTOR_ATTRIBUTE, None)
+    if collector is None:
+        collector = PoolGuardCollector(guard)
+        registry.register(collector)
+        setattr(registry, _COLLECTOR_ATTRIBUTE, collector)
+    else:
+        collector.add(guard)
+    return collector
+
+
+def unregister(guard: Guard, registry: CollectorRegistry = REGISTRY) -> None:
+    """Stops exposing ``guard`` in ``registry`` (closing the guard does that too)."""
+    collector: PoolGuardCollector | None = getattr(registry, _COLLECTOR_ATTRIBUTE, None)
+    if collector is not None:
+        collector.remove(guard)

@@ -1,0 +1,75 @@
+"""Django 5.1+'s psycopg pool (OPTIONS["pool"], max_size=1): counts, admission, saturation within MAX_WAIT."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+from django.db import connections
+from django.test import Client, override_settings
+
+from tests.django.helpers import assert_503, state
+
+POOLED = {"DATABASES": ["pooled"], "MAX_WAIT": 0.3, "HEALTH_DETAIL": "always"}
+
+
+def _request_in_thread(path: str, results: dict[str, object], key: str) -> threading.Thread:
+    def run() -> None:
+        try:
+            results[key] = Client(raise_request_exception=False).get(path)
+        finally:
+            connections.close_all()  # the test client leaves the thread's connection open; hand it back
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+@override_settings(POOLGUARD=POOLED)
+def test_saturated_pool_sheds_within_the_wait_budget() -> None:
+    monitor = state().monitors["pooled"]
+    assert monitor.admission.capacity == 1
+    results: dict[str, object] = {}
+    holder = _request_in_thread("/pooled/?sleep=1.5", results, "holder")
+    deadline = time.monotonic() + 5
+    while monitor.admission.in_use < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert monitor.admission.in_use == 1
+
+    started = time.monotonic()
+    shed = _request_in_thread("/pooled/", results, "shed")
+    shed.join()
+    elapsed = time.monotonic() - started
+    assert_503(results["shed"], "pool_saturated")
+    assert elapsed < 0.3 + 0.5, elapsed  # MAX_WAIT, never psycopg_pool's timeout (10 s here)
+    assert monitor.shed["pool_saturated"] == 1
+
+    counts = state().pools["pooled"].counts()
+    assert (counts.size, counts.checked_out, counts.idle) == (1, 1, 0)
+    health = json.loads(Client().get("/health/db").content)
+    assert health["status"] == "degraded"  # full pool: not pinged, utilization 100 %
+    assert health["pools"][0]["checked_out"] == 1
+
+    holder.join()
+    assert getattr(results["holder"], "status_code", None) == 200
+    assert monitor.admission.in_use == 0
+    assert monitor.leaks.holders() == []
+
+    after = _request_in_thread("/pooled/", results, "after")
+    after.join()
+    assert getattr(results["after"], "status_code", None) == 200
+    counts = state().pools["pooled"].counts()
+    assert (counts.checked_out, counts.idle) == (0, 1)
+
+
+@override_settings(POOLGUARD=POOLED)
+def test_pooled_health_and_ping() -> None:
+    response = Client().get("/health/db")
+    assert response.status_code == 200
+    (pool,) = json.loads(response.content)["pools"]
+    assert pool["name"] == "pooled"
+    assert pool["size"] == 1
+    assert pool["max_overflow"] == 0
+    assert pool["ping_seconds"] is not None
+    assert pool["checked_out"] == 0
