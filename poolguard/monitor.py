@@ -88,6 +88,10 @@ class PoolMonitor:
             pool_name=name, threshold=leak_threshold, clock=clock, on_leak=self._on_leak if telemetry else None
         )
         self.reclaim: Callable[[Any], None] | None = None
+        # Leak checks on checkout run at most this often: overdue holders are found within a
+        # fraction of the threshold without paying a lock per checkout.
+        self._sweep_interval = min(1.0, leak_threshold / 4)
+        self._next_sweep = clock()
         self._counter_lock = threading.Lock()
         self.pending = 0
         self.checkouts = 0
@@ -205,7 +209,9 @@ class PoolMonitor:
         if scope is not None:
             scope.held += 1
         self.leaks.checked_out(key, holder)
-        self.leaks.sweep(now)
+        if now >= self._next_sweep:
+            self._next_sweep = now + self._sweep_interval
+            self.leaks.sweep(now)
 
     def on_checkin(self, key: Hashable) -> None:
         """A connection came back (or was detached): its use time, and the admission slot it held."""

@@ -269,13 +269,13 @@ class PoolGuardCollector:
                 spec = _OBSERVED[instrument]
                 labels = {LABELS[key]: str(v) for key, v in attributes.items() if key in LABELS}
                 family.add_metric([labels[name] for name in spec[2]], value)
-            for family, kind in histograms:
+            for histogram, kind in histograms:
                 for route, buckets, total in tap.histogram(kind).snapshot():
                     label_values = [guard.name, route] if kind == "use" else [guard.name]
-                    family.add_metric(label_values, buckets, total)
+                    histogram.add_metric(label_values, buckets, total)
         yield from families.values()
-        for family, _kind in histograms:
-            yield family
+        for histogram, _kind in histograms:
+            yield histogram
 
     @staticmethod
     def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:

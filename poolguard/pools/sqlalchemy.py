@@ -10,7 +10,7 @@ and admission waits there through ``await_only`` without blocking the event loop
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from types import MethodType
 from typing import Any
 
 import sqlalchemy
@@ -42,7 +42,7 @@ class SQLAlchemyPool:
         """The OpenTelemetry ``db.system.name`` value."""
         self._monitor: PoolMonitor | None = None
         self._listeners: list[tuple[Any, str, Any]] = []
-        self._wrapper: Callable[[], PoolProxiedConnection] | None = None
+        self._guarded_class: type[Pool] | None = None
 
     def attach(self, monitor: PoolMonitor) -> None:
         if getattr(self.sync_engine, _MONITOR_ATTRIBUTE, None) is not None:
@@ -60,8 +60,7 @@ class SQLAlchemyPool:
         self._listen(self.sync_engine, "checkin", self._on_checkin)
         self._listen(self.sync_engine, "detach", self._on_detach)
         self._listen(self.sync_engine, "handle_error", self._on_error)
-        self._listen(self.sync_engine, "engine_disposed", self._on_disposed)
-        self._wrap(self.sync_engine.pool)
+        self._guard_pool(self.sync_engine.pool)
 
     def detach(self) -> None:
         """Idempotent, and it removes only its own hooks: a newer Guard on the engine stays intact."""
@@ -70,32 +69,40 @@ class SQLAlchemyPool:
         for target, name, fn in self._listeners:
             event.remove(target, name, fn)
         self._listeners.clear()
-        pool_attributes = self.sync_engine.pool.__dict__
-        if pool_attributes.get("connect") is self._wrapper:
-            del pool_attributes["connect"]
+        pool = self.sync_engine.pool
+        if type(pool) is self._guarded_class:
+            pool.__class__ = pool.__class__.__bases__[0]
         if getattr(self.sync_engine, _MONITOR_ATTRIBUTE, None) is self._monitor:
             delattr(self.sync_engine, _MONITOR_ATTRIBUTE)
         self._monitor = None
-        self._wrapper = None
+        self._guarded_class = None
 
     def _listen(self, target: Any, name: str, fn: Any) -> None:
         event.listen(target, name, fn)
         self._listeners.append((target, name, fn))
 
-    def _wrap(self, pool: Pool) -> None:
+    def _guard_pool(self, pool: Pool) -> None:
+        """Routes the pool's checkouts through the monitor by giving the pool a subclass of its own class.
+
+        A subclass, not an event: SQLAlchemy has no event before a checkout waits, and an
+        ``engine_disposed`` listener would switch every execution on the engine to its slower
+        event-dispatching path. ``engine.dispose()`` builds the replacement pool from
+        ``self.__class__``, so the replacement is guarded too. The subclass is per guard (it holds
+        this monitor) and adds no state, so :meth:`detach` can hand the pool its class back.
+        """
         monitor = self._monitor
         assert monitor is not None
-        real_connect = pool.connect
+        base = type(pool)
+        real_connect = base.connect
         await_in_greenlet = sqlalchemy.util.await_only if self.is_async else None
 
-        def connect() -> PoolProxiedConnection:
-            return monitor.checkout(real_connect, await_in_greenlet)
+        def connect(pool: Pool) -> PoolProxiedConnection:
+            connection: PoolProxiedConnection = monitor.checkout(MethodType(real_connect, pool), await_in_greenlet)
+            return connection
 
-        pool.connect = connect  # type: ignore[method-assign]
-        self._wrapper = connect
-
-    def _on_disposed(self, engine: Engine) -> None:
-        self._wrap(engine.pool)
+        guarded = type(f"Guarded{base.__name__}", (base,), {"connect": connect, "__module__": __name__})
+        pool.__class__ = guarded
+        self._guarded_class = guarded
 
     def _before_connect(self, dialect: Any, record: ConnectionPoolEntry, cargs: Any, cparams: Any) -> None:
         assert self._monitor is not None

@@ -5,8 +5,10 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import django
+import psycopg
 import pytest
 from django.conf import settings
+from django.db import connections
 
 from tests.django import settings as test_settings
 
@@ -17,8 +19,6 @@ if not settings.configured:
 
 @pytest.fixture(scope="session", autouse=True)
 def items_table() -> Iterator[str]:
-    from django.db import connections
-
     table = settings.ITEMS_TABLE
     with connections["default"].cursor() as cursor:
         cursor.execute(f"CREATE TABLE {table} (id serial PRIMARY KEY, name text NOT NULL UNIQUE)")
@@ -32,16 +32,12 @@ def items_table() -> Iterator[str]:
 @pytest.fixture(autouse=True)
 def _close_connections() -> Iterator[None]:
     """The test client keeps a thread's connections open between requests; tests start and end clean."""
-    from django.db import connections
-
     yield
     connections.close_all()
 
 
 def row_exists(name: str) -> bool:
     """Looked up on a connection of its own, so no test transaction can hide or show a row."""
-    import psycopg
-
     with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root") as conn:
         row = conn.execute(f"SELECT count(*) FROM {settings.ITEMS_TABLE} WHERE name = %s", [name]).fetchone()
     return bool(row and row[0])

@@ -82,7 +82,8 @@ def test_failed_ping_makes_health_unavailable_without_counting_on_the_breaker() 
     assert response.status_code == 503
     assert response.content == b'{"status":"unavailable"}'
     breaker = state().monitors["down"].breaker
-    assert breaker is not None and breaker.state.value == "closed"
+    assert breaker is not None
+    assert breaker.state.value == "closed"
 
 
 @override_settings(POOLGUARD={"HEALTH_PATH": "/_status/db"})

@@ -5,8 +5,11 @@ from __future__ import annotations
 import uuid
 
 import pytest
+from django.core.exceptions import ImproperlyConfigured
+from django.db import connections
 from django.test import AsyncClient, Client, override_settings
 
+from poolguard.django import PoolGuardMiddleware
 from tests.django.conftest import row_exists
 from tests.django.helpers import assert_503, state
 
@@ -45,7 +48,8 @@ def test_connection_failure_opens_the_breaker_and_db_free_views_keep_answering()
     client = Client(raise_request_exception=False)
     assert_503(client.get("/down/"), "circuit_open")  # the refused connect, counted, then the 503
     breaker = state().monitors["down"].breaker
-    assert breaker is not None and breaker.state.value == "open"
+    assert breaker is not None
+    assert breaker.state.value == "open"
     seconds = assert_503(client.get("/down/"), "circuit_open")
     assert 1 <= seconds <= 30
     assert state().monitors["down"].shed["circuit_open"] == 1
@@ -61,8 +65,6 @@ def test_open_breaker_answers_before_touching_the_database() -> None:
     assert breaker is not None
     breaker.record_failure(0.0)
     client = Client()
-    from django.db import connections
-
     connections["down"].close()
     assert_503(client.get("/down/"), "circuit_open")
     assert connections["down"].connection is None
@@ -100,10 +102,6 @@ async def test_async_breaker_open(path: str) -> None:
 
 
 def test_middleware_refuses_to_start_with_invalid_settings() -> None:
-    from django.core.exceptions import ImproperlyConfigured
-
-    from poolguard.django import PoolGuardMiddleware
-
     with override_settings(POOLGUARD={"MAX_WAIT": -1}), pytest.raises(ImproperlyConfigured, match="max_wait"):
         PoolGuardMiddleware(lambda request: None)
     with override_settings(POOLGUARD={"DATABASES": ["nope"]}), pytest.raises(ImproperlyConfigured, match="nope"):
@@ -116,5 +114,6 @@ def test_state_is_rebuilt_on_override_and_restored() -> None:
         inside = state()
         assert set(inside.monitors) == {"default", "down"}
     after = state()
-    assert after is not before and after is not inside
+    assert after is not before
+    assert after is not inside
     assert set(after.monitors) == {"default"}

@@ -46,7 +46,8 @@ async def test_session_under_the_asgi_handler() -> None:
     assert row_exists(kept)
     assert not row_exists(dropped)
     guard = state().guard
-    assert guard is not None and guard.stats().checked_out == 0
+    assert guard is not None
+    assert guard.stats().checked_out == 0
 
 
 def test_get_session_without_sqlalchemy_says_what_to_set() -> None:

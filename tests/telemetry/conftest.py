@@ -84,7 +84,9 @@ def points(metric: Metric, **attributes: str) -> list[Any]:
 def point(metric: Metric, attributes: dict[str, str]) -> Any:
     """The one data point with exactly ``attributes``."""
     found = [p for p in metric.data.data_points if dict(p.attributes) == attributes]
-    assert len(found) == 1, f"{metric.name}: no single point {attributes} in {[dict(p.attributes) for p in metric.data.data_points]}"
+    assert len(found) == 1, (
+        f"{metric.name}: no single point {attributes} in {[dict(p.attributes) for p in metric.data.data_points]}"
+    )
     return found[0]
 
 

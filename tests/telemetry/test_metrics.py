@@ -6,6 +6,7 @@ Every instrument of API.md: its type (histogram, monotonic sum, non-monotonic su
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -192,8 +193,13 @@ def test_two_guards_on_one_meter_provider_both_report_and_a_closed_one_stops(ote
     with replica.engine.connect() as connection:  # no longer watched
         connection.execute(text("SELECT 1"))
     metrics = otel.collect()
-    for name in ("db.client.connection.count", "db.client.connection.max", "db.client.connection.timeouts",
-                 "poolguard.breaker.state", "poolguard.requests.shed"):
+    for name in (
+        "db.client.connection.count",
+        "db.client.connection.max",
+        "db.client.connection.timeouts",
+        "poolguard.breaker.state",
+        "poolguard.requests.shed",
+    ):
         pools = {p.attributes[POOL_NAME] for p in metrics[name].data.data_points}
         assert pools == {"primary"}, name
     # Histograms are cumulative in the SDK: the replica's last totals stay, and do not grow.
@@ -220,8 +226,6 @@ async def test_async_engine_metrics(otel: Otel, async_guard_on: GuardFactory):
 
 
 async def test_async_saturation_counts_timeouts(otel: Otel, async_guard_on: GuardFactory):
-    import asyncio
-
     guard = async_guard_on(max_wait=0.2)
 
     async def request() -> str:

@@ -88,18 +88,18 @@ def receiver() -> Iterator[tuple[Receiver, str]]:
     thread.join(5)
 
 
-def test_checkout_span_reaches_an_otlp_receiver_with_its_parent(
-    receiver: tuple[Receiver, str], guard_on: GuardFactory
-):
+def test_checkout_span_reaches_an_otlp_receiver_with_its_parent(receiver: tuple[Receiver, str], guard_on: GuardFactory):
     received, endpoint = receiver
     provider = TracerProvider(resource=Resource.create({"service.name": "orders"}))
     provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint, timeout=5)))
     try:
         guard = guard_on(tracer_provider=provider)
         tracer = provider.get_tracer("tests.otlp")
-        with tracer.start_as_current_span("GET /orders/{id}", kind=SpanKind.SERVER) as request:
-            with guard.request_scope(route="/orders/{id}") as scope:
-                scope.session.execute(text("SELECT 1"))
+        with (
+            tracer.start_as_current_span("GET /orders/{id}", kind=SpanKind.SERVER) as request,
+            guard.request_scope(route="/orders/{id}") as scope,
+        ):
+            scope.session.execute(text("SELECT 1"))
         assert provider.force_flush(10_000)
     finally:
         provider.shutdown()

@@ -37,9 +37,11 @@ def events(span: Any, name: str) -> list[Any]:
 
 def test_checkout_inside_a_sampled_request_span_is_its_child(otel: Otel, guard_on: GuardFactory):
     guard = guard_on()
-    with otel.tracer.start_as_current_span("GET /orders/{id}", kind=SpanKind.SERVER) as request:
-        with guard.request_scope(route="/orders/{id}") as scope:
-            assert scope.session.execute(text("SELECT 1")).scalar() == 1
+    with (
+        otel.tracer.start_as_current_span("GET /orders/{id}", kind=SpanKind.SERVER) as request,
+        guard.request_scope(route="/orders/{id}") as scope,
+    ):
+        assert scope.session.execute(text("SELECT 1")).scalar() == 1
     request_context = request.get_span_context()
     span = otel.span("checkout primary")
     assert span.kind is SpanKind.INTERNAL
@@ -60,9 +62,7 @@ def test_checkout_inside_a_sampled_request_span_is_its_child(otel: Otel, guard_o
     assert span.end_time <= request.end_time  # type: ignore[attr-defined]
 
 
-def test_every_checkout_of_a_request_gets_its_span_and_the_pool_name_is_the_guards(
-    otel: Otel, guard_on: GuardFactory
-):
+def test_every_checkout_of_a_request_gets_its_span_and_the_pool_name_is_the_guards(otel: Otel, guard_on: GuardFactory):
     guard = guard_on(name="orders-db")
     with otel.tracer.start_as_current_span("job"):
         for _ in range(3):
@@ -150,10 +150,13 @@ def test_circuit_open_marks_the_span_and_puts_a_shed_event_on_the_request_span(o
 
 def test_pool_saturated_marks_the_span_and_the_request_span(otel: Otel, guard_on: GuardFactory):
     guard = guard_on(max_wait=0.05, engine={"pool_size": 1})
-    with otel.tracer.start_as_current_span("GET /report"):
-        with guard.connection():
-            with pytest.raises(PoolSaturated), guard.connection():
-                pass
+    with (
+        otel.tracer.start_as_current_span("GET /report"),
+        guard.connection(),
+        pytest.raises(PoolSaturated),
+        guard.connection(),
+    ):
+        pass
     outcomes = sorted(s.attributes["poolguard.outcome"] for s in checkout_spans(otel))
     assert outcomes == ["acquired", "pool_saturated"]
     saturated = next(s for s in checkout_spans(otel) if s.attributes["poolguard.outcome"] == "pool_saturated")
@@ -200,10 +203,9 @@ def test_leak_found_from_another_thread_still_lands_on_the_holders_span(
     release = threading.Event()
 
     def slow_request() -> None:
-        with otel.tracer.start_as_current_span("GET /slow"), guard.request_scope(route="/slow"):
-            with guard.engine.connect():
-                held.set()
-                release.wait(10)
+        with otel.tracer.start_as_current_span("GET /slow"), guard.request_scope(route="/slow"), guard.engine.connect():
+            held.set()
+            release.wait(10)
 
     worker = threading.Thread(target=slow_request)
     worker.start()

@@ -5,6 +5,8 @@
 the database is down and poolguard answers the other routes with a fast 503.
 """
 
+import json
+
 from django.db import transaction
 from django.http import HttpRequest, HttpResponse, JsonResponse
 from django.views.decorators.http import require_POST
@@ -23,6 +25,11 @@ def items(request: HttpRequest) -> HttpResponse:
 
 
 def _name(request: HttpRequest) -> str:
+    """``name`` from a JSON body (``{"name": "..."}``), a form field or the query string."""
+    if request.content_type == "application/json":
+        body = json.loads(request.body or b"{}")
+        if isinstance(body, dict) and body.get("name"):
+            return str(body["name"])
     return request.POST.get("name") or request.GET.get("name") or "unnamed"
 
 

@@ -1,0 +1,156 @@
+"""examples/django_project under real servers against real PostgreSQL: gunicorn (WSGI, threads) and uvicorn (ASGI)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import psycopg
+import pytest
+
+pytestmark = pytest.mark.postgres
+
+ROOT = Path(__file__).resolve().parents[2]
+PROJECT = ROOT / "examples" / "django_project"
+PG = {"PGHOST": "127.0.0.1", "PGPORT": "5432", "PGUSER": "root", "PGDATABASE": "test"}
+PASSWORD = "secret-pw"
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith(("PG", "POOLGUARD_", "DATABASE_URL"))}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["DJANGO_SETTINGS_MODULE"] = "example.settings"
+    env.update(extra)
+    return env
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _command(server: str, port: int) -> list[str]:
+    if server == "gunicorn":
+        return [
+            sys.executable, "-m", "gunicorn", "example.wsgi:application", "--chdir", str(PROJECT),
+            "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4", "--log-level", "warning",
+        ]  # fmt: skip
+    return [
+        sys.executable, "-m", "uvicorn", "example.asgi:application", "--app-dir", str(PROJECT),
+        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
+    ]  # fmt: skip
+
+
+class Server:
+    def __init__(self, server: str, env: dict[str, str]) -> None:
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.process = subprocess.Popen(
+            _command(server, self.port), cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+
+    def wait_ready(self, timeout: float = 15.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                output = self.process.stdout.read().decode() if self.process.stdout else ""
+                raise AssertionError(f"server exited with {self.process.returncode}:\n{output}")
+            try:
+                httpx.get(self.url + "/", timeout=0.5)
+                return
+            except httpx.TransportError:
+                time.sleep(0.1)
+        raise AssertionError(f"server at {self.url} not ready after {timeout}s")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        if self.process.stdout:
+            self.process.stdout.close()
+
+
+@pytest.fixture(scope="module")
+def migrated() -> None:
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
+        cwd=PROJECT,
+        env=_env(**PG),
+        check=True,
+        timeout=60,
+    )
+
+
+@pytest.fixture(params=["gunicorn", "uvicorn"])
+def server(request: pytest.FixtureRequest, migrated: None) -> Iterator[Server]:
+    running = Server(request.param, _env(**PG))
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(params=["gunicorn", "uvicorn"])
+def down_server(request: pytest.FixtureRequest) -> Iterator[Server]:
+    env = _env(**{**PG, "PGPORT": "1", "PGPASSWORD": PASSWORD}, POOLGUARD_BREAKER_CONSECUTIVE_FAILURES="1")
+    running = Server(request.param, env)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+def _row_exists(name: str) -> bool:
+    with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root") as conn:
+        row = conn.execute("SELECT count(*) FROM catalog_item WHERE name = %s", [name]).fetchone()
+    return bool(row and row[0])
+
+
+def test_routes_commit_roll_back_and_report_health(server: Server) -> None:
+    with httpx.Client(base_url=server.url, timeout=10) as client:
+        assert client.get("/").status_code == 200
+        kept, dropped = f"e2e-{uuid.uuid4().hex[:10]}", f"e2e-{uuid.uuid4().hex[:10]}"
+        created = client.post("/items/create", data={"name": kept})
+        assert created.status_code == 201, created.text
+        assert client.post("/items/fail", json={"name": dropped}).status_code == 500
+        assert kept in client.get("/items").json()["items"]
+        assert _row_exists(kept)
+        assert not _row_exists(dropped)
+        health = client.get("/health/db")
+        assert health.status_code == 200
+        assert health.content == b'{"status":"ok"}'
+
+
+def test_unreachable_database_gives_503_while_the_db_free_route_answers(down_server: Server) -> None:
+    with httpx.Client(base_url=down_server.url, timeout=10) as client:
+        first = client.get("/items")  # the refused connect: counted on the breaker, answered with the 503
+        assert first.status_code == 503
+        started = time.monotonic()
+        response = client.get("/items")
+        assert time.monotonic() - started < 1.0
+        assert response.status_code == 503
+        seconds = int(response.headers["retry-after"])
+        assert seconds >= 1
+        assert response.headers["cache-control"] == "no-store"
+        expected = f'{{"error":"database_unavailable","reason":"circuit_open","retry_after":{seconds}}}'
+        assert response.content == expected.encode()
+        assert client.get("/").status_code == 200
+        health = client.get("/health/db")
+        assert health.status_code == 503
+        assert health.content == b'{"status":"unavailable"}'
+        for answer in (first, response, health):
+            assert PASSWORD not in answer.text
+            assert PASSWORD not in str(answer.headers)
