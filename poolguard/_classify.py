@@ -11,6 +11,8 @@ the servers' documented error classes so the rules hold across drivers:
 
 from __future__ import annotations
 
+import contextlib
+
 import sqlalchemy.exc
 
 _PG_CONNECTION_STATES = frozenset({"53300", "57P01", "57P02", "57P03"})
@@ -66,8 +68,8 @@ def _mysql_errno(exc: BaseException) -> int | None:
 
 
 def is_checkout_timeout(exc: BaseException) -> bool:
-    """True when the pool gave up waiting for a free connection (SQLAlchemy's or the driver's timeout)."""
-    return isinstance(exc, sqlalchemy.exc.TimeoutError | TimeoutError)
+    """True when the pool gave up waiting for a free connection (SQLAlchemy's, psycopg_pool's or asyncio's)."""
+    return isinstance(exc, sqlalchemy.exc.TimeoutError | TimeoutError) or type(exc).__name__ == "PoolTimeout"
 
 
 def is_connection_failure(exc: BaseException, *, during_checkout: bool = False) -> bool:
@@ -111,3 +113,32 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) or isinstance(
         error, OSError
     )
+
+
+_COUNTED_ATTRIBUTE = "_poolguard_counted_pool"
+
+
+def mark_counted(exc: BaseException, pool: str) -> None:
+    """Notes on ``exc`` (and the driver error it wraps) that ``pool``'s breaker counted it.
+
+    Adapters turn such an error into the 503 when it escapes a view: the request failed because the
+    database did, which is what 503 + Retry-After says, not a bug worth a 500.
+    """
+    for target in (exc, getattr(exc, "orig", None), exc.__cause__):
+        if target is not None:
+            with contextlib.suppress(AttributeError, TypeError):  # an exception class with __slots__
+                setattr(target, _COUNTED_ATTRIBUTE, pool)
+
+
+def counted_pool(exc: BaseException) -> str | None:
+    """The pool whose breaker counted ``exc`` (or an error it wraps) as a connection failure, else None."""
+    current: BaseException | None = exc
+    for _ in range(5):
+        if current is None:
+            return None
+        pool = getattr(current, _COUNTED_ATTRIBUTE, None)
+        if isinstance(pool, str):
+            return pool
+        orig = getattr(current, "orig", None)
+        current = orig if isinstance(orig, BaseException) else (current.__cause__ or current.__context__)
+    return None

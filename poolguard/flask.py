@@ -89,10 +89,13 @@ class _AppState:
             return response
         try:
             state.scope.finish(state.error)
-        except Unavailable as exc:
+        except Exception as exc:
+            unavailable = self.guard.unavailable_for(exc)
+            if unavailable is None:
+                raise
             if state.error is None:
                 state.error = exc
-            return _to_flask(unavailable_response(exc))
+            return _to_flask(unavailable_response(unavailable))
         return response
 
     def close_scope(self, exc: BaseException | None) -> None:
@@ -271,6 +274,10 @@ def _watch_view_errors(app: Flask, state: _AppState) -> None:
 
     def handle_user_exception(e: Exception) -> HTTPException | ft.ResponseReturnValue:
         state.record_error(e)
+        unavailable = state.guard.unavailable_for(e)
+        if unavailable is not None and not isinstance(e, Unavailable):
+            # A connection failure the breaker counted: the same 503 as a refused request, not a 500.
+            return _unavailable(unavailable)
         return original(e)
 
     app.handle_user_exception = handle_user_exception  # type: ignore[method-assign]

@@ -34,9 +34,10 @@ from poolguard import _context
 from poolguard._types import Clock
 from poolguard._validate import non_negative_float, positive_float
 from poolguard.breaker import Breaker, BreakerState
-from poolguard.errors import ConfigError
+from poolguard.errors import ConfigError, Unavailable
 from poolguard.health import HealthReport, PingResult, PoolHealth, assess
 from poolguard.monitor import GuardedScope, PoolMonitor
+from poolguard.pools import PoolAdapter
 from poolguard.pools.sqlalchemy import SQLAlchemyPool
 from poolguard.stats import PoolStats
 from poolguard.telemetry import PoolTelemetry
@@ -64,7 +65,7 @@ class Guard:
 
     def __init__(
         self,
-        engine: Engine | AsyncEngine,
+        engine: Engine | AsyncEngine | PoolAdapter,
         *,
         name: str = "primary",
         max_wait: float = 1.0,
@@ -77,8 +78,10 @@ class Guard:
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:
-        if not isinstance(engine, Engine | AsyncEngine):
-            raise ConfigError("Guard(engine)", type(engine).__name__, "a sqlalchemy Engine or AsyncEngine")
+        if not isinstance(engine, Engine | AsyncEngine | PoolAdapter):
+            raise ConfigError(
+                "Guard(engine)", type(engine).__name__, "a sqlalchemy Engine or AsyncEngine, or a pool adapter"
+            )
         if not isinstance(name, str) or not name:
             raise ConfigError("Guard.name", name, "a non-empty string")
         if not isinstance(capture_stacks, bool):
@@ -91,10 +94,16 @@ class Guard:
         self.ping_timeout = positive_float("Guard.ping_timeout", ping_timeout)
         self.clock: Clock = clock or time.monotonic
         self.breaker = self._make_breaker(breaker, clock)
-        self.engine = engine
-        self.is_async = isinstance(engine, AsyncEngine)
-        self.session_factory = self._make_session_factory(engine, session_factory)
-        self.pool = SQLAlchemyPool(engine)
+        self.pool: PoolAdapter
+        if isinstance(engine, Engine | AsyncEngine):
+            self._engine: Engine | AsyncEngine | None = engine
+            self.session_factory = self._make_session_factory(engine, session_factory)
+            self.pool = SQLAlchemyPool(engine)
+        else:
+            self._engine = None
+            self.session_factory = _no_sessions
+            self.pool = engine
+        self.is_async = self.pool.is_async
         self.telemetry = PoolTelemetry(
             pool_name=name,
             db_system=self.pool.db_system,
@@ -117,6 +126,22 @@ class Guard:
         self._remove_breaker_listener = self.breaker.add_listener(self._on_transition) if self.breaker else None
         self._ping_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._running_ping: concurrent.futures.Future[float] | None = None
+
+    def unavailable_for(self, exc: BaseException) -> Unavailable | None:
+        """What adapters answer 503 for: ``Unavailable``, or a connection failure this guard's breaker counted."""
+        return self._monitor.unavailable_for(exc)
+
+    @property
+    def monitor(self) -> PoolMonitor:
+        """The pool's gating and accounting core (adapters of other pool kinds report into it)."""
+        return self._monitor
+
+    @property
+    def engine(self) -> Engine | AsyncEngine:
+        """The SQLAlchemy engine this guard watches (a TypeError for a guard over another pool kind)."""
+        if self._engine is None:
+            raise TypeError(f"Guard {self.name!r} watches a {type(self.pool).__name__}, not a SQLAlchemy engine")
+        return self._engine
 
     @staticmethod
     def _make_breaker(breaker: Breaker | bool | None, clock: Clock | None) -> Breaker | None:
@@ -267,6 +292,10 @@ class Guard:
         if self._ping_executor is not None:
             self._ping_executor.shutdown(wait=False, cancel_futures=True)
             self._ping_executor = None
+
+
+def _no_sessions() -> Session:
+    raise TypeError("guard.session() needs a Guard over a SQLAlchemy engine; this one watches another pool kind")
 
 
 def _round_up(seconds: float | None) -> float | None:

@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from opentelemetry import trace
 
-from poolguard._classify import is_checkout_timeout, is_connection_failure
+from poolguard._classify import counted_pool, is_checkout_timeout, is_connection_failure, mark_counted
 from poolguard._types import Clock
 from poolguard.admission import Admission
 from poolguard.breaker import Breaker
@@ -165,7 +165,10 @@ class PoolMonitor:
 
     def _checkout_failed(self, exc: BaseException, scope: GuardedScope | None, start: float) -> None:
         wait = self.clock() - start
-        timed_out = is_checkout_timeout(exc)
+        if isinstance(exc, Unavailable):
+            # A pool adapter may shed from inside the real checkout (the pool is full of work it cannot see).
+            self._count_shed(exc)
+        timed_out = is_checkout_timeout(exc) or isinstance(exc, PoolSaturated)
         with self._counter_lock:
             self.pending -= 1
             if timed_out:
@@ -177,6 +180,7 @@ class PoolMonitor:
         if self.breaker is not None:
             if is_connection_failure(exc, during_checkout=True):
                 self.breaker.record_failure(wait)
+                mark_counted(exc, self.name)
             else:
                 self.breaker.record_ignored()
 
@@ -236,10 +240,30 @@ class PoolMonitor:
         if self.telemetry is not None:
             self.telemetry.record_create(seconds)
 
-    def on_connection_lost(self) -> None:
+    def on_connection_lost(self, exc: BaseException | None = None) -> None:
         """A connection of a guarded unit of work died in use (disconnect, server shutdown)."""
         if self.breaker is not None and self.scope_var.get() is not None:
             self.breaker.record_failure(0.0)
+            if exc is not None:
+                mark_counted(exc, self.name)
+
+    def unavailable_for(self, exc: BaseException) -> Unavailable | None:
+        """The Unavailable an exception escaping a request stands for, or None for an application error.
+
+        ``Unavailable`` itself, or a connection failure this pool's breaker counted: that request
+        failed because the database did, so it gets the same 503 as a refused one, with the
+        breaker's remaining open time (or 1 s while it is still closed) as ``retry_after``.
+        """
+        if isinstance(exc, Unavailable):
+            return exc
+        if counted_pool(exc) != self.name:
+            return None
+        retry_after = self.breaker.retry_after if self.breaker is not None else None
+        return CircuitOpen(
+            f"the database of pool {self.name!r} failed at the connection level",
+            retry_after=retry_after or 1.0,
+            pool=self.name,
+        )
 
     def reclaim_leftovers(self, scope: GuardedScope) -> int:
         """Forces back every connection ``scope`` still holds at its end; returns how many there were."""

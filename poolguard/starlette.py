@@ -146,7 +146,7 @@ class PoolGuardMiddleware:
                     await _commit(request_scope)
                 except Exception as exc:
                     answered = True
-                    unavailable = _unavailable(exc)
+                    unavailable = _unavailable(exc, self.guard)
                     await _answer(send, unavailable_response(unavailable) if unavailable else _INTERNAL_ERROR)
                     raise
             await send(message)
@@ -156,7 +156,7 @@ class PoolGuardMiddleware:
         except BaseException as exc:
             _take_route(request_scope, scope)
             await _close(request_scope, exc)
-            unavailable = _unavailable(exc)
+            unavailable = _unavailable(exc, self.guard)
             if unavailable is not None and not started:
                 await _answer(send, unavailable_response(unavailable))
                 return
@@ -259,18 +259,20 @@ def _take_route(request_scope: RequestScope, scope: Mapping[str, Any]) -> None:
         request_scope.route = template
 
 
-def _unavailable(exc: BaseException) -> Unavailable | None:
-    """The Unavailable behind ``exc``, also when a task group wrapped it (and only it)."""
-    if isinstance(exc, Unavailable):
-        return exc
+def _unavailable(exc: BaseException, guard: Guard) -> Unavailable | None:
+    """What ``exc`` answers 503 for (``Unavailable``, or a connection failure the breaker counted).
+
+    Also when a task group wrapped it, and only it.
+    """
     if isinstance(exc, BaseExceptionGroup):
-        matched, rest = exc.split(Unavailable)
-        if matched is not None and rest is None:
-            leaf: BaseException = matched
-            while isinstance(leaf, BaseExceptionGroup):
-                leaf = leaf.exceptions[0]
-            return leaf if isinstance(leaf, Unavailable) else None
-    return None
+        matched, rest = exc.split(lambda leaf: guard.unavailable_for(leaf) is not None)
+        if matched is None or rest is not None:
+            return None
+        leaf: BaseException = matched
+        while isinstance(leaf, BaseExceptionGroup):
+            leaf = leaf.exceptions[0]
+        exc = leaf
+    return guard.unavailable_for(exc)
 
 
 def _sync_session(request_scope: RequestScope) -> bool:

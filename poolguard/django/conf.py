@@ -9,24 +9,23 @@ monitor and breaker per guarded alias, the optional SQLAlchemy Guard) lives on t
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Mapping
 from contextvars import Token
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from django.conf import settings  # type: ignore[import-untyped]
+from sqlalchemy import Engine
 
 from poolguard._validate import positive_int
-from poolguard.breaker import Breaker, BreakerState
 from poolguard.config import PoolGuardConfig
 from poolguard.engine import create_engine
-from poolguard.errors import CircuitOpen, ConfigError, Unavailable
+from poolguard.errors import ConfigError, Unavailable
 from poolguard.guard import Guard, RequestScope
-from poolguard.health import HealthReport, PingResult, PoolHealth, assess
+from poolguard.health import HealthReport
 from poolguard.http import HttpResponse, detail_allowed, health_response, unavailable_response
 from poolguard.monitor import GuardedScope, PoolMonitor
-from poolguard.pools.django import AliasScope, DjangoPool, failed_alias
+from poolguard.pools.django import AliasScope, DjangoPool
 
 logger = logging.getLogger("poolguard")
 
@@ -87,52 +86,44 @@ def _check_sqlalchemy(options: Mapping[str, Any]) -> None:
 
 
 class PoolGuardState:
-    """Everything poolguard keeps per process for Django: built by the AppConfig, closed on rebuild."""
+    """Everything poolguard keeps per process for Django: built by the AppConfig, closed on rebuild.
+
+    One Guard per guarded alias, over a :class:`DjangoPool` (the same core as for SQLAlchemy:
+    breaker, admission, leaks, telemetry, bounded ping), plus the optional SQLAlchemy Guard.
+    """
 
     def __init__(self, loaded: DjangoSettings, *, handler: Any = None) -> None:
         self.settings = loaded
         self.config = config = loaded.config
-        self.pools: dict[str, DjangoPool] = {}
-        self.monitors: dict[str, PoolMonitor] = {}
+        self.guards: dict[str, Guard] = {}
         self.guard: Guard | None = None
-        self._listeners: list[Any] = []
         try:
             for alias in config.databases:
-                pool = DjangoPool(alias, handler=handler)
-                breaker = config.make_breaker()
-                monitor = PoolMonitor(
-                    name=alias,
-                    capacity=pool.capacity,
-                    breaker=breaker if isinstance(breaker, Breaker) else None,
-                    max_wait=config.max_wait,
-                    leak_threshold=config.leak_threshold,
-                    capture_stacks=config.capture_stacks,
-                    clock=time.monotonic,
-                )
-                pool.attach(monitor)
-                self.pools[alias] = pool
-                self.monitors[alias] = monitor
-                if monitor.breaker is not None:
-                    self._listeners.append(monitor.breaker.add_listener(_log_transition(alias, monitor.breaker)))
+                self.guards[alias] = Guard(DjangoPool(alias, handler=handler), name=alias, **config.guard_options())
             if config.sqlalchemy is not None:
                 self.guard = _make_guard(config)
         except BaseException:
             self.close()
             raise
 
+    @property
+    def pools(self) -> dict[str, DjangoPool]:
+        return {alias: cast(DjangoPool, guard.pool) for alias, guard in self.guards.items()}
+
+    @property
+    def monitors(self) -> dict[str, PoolMonitor]:
+        return {alias: guard.monitor for alias, guard in self.guards.items()}
+
     def close(self) -> None:
         """Removes every hook and listener, stops ping threads and disposes the SQLAlchemy engine."""
-        for remove in self._listeners:
-            remove()
-        self._listeners.clear()
-        for pool in self.pools.values():
-            pool.detach()
+        for guard in self.guards.values():
+            guard.close()
+        self.guards.clear()
         if self.guard is not None:
             self.guard.close()
             engine = self.guard.engine
-            dispose = getattr(engine, "dispose", None)
-            if dispose is not None:
-                dispose()
+            if isinstance(engine, Engine):
+                engine.dispose()
             self.guard = None
 
     # -- requests ------------------------------------------------------------------------------------
@@ -142,16 +133,12 @@ class PoolGuardState:
         return RequestWork(self, route)
 
     def as_unavailable(self, exc: BaseException) -> Unavailable | None:
-        """The Unavailable a view's exception stands for: itself, or a connection failure already counted."""
-        if isinstance(exc, Unavailable):
-            return exc
-        alias = failed_alias(exc)
-        if alias is None:
-            return None
-        monitor = self.monitors.get(alias)
-        breaker = monitor.breaker if monitor is not None else None
-        retry_after = (breaker.retry_after if breaker is not None else None) or 1.0
-        return CircuitOpen(f"database {alias!r} connection failed", retry_after=retry_after, pool=alias)
+        """The Unavailable a view's exception stands for: itself, or a connection failure a breaker counted."""
+        for guard in (*self.guards.values(), *([self.guard] if self.guard is not None else [])):
+            unavailable = guard.unavailable_for(exc)
+            if unavailable is not None:
+                return unavailable
+        return None
 
     def unavailable_http(self, exc: BaseException) -> HttpResponse | None:
         unavailable = self.as_unavailable(exc)
@@ -170,40 +157,9 @@ class PoolGuardState:
         return health_response(self.health(), detail=detail)
 
     def health(self, *, ping: bool = True) -> HealthReport:
-        """Every guarded alias (pinged in parallel, each bounded by PING_TIMEOUT) and the SQLAlchemy pool."""
-        timeout = self.config.ping_timeout
-        started = time.monotonic()
-        snapshots = {
-            alias: self.monitors[alias].snapshot(pool.counts(), pool.backend) for alias, pool in self.pools.items()
-        }
-        futures = {
-            alias: pool.start_ping(timeout)
-            for alias, pool in self.pools.items()
-            if ping and not _saturated(snapshots[alias].idle, snapshots[alias].size, snapshots[alias].utilization)
-        }
-        extra: list[PoolHealth] = list(self.guard.health(ping=ping).pools) if self.guard is not None else []
-        pools: list[PoolHealth] = []
-        for alias, stats in snapshots.items():
-            result: PingResult | None = None
-            if alias in futures:
-                result = DjangoPool.ping_result(futures[alias], timeout - (time.monotonic() - started))
-            breaker = self.monitors[alias].breaker
-            retry_after = breaker.retry_after if breaker is not None else None
-            pools.append(
-                assess(
-                    stats,
-                    ping=result,
-                    max_wait=self.config.max_wait,
-                    breaker_failure_rate=round(breaker.failure_rate, 4) if breaker is not None else None,
-                    breaker_retry_after=round(retry_after, 3) if retry_after is not None else None,
-                )
-            )
-        return HealthReport.of(pools + extra)
-
-
-def _saturated(idle: int, size: int | None, utilization: float) -> bool:
-    """A full pool would make the ping queue behind requests; its numbers already tell the story."""
-    return idle == 0 and size is not None and utilization >= 1.0
+        """Every guarded alias and the SQLAlchemy pool, each pinged within PING_TIMEOUT."""
+        guards = [*self.guards.values(), *([self.guard] if self.guard is not None else [])]
+        return HealthReport.of([pool for guard in guards for pool in guard.health(ping=ping).pools])
 
 
 def _make_guard(config: PoolGuardConfig) -> Guard:
@@ -219,23 +175,6 @@ def _make_guard(config: PoolGuardConfig) -> Guard:
     except BaseException:
         engine.dispose()
         raise
-
-
-def _log_transition(alias: str, breaker: Breaker) -> Any:
-    def log(old: BreakerState, new: BreakerState) -> None:
-        if new is BreakerState.OPEN:
-            logger.warning(
-                "poolguard: circuit breaker of Django database %r opened (was %s); failing fast for %.1fs",
-                alias,
-                old.value,
-                breaker.retry_after or 0.0,
-            )
-        else:
-            logger.info(
-                "poolguard: circuit breaker of Django database %r is now %s (was %s)", alias, new.value, old.value
-            )
-
-    return log
 
 
 class RequestWork:

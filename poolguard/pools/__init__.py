@@ -9,7 +9,7 @@ pools and Django's connections implement the same protocol.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 if TYPE_CHECKING:
     from poolguard.monitor import PoolMonitor
@@ -35,11 +35,15 @@ class PoolCounts:
         return self.size + self.max_overflow
 
 
+@runtime_checkable
 class PoolAdapter(Protocol):
-    """What the guard needs from a pool of any kind."""
+    """What the guard needs from a pool of any kind: ``Guard(adapter)`` accepts one directly."""
 
     backend: str
     """The database kind, e.g. ``postgresql``, ``mysql``, ``sqlite``."""
+
+    db_system: str
+    """The OpenTelemetry ``db.system.name`` value (``mariadb`` where the server is known to be MariaDB)."""
 
     is_async: bool
 

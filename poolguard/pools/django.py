@@ -17,24 +17,19 @@ poolguard's state (``override_settings`` in tests) never leaves a stale hook beh
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import contextlib
 import functools
-import time
 from collections.abc import Callable
-from contextvars import ContextVar
 from typing import Any
 
 from django.db import connections as default_connections  # type: ignore[import-untyped]
 from django.db.utils import DatabaseError  # type: ignore[import-untyped]
 
-from poolguard._classify import is_connection_failure
-from poolguard.errors import ConfigError, PoolSaturated, Unavailable
-from poolguard.health import PingResult
+from poolguard._classify import counted_pool, is_connection_failure
+from poolguard.errors import ConfigError, PoolSaturated
 from poolguard.monitor import GuardedScope, PoolMonitor
 from poolguard.pools import PoolCounts
 
-__all__ = ["AliasScope", "DjangoPool", "failed_alias"]
+__all__ = ["AliasScope", "DjangoPool"]
 
 PSYCOPG_POOL_DEFAULT_MIN_SIZE = 4
 """psycopg_pool's own default ``min_size`` (and ``max_size`` follows it when unset)."""
@@ -44,9 +39,7 @@ _MIN_GETCONN_WAIT = 0.05
 
 _REGISTRY = "_poolguard_adapters"
 _HOOKED = "_poolguard_hooked"
-_FAILURE_MARK = "_poolguard_failed_alias"
 
-_ping_wait: ContextVar[float | None] = ContextVar("poolguard_django_ping_wait", default=None)
 """Set in the ping thread: psycopg_pool's ``getconn`` then waits no longer than the ping may take."""
 
 
@@ -58,26 +51,6 @@ class AliasScope(GuardedScope):
     def __init__(self, route: str | None) -> None:
         super().__init__(route)
         self.checked_out = False
-
-
-def failed_alias(exc: BaseException) -> str | None:
-    """The alias whose connection failure ``exc`` is (already recorded on its breaker), else None."""
-    seen = 0
-    current: BaseException | None = exc
-    while current is not None and seen < 4:
-        alias = getattr(current, _FAILURE_MARK, None)
-        if isinstance(alias, str):
-            return alias
-        current = current.__cause__ or current.__context__
-        seen += 1
-    return None
-
-
-def _mark(exc: BaseException, alias: str) -> None:
-    for target in (exc, exc.__cause__):
-        if target is not None:
-            with contextlib.suppress(AttributeError):  # an exception class with __slots__
-                setattr(target, _FAILURE_MARK, alias)
 
 
 def _pool_settings(settings_dict: dict[str, Any]) -> tuple[int, int] | None:
@@ -114,6 +87,7 @@ class DjangoPool:
         self.alias = alias
         settings_dict = self.handler.settings[alias]
         self.backend: str = self.handler[alias].vendor
+        self.db_system = self.backend
         pool = _pool_settings(settings_dict)
         self.pooled = pool is not None
         self.max_size: int | None = pool[0] if pool is not None else None
@@ -121,8 +95,6 @@ class DjangoPool:
         self.conn_max_age: float | None = settings_dict.get("CONN_MAX_AGE", 0)
         self._monitor: PoolMonitor | None = None
         self._pool: Any = None
-        self._ping_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._running_ping: concurrent.futures.Future[float] | None = None
 
     @property
     def capacity(self) -> int | None:
@@ -164,9 +136,6 @@ class DjangoPool:
         if registry.get(self.alias) is self:
             del registry[self.alias]
         self._monitor = None
-        if self._ping_executor is not None:
-            self._ping_executor.shutdown(wait=False, cancel_futures=True)
-            self._ping_executor = None
 
     def counts(self) -> PoolCounts:
         if self.pooled:
@@ -194,36 +163,6 @@ class DjangoPool:
     async def aping(self) -> None:
         await asyncio.to_thread(self.ping)
 
-    # -- bounded pings (health, doctor) ------------------------------------------------------------
-
-    def start_ping(self, timeout: float) -> concurrent.futures.Future[float] | None:
-        """Starts a ping in this alias's worker thread; None while the previous one still hangs."""
-        if self._running_ping is not None and not self._running_ping.done():
-            return None
-        if self._ping_executor is None:
-            self._ping_executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix=f"poolguard-ping-{self.alias}"
-            )
-        self._running_ping = self._ping_executor.submit(self._timed_ping, timeout)
-        return self._running_ping
-
-    def _timed_ping(self, timeout: float) -> float:
-        _ping_wait.set(timeout)
-        started = time.monotonic()
-        self.ping()
-        return time.monotonic() - started
-
-    @staticmethod
-    def ping_result(future: concurrent.futures.Future[float] | None, timeout: float) -> PingResult:
-        if future is None:
-            return PingResult(None, "PingStillRunning")
-        try:
-            return PingResult(future.result(timeout=max(timeout, 0.0)))
-        except concurrent.futures.TimeoutError:
-            return PingResult(None, "PingTimeout")
-        except Exception as exc:
-            return PingResult(None, type(exc).__name__)
-
     # -- hooks ---------------------------------------------------------------------------------------
 
     def _ensure(self, connection: Any, real: Callable[[], None]) -> None:
@@ -249,17 +188,14 @@ class DjangoPool:
                 real()
             except DatabaseError as exc:
                 if is_connection_failure(exc, during_checkout=True):
-                    _mark(exc, self.alias)
-                    monitor.on_connection_lost()
+                    monitor.on_connection_lost(exc)
                 raise
             return
         scope.checked_out = True  # before connecting: connect() itself calls ensure_connection again
         try:
             monitor.checkout(real)
-        except BaseException as exc:
+        except BaseException:
             scope.checked_out = False
-            if connecting and not isinstance(exc, Unavailable) and is_connection_failure(exc, during_checkout=True):
-                _mark(exc, self.alias)  # the monitor has recorded it on the breaker
             raise
         monitor.on_checkout(id(scope), connection)
 
@@ -277,8 +213,7 @@ class DjangoPool:
         self._pool = pool
         scope = monitor.scope_var.get()
         if scope is None:
-            wait = _ping_wait.get()
-            connection = monitor.checkout(functools.partial(real, wait if wait is not None else timeout))
+            connection = monitor.checkout(functools.partial(real, timeout))
         else:
             start = monitor.clock()
 
@@ -301,14 +236,7 @@ class DjangoPool:
                         ) from None
                     raise
 
-            try:
-                connection = monitor.checkout(bounded)
-            except Unavailable:
-                raise
-            except Exception as exc:
-                if is_connection_failure(exc, during_checkout=True):
-                    _mark(exc, self.alias)
-                raise
+            connection = monitor.checkout(bounded)
         monitor.on_checkout(id(connection), connection)
         return connection
 
@@ -324,14 +252,13 @@ class DjangoPool:
     def _on_query_error(self, exc: BaseException, connection: Any) -> None:
         """A query failed: a lost connection counts on the breaker, an application error does not."""
         monitor = self._monitor
-        if monitor is None or getattr(exc, _FAILURE_MARK, None) is not None:
+        if monitor is None or counted_pool(exc) is not None:
             return
         name = type(exc).__name__
         if name not in ("OperationalError", "InterfaceError"):
             return
         if is_connection_failure(exc) or _driver_broken(connection.connection):
-            _mark(exc, self.alias)
-            monitor.on_connection_lost()
+            monitor.on_connection_lost(exc)
 
 
 def _driver_broken(raw: Any) -> bool:

@@ -132,7 +132,7 @@ class SQLAlchemyPool:
         if self._monitor is None or context.connection is None or context.is_pre_ping:
             return
         if context.is_disconnect or is_connection_failure(context.original_exception):
-            self._monitor.on_connection_lost()
+            self._monitor.on_connection_lost(context.sqlalchemy_exception or context.original_exception)
 
     @staticmethod
     def _reclaim(handle: Any) -> None:

@@ -299,7 +299,9 @@ def assert_no_password(response: Any) -> None:
 def test_open_breaker_gives_503_while_db_free_routes_answer(outage_guard: Guard) -> None:
     client = make_app(outage_guard).test_client()
     first = client.get("/one")
-    assert first.status_code == 500  # the connection failure itself; it opens the breaker
+    # The connection failure itself, counted by the breaker (which it opens): the same 503, never a 500.
+    assert first.status_code == 503
+    assert first.get_json()["reason"] == "circuit_open"
     assert outage_guard.breaker is not None
     assert outage_guard.breaker.state is poolguard.BreakerState.OPEN
     responses = [first]
@@ -534,7 +536,7 @@ def test_guard_options_from_flask_config_apply_to_a_built_guard() -> None:
     guard = get_guard(app)
     try:
         client = app.test_client()
-        assert client.get("/one").status_code == 500
+        assert client.get("/one").status_code == 503  # the counted connection failure
         shed = client.get("/one")
         assert shed.status_code == 503
         assert 1 <= int(shed.headers["Retry-After"]) <= 7
