@@ -9,6 +9,7 @@ from __future__ import annotations
 from poolguard._version import __version__ as __version__
 from poolguard.breaker import Breaker as Breaker
 from poolguard.breaker import BreakerState as BreakerState
+from poolguard.config import PoolGuardConfig as PoolGuardConfig
 from poolguard.engine import create_async_engine as create_async_engine
 from poolguard.engine import create_engine as create_engine
 from poolguard.errors import CircuitOpen as CircuitOpen
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigError",
     "Guard",
     "HealthReport",
+    "PoolGuardConfig",
     "PoolGuardError",
     "PoolHealth",
     "PoolSaturated",

@@ -15,6 +15,7 @@ EXPECTED = [
     "ConfigError",
     "Guard",
     "HealthReport",
+    "PoolGuardConfig",
     "PoolGuardError",
     "PoolHealth",
     "PoolSaturated",
