@@ -502,23 +502,20 @@ async def _aquietly(awaitable: Any) -> None:
         logger.debug("poolguard: cleanup step failed", exc_info=True)
 
 
-class SessionBlock(Generic[S]):
-    """What ``guard.session()`` returns: usable with ``with`` (sync engine) or ``async with`` (async)."""
+class _UnitBlock:
+    """What session and connection blocks share: the unit of work they open and leave."""
 
-    __slots__ = ("_factory", "_guard", "_own_scope", "_session", "_tx")
+    __slots__ = ("_guard", "_own_scope", "_tx")
 
-    def __init__(self, guard: Guard, factory: Callable[[], Any]) -> None:
+    def __init__(self, guard: Guard) -> None:
         self._guard = guard
-        self._factory = factory
-        self._session: Any = None
         self._own_scope: RequestScope | None = None
         self._tx: Token[int] | None = None
 
-    def _enter(self) -> Any:
+    def _open_unit(self) -> None:
+        """Joins the current scope of this guard (a request) or opens one of its own; marks a transaction."""
         _, self._own_scope = self._guard._enter_scope()
         self._tx = _context._transaction_depth.set(_context._transaction_depth.get() + 1)
-        self._session = self._factory()
-        return self._session
 
     def _leave(self) -> None:
         _reset(_context._transaction_depth, self._tx)
@@ -529,6 +526,22 @@ class SessionBlock(Generic[S]):
         _reset(_context._transaction_depth, self._tx)
         if self._own_scope is not None:
             await self._own_scope.aclose()
+
+
+class SessionBlock(_UnitBlock, Generic[S]):
+    """What ``guard.session()`` returns: usable with ``with`` (sync engine) or ``async with`` (async)."""
+
+    __slots__ = ("_factory", "_session")
+
+    def __init__(self, guard: Guard, factory: Callable[[], Any]) -> None:
+        super().__init__(guard)
+        self._factory = factory
+        self._session: Any = None
+
+    def _enter(self) -> Any:
+        self._open_unit()
+        self._session = self._factory()
+        return self._session
 
     def __enter__(self) -> Session:
         if self._guard.is_async:
@@ -557,35 +570,19 @@ class SessionBlock(Generic[S]):
             await self._aleave()
 
 
-class ConnectionBlock(Generic[C]):
+class ConnectionBlock(_UnitBlock, Generic[C]):
     """What ``guard.connection()`` returns: a Connection (AsyncConnection) with the same guarantees."""
 
-    __slots__ = ("_connection", "_guard", "_own_scope", "_tx")
+    __slots__ = ("_connection",)
 
     def __init__(self, guard: Guard) -> None:
-        self._guard = guard
+        super().__init__(guard)
         self._connection: Any = None
-        self._own_scope: RequestScope | None = None
-        self._tx: Token[int] | None = None
-
-    def _leave(self) -> None:
-        _reset(_context._transaction_depth, self._tx)
-        if self._own_scope is not None:
-            self._own_scope.close()
-
-    async def _aleave(self) -> None:
-        _reset(_context._transaction_depth, self._tx)
-        if self._own_scope is not None:
-            await self._own_scope.aclose()
-
-    def _enter_common(self) -> None:
-        _, self._own_scope = self._guard._enter_scope()
-        self._tx = _context._transaction_depth.set(_context._transaction_depth.get() + 1)
 
     def __enter__(self) -> Connection:
         if self._guard.is_async:
             raise TypeError("guard.connection() on an AsyncEngine is used with 'async with'")
-        self._enter_common()
+        self._open_unit()
         try:
             self._connection = cast(Engine, self._guard.engine).connect()
         except BaseException:
@@ -617,7 +614,7 @@ class ConnectionBlock(Generic[C]):
     async def __aenter__(self) -> AsyncConnection:
         if not self._guard.is_async:
             raise TypeError("guard.connection() on a synchronous Engine is used with 'with', not 'async with'")
-        self._enter_common()
+        self._open_unit()
         try:
             self._connection = await cast(AsyncEngine, self._guard.engine).connect()
         except BaseException:

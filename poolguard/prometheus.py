@@ -210,8 +210,11 @@ class _Tap:
 
 
 def _is_closed(guard: Guard) -> bool:
-    """A closed guard no longer watches its pool (``Guard.close()`` detaches the pool instrumentation)."""
-    return guard.pool._monitor is None
+    """A closed guard no longer reports (``Guard.close()`` unregisters its telemetry from the meter).
+
+    Temporary: reads PoolTelemetry's private registry link until Guard has a public ``closed``.
+    """
+    return getattr(guard.telemetry, "_registry", True) is None
 
 
 class PoolGuardCollector:
