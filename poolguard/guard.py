@@ -126,6 +126,7 @@ class Guard:
         self._remove_breaker_listener = self.breaker.add_listener(self._on_transition) if self.breaker else None
         self._ping_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._running_ping: concurrent.futures.Future[float] | None = None
+        self._closed = False
 
     def unavailable_for(self, exc: BaseException) -> Unavailable | None:
         """What adapters answer 503 for: ``Unavailable``, or a connection failure this guard's breaker counted."""
@@ -282,8 +283,14 @@ class Guard:
         action()
         return self.clock() - started
 
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran: the guard no longer watches its pool or reports metrics."""
+        return self._closed
+
     def close(self) -> None:
         """Removes the instrumentation from the engine (it stays usable) and stops the ping thread."""
+        self._closed = True
         self.pool.detach()
         unregister_telemetry(self.telemetry)
         if self._remove_breaker_listener is not None:

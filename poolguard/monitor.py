@@ -17,7 +17,7 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Hashable
 from contextvars import ContextVar
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from opentelemetry import trace
 
@@ -44,6 +44,16 @@ def _outcome(exc: BaseException) -> str:
     if isinstance(exc, Unavailable):
         return exc.reason
     return "timeout" if is_checkout_timeout(exc) else "error"
+
+
+class CheckoutObserver(Protocol):
+    """Receives every timed event of a pool (e.g. the Prometheus histograms); must be cheap and never raise."""
+
+    def record_wait(self, seconds: float) -> None: ...
+
+    def record_use(self, seconds: float, route: str | None) -> None: ...
+
+    def record_create(self, seconds: float) -> None: ...
 
 
 class GuardedScope:
@@ -88,6 +98,7 @@ class PoolMonitor:
             pool_name=name, threshold=leak_threshold, clock=clock, on_leak=self._on_leak if telemetry else None
         )
         self.reclaim: Callable[[Any], None] | None = None
+        self.observers: tuple[CheckoutObserver, ...] = ()
         # Leak checks on checkout run at most this often: overdue holders are found within a
         # fraction of the threshold without paying a lock per checkout.
         self._sweep_interval = min(1.0, leak_threshold / 4)
@@ -98,6 +109,13 @@ class PoolMonitor:
         self.timeouts = 0
         self.connections_created = 0
         self.shed: dict[str, int] = {CircuitOpen.reason: 0, PoolSaturated.reason: 0}
+
+    def add_observer(self, observer: CheckoutObserver) -> None:
+        """Starts sending every wait, use and create time to ``observer`` as well."""
+        self.observers = (*self.observers, observer)
+
+    def remove_observer(self, observer: CheckoutObserver) -> None:
+        self.observers = tuple(o for o in self.observers if o is not observer)
 
     def _mean_use(self) -> float:
         return self.mean_use.value
@@ -136,6 +154,8 @@ class PoolMonitor:
             telemetry.record_wait(wait)
             if span is not None:
                 telemetry.end_checkout(span, "acquired")
+        for observer in self.observers:
+            observer.record_wait(wait)
         return connection
 
     def _admit(self, scope: GuardedScope, start: float, await_in_greenlet: AwaitInGreenlet | None) -> None:
@@ -228,6 +248,8 @@ class PoolMonitor:
         self.mean_use.add(use)
         if self.telemetry is not None:
             self.telemetry.record_use(use, holder.route)
+        for observer in self.observers:
+            observer.record_use(use, holder.route)
         scope = holder.scope
         if isinstance(scope, GuardedScope):
             scope.held -= 1
@@ -239,6 +261,8 @@ class PoolMonitor:
         self.create_times.add(seconds, self.clock())
         if self.telemetry is not None:
             self.telemetry.record_create(seconds)
+        for observer in self.observers:
+            observer.record_create(seconds)
 
     def on_connection_lost(self, exc: BaseException | None = None) -> None:
         """A connection of a guarded unit of work died in use (disconnect, server shutdown)."""

@@ -16,10 +16,9 @@ OpenTelemetry Collector's Prometheus exporter.
 
 Counts, limits, timeouts, sheds, leaks and the breaker state are read at scrape time from the
 numbers the guard keeps anyway (``PoolTelemetry.observe()``): nothing is paid per checkout.
-The three histograms need every event; until the core offers an observer hook, this module taps
-the guard's ``PoolTelemetry.record_wait`` / ``record_use`` / ``record_create`` by composition
-(an instance attribute wrapping the original method, installed once per guard). Events before
-:func:`register` are not in the histograms: register right after creating the guard.
+The three histograms need every event: they observe the guard's monitor (``add_observer``), a
+bisect and an increment per event. Events before :func:`register` are not in the histograms:
+register right after creating the guard.
 """
 
 from __future__ import annotations
@@ -38,7 +37,6 @@ from poolguard.telemetry import CONNECTION_STATE, DURATION_BUCKETS, POOL_NAME, R
 
 if TYPE_CHECKING:
     from poolguard.guard import Guard
-    from poolguard.telemetry import PoolTelemetry
 
 __all__ = ["PoolGuardCollector", "register", "unregister"]
 
@@ -165,56 +163,34 @@ class _Histogram:
 
 
 class _Tap:
-    """One per guard: the histograms, fed by wrapping its PoolTelemetry's record_* methods.
+    """One per guard: its histograms, fed as an observer of the guard's monitor."""
 
-    Temporary: replace by an observer registered on the monitor once the core has one.
-    """
-
-    def __init__(self, telemetry: PoolTelemetry) -> None:
+    def __init__(self) -> None:
         self.wait = _Histogram()
         self.use = _Histogram()
         self.create = _Histogram()
-        record_wait = telemetry.record_wait
-        record_use = telemetry.record_use
-        record_create = telemetry.record_create
-        wait, use, create = self.wait.observe, self.use.observe, self.create.observe
 
-        def tapped_wait(seconds: float) -> None:
-            record_wait(seconds)
-            wait(seconds)
+    def record_wait(self, seconds: float) -> None:
+        self.wait.observe(seconds)
 
-        def tapped_use(seconds: float, route: str | None) -> None:
-            record_use(seconds, route)
-            use(seconds, route)
+    def record_use(self, seconds: float, route: str | None) -> None:
+        self.use.observe(seconds, route)
 
-        def tapped_create(seconds: float) -> None:
-            record_create(seconds)
-            create(seconds)
-
-        # setattr: an instance attribute shadows the method for this one guard only.
-        setattr(telemetry, "record_wait", tapped_wait)  # noqa: B010
-        setattr(telemetry, "record_use", tapped_use)  # noqa: B010
-        setattr(telemetry, "record_create", tapped_create)  # noqa: B010
+    def record_create(self, seconds: float) -> None:
+        self.create.observe(seconds)
 
     @classmethod
-    def of(cls, telemetry: PoolTelemetry) -> _Tap:
-        tap: _Tap | None = getattr(telemetry, _TAP_ATTRIBUTE, None)
+    def of(cls, guard: Guard) -> _Tap:
+        tap: _Tap | None = getattr(guard.telemetry, _TAP_ATTRIBUTE, None)
         if tap is None:
-            tap = cls(telemetry)
-            setattr(telemetry, _TAP_ATTRIBUTE, tap)
+            tap = cls()
+            setattr(guard.telemetry, _TAP_ATTRIBUTE, tap)
+            guard.monitor.add_observer(tap)
         return tap
 
     def histogram(self, kind: str) -> _Histogram:
         histogram: _Histogram = getattr(self, kind)
         return histogram
-
-
-def _is_closed(guard: Guard) -> bool:
-    """A closed guard no longer reports (``Guard.close()`` unregisters its telemetry from the meter).
-
-    Temporary: reads PoolTelemetry's private registry link until Guard has a public ``closed``.
-    """
-    return getattr(guard.telemetry, "_registry", True) is None
 
 
 class PoolGuardCollector:
@@ -242,7 +218,7 @@ class PoolGuardCollector:
                     guard.name,
                     "a name no other registered guard uses (Guard(..., name=...)); it is the pool_name label",
                 )
-            self._guards[guard.name] = (guard, _Tap.of(guard.telemetry))
+            self._guards[guard.name] = (guard, _Tap.of(guard))
 
     def remove(self, guard: Guard) -> None:
         with self._lock:
@@ -261,7 +237,7 @@ class PoolGuardCollector:
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
-            watched = [(guard, tap) for guard, tap in self._guards.values() if not _is_closed(guard)]
+            watched = [(guard, tap) for guard, tap in self._guards.values() if not guard.closed]
         families = self._families()
         histograms = self._histogram_families()
         for guard, tap in watched:

@@ -86,7 +86,8 @@ class PoolTelemetry:
         self.monitor: PoolMonitor | None = None
         self._registry: _PoolRegistry | None = None
         self._tracer = trace.get_tracer(INSTRUMENTATION_NAME, version, tracer_provider, schema_url=SCHEMA_URL)
-        meter = metrics.get_meter(INSTRUMENTATION_NAME, version, meter_provider, schema_url=SCHEMA_URL)
+        provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
+        meter = provider.get_meter(INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL)
         self._span_name = f"checkout {pool_name}"
         self._span_attributes = {POOL_NAME: pool_name, DB_SYSTEM: db_system}
         self._pool_attributes = {POOL_NAME: pool_name}
@@ -109,7 +110,7 @@ class PoolTelemetry:
             description="The time it took to create a new connection.",
             explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
         )
-        _register_pool(meter, self)
+        _register_pool(meter, provider, self)
 
     # -- per checkout ---------------------------------------------------------------------------
 
@@ -207,7 +208,7 @@ _OBSERVABLES: tuple[tuple[str, str, str, str], ...] = (
     ("db.client.connection.timeouts", "counter", "{timeout}", "Timeouts trying to obtain a connection from the pool."),
     ("poolguard.requests.shed", "counter", "{request}", "Requests refused with 503 instead of waiting or failing."),
     ("poolguard.connection.leaks", "counter", "{connection}", "Connections held past the leak threshold."),
-    ("poolguard.breaker.state", "gauge", "1", "Circuit breaker state: 0 closed, 1 half-open, 2 open."),
+    ("poolguard.breaker.state", "gauge", "{state}", "Circuit breaker state: 0 closed, 1 half-open, 2 open."),
 )
 
 
@@ -240,11 +241,17 @@ class _PoolRegistry:
         return observe
 
 
-def _register_pool(meter: metrics.Meter, pool: PoolTelemetry) -> None:
-    registry: _PoolRegistry | None = getattr(meter, _POOLS_ATTRIBUTE, None)
+def _register_pool(meter: metrics.Meter, provider: object, pool: PoolTelemetry) -> None:
+    """Adds the pool to its provider's registry, creating the observable instruments the first time.
+
+    The registry lives on the provider (the application's object), not on the meter: the API's
+    global provider hands out a new proxy meter per call, and a second set of instruments would be
+    dropped by the SDK once it is installed.
+    """
+    registry: _PoolRegistry | None = getattr(provider, _POOLS_ATTRIBUTE, None)
     if registry is None:
         registry = _PoolRegistry()
-        setattr(meter, _POOLS_ATTRIBUTE, registry)
+        setattr(provider, _POOLS_ATTRIBUTE, registry)
         for name, kind, unit, description in _OBSERVABLES:
             callbacks = [registry.callback(name)]
             if kind == "updown":

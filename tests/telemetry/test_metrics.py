@@ -35,7 +35,7 @@ INSTRUMENTS: dict[str, tuple[type, bool | None, str]] = {
     "db.client.connection.create_time": (Histogram, None, "s"),
     "db.client.connection.wait_time": (Histogram, None, "s"),
     "db.client.connection.use_time": (Histogram, None, "s"),
-    "poolguard.breaker.state": (Gauge, None, "1"),
+    "poolguard.breaker.state": (Gauge, None, "{state}"),
     "poolguard.requests.shed": (Sum, True, "{request}"),
     "poolguard.connection.leaks": (Sum, True, "{connection}"),
 }
