@@ -6,6 +6,8 @@ Workloads (each through a Guard, in one process, modes alternating round by roun
 - ``pg``: ``with guard.connection() as c: c.execute(text("SELECT 1"))`` on PostgreSQL (psycopg);
 - ``pg-request``: a request's unit of work: ``guard.request_scope(route=...)``, an ORM Session, a
   10-row query, commit: the per-request figure the issue's 2% target is about (minus the web framework);
+- ``flask``: a whole Flask request through ``PoolGuard`` (test client, in process) running that
+  query through ``db``: the per-request figure with a web framework in the path;
 - ``sqlite``: ``with guard.connection(): pass`` on a SQLite file: the pure pool checkout, no I/O.
 
 Modes: ``none`` (the OpenTelemetry API's default no-op providers, no parent span), ``unsampled``
@@ -31,6 +33,8 @@ from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 
 import sqlalchemy
+from flask import Flask
+from flask.testing import FlaskClient
 from opentelemetry.sdk.metrics import MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
@@ -39,6 +43,7 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF, ALWAYS_ON
 from sqlalchemy import text
 
 from poolguard import Guard
+from poolguard.flask import PoolGuard, db
 
 MODES = ("none", "unsampled", "sampled")
 QUERY = text("SELECT relname, relkind FROM pg_class ORDER BY oid LIMIT :n")
@@ -71,6 +76,20 @@ class Setup:
         self.guard = Guard(
             self.engine, name=f"bench-{mode}", tracer_provider=self.tracer_provider, meter_provider=self.meter_provider
         )
+        self._client: FlaskClient | None = None
+
+    def flask_client(self) -> FlaskClient:
+        """A Flask app with PoolGuard and one route doing the 10-row query through ``db`` (made once)."""
+        if self._client is None:
+            app = Flask(f"bench_{self.mode}")
+            PoolGuard(app, self.guard)
+
+            @app.get("/orders/<int:order_id>")
+            def order(order_id: int) -> dict[str, int]:
+                return {"rows": len(db.execute(QUERY, {"n": 10}).all()), "id": order_id}
+
+            self._client = app.test_client()
+        return self._client
 
     def parent(self) -> AbstractContextManager[object]:
         if self.tracer_provider is None:
@@ -86,29 +105,33 @@ class Setup:
             self.meter_provider.shutdown()
 
 
-def pg_checkout(guard: Guard) -> None:
-    with guard.connection() as connection:
+def pg_checkout(setup: Setup) -> None:
+    with setup.guard.connection() as connection:
         connection.execute(text("SELECT 1"))
 
 
-def pg_request(guard: Guard) -> None:
-    with guard.request_scope(route="/orders/{id}") as scope:
+def pg_request(setup: Setup) -> None:
+    with setup.guard.request_scope(route="/orders/{id}") as scope:
         scope.session.execute(QUERY, {"n": 10}).all()
 
 
-def pool_checkout(guard: Guard) -> None:
-    with guard.connection():
+def flask_request(setup: Setup) -> None:
+    response = setup.flask_client().get("/orders/1")
+    assert response.status_code == 200
+
+
+def pool_checkout(setup: Setup) -> None:
+    with setup.guard.connection():
         pass
 
 
-def batch(setup: Setup, work: Callable[[Guard], None], n: int) -> float:
+def batch(setup: Setup, work: Callable[[Setup], None], n: int) -> float:
     """Mean seconds per checkout over ``n`` checkouts inside one parent span."""
-    guard = setup.guard
     gc.collect()
     with setup.parent():
         started = time.perf_counter()
         for _ in range(n):
-            work(guard)
+            work(setup)
         elapsed = time.perf_counter() - started
     return elapsed / n
 
@@ -119,7 +142,7 @@ def rotations(rounds: int) -> Iterator[tuple[str, ...]]:
         yield MODES[r % 3 :] + MODES[: r % 3]
 
 
-def run(name: str, url: str, work: Callable[[Guard], None], n: int, rounds: int) -> dict[str, float]:
+def run(name: str, url: str, work: Callable[[Setup], None], n: int, rounds: int) -> dict[str, float]:
     setups = {mode: Setup(mode, url) for mode in MODES}
     try:
         for setup in setups.values():  # warm up: connections made, code paths hot
@@ -143,7 +166,7 @@ def run(name: str, url: str, work: Callable[[Guard], None], n: int, rounds: int)
     return medians
 
 
-def profile(url: str, work: Callable[[Guard], None], n: int) -> None:
+def profile(url: str, work: Callable[[Setup], None], n: int) -> None:
     """Where the unsampled mode's extra time goes (cProfile, sorted by own time)."""
     setup = Setup("unsampled", url)
     try:
@@ -152,7 +175,7 @@ def profile(url: str, work: Callable[[Guard], None], n: int) -> None:
         with setup.parent():
             profiler.enable()
             for _ in range(n):
-                work(setup.guard)
+                work(setup)
             profiler.disable()
     finally:
         setup.close()
@@ -178,6 +201,13 @@ def main() -> None:
             "PostgreSQL: request_scope + Session, 10-row query, commit",
             args.pg_url,
             pg_request,
+            args.pg_checkouts,
+            args.rounds,
+        )
+        run(
+            "PostgreSQL: Flask request (test client) through PoolGuard, 10-row query via db",
+            args.pg_url,
+            flask_request,
             args.pg_checkouts,
             args.rounds,
         )

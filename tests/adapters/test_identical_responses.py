@@ -59,9 +59,9 @@ if not settings.configured:
     )
     django.setup()
 
-from django.apps import apps  # noqa: E402  (needs configured settings)
-from django.db import connections  # noqa: E402
-from django.test import AsyncClient, Client, override_settings  # noqa: E402
+from django.apps import apps
+from django.db import connections
+from django.test import AsyncClient, Client, override_settings
 
 pytestmark = pytest.mark.postgres
 
@@ -224,9 +224,7 @@ def starlette_app(guard: Guard) -> Starlette:
 
     return Starlette(
         routes=[Route("/db", needs_db)],
-        middleware=[
-            Middleware(PoolGuardMiddleware, guard=guard, health_detail="when-authorized", health_token=TOKEN)
-        ],
+        middleware=[Middleware(PoolGuardMiddleware, guard=guard, health_detail="when-authorized", health_token=TOKEN)],
     )
 
 
@@ -421,9 +419,7 @@ def test_pool_saturated_503_is_identical(saturated: dict[str, Answer]) -> None:
     assert_all_equal(saturated, POOL_SATURATED, "503 pool_saturated")
 
 
-def test_answers_differ_between_situations(
-    outage: dict[str, dict[str, Answer]], saturated: dict[str, Answer]
-) -> None:
+def test_answers_differ_between_situations(outage: dict[str, dict[str, Answer]], saturated: dict[str, Answer]) -> None:
     """The comparisons above are between different answers, not one answer every path happens to give."""
     flask_answers = outage["flask"]
     distinct = {flask_answers["db"], flask_answers["health"], flask_answers["health-detail"], saturated["flask"]}

@@ -1,0 +1,638 @@
+"""Requests per second of a Flask, a FastAPI and a Django app with and without poolguard, same run.
+
+Per framework two servers run side by side on loopback against the real PostgreSQL server, each an
+app generated into a temporary directory with one route, ``GET /select1``, that runs one
+``SELECT 1`` and commits:
+
+- **guarded**: poolguard wired in the way the examples do it (Flask: ``PoolGuard(app, guard)`` and
+  ``db``; FastAPI: ``PoolGuardMiddleware`` and ``DbSession``; Django: ``poolguard.django`` in
+  INSTALLED_APPS and ``PoolGuardMiddleware`` in MIDDLEWARE, the query through Django's cursor);
+- **bare**: the same route through a plain SQLAlchemy session (Flask, FastAPI) or Django's cursor,
+  no poolguard anywhere.
+
+Both sides of a framework use the same engine or DATABASES settings (a plain
+``sqlalchemy.create_engine`` / ``create_async_engine`` on both sides, so ``poolguard.create_engine``'s
+production defaults such as pre-ping do not enter the comparison) and the same server command:
+
+- Flask:   gunicorn, gthread worker, 1 worker, 4 threads, psycopg 3, QueuePool 4 + 0;
+- FastAPI: uvicorn, 1 worker (asyncio loop, h11), asyncpg, AsyncEngine pool 16 + 0;
+- Django:  gunicorn, gthread worker, 1 worker, 4 threads, psycopg 3 with Django's psycopg pool
+  (min 4, max 4), ``CONN_MAX_AGE = 0``, no ATOMIC_REQUESTS.
+
+Access logs are off on every server. The load comes from ``wrk`` (1 thread, fixed connections,
+keep-alive) when it is on PATH, else from a Python generator (threads, one keep-alive ``httpx.Client``
+each). After a warm-up per server, rounds alternate bare and guarded (the order flips each round,
+so drift hits both sides alike); the figure per side is the median round. Every response must be
+200: a round with errors or non-2xx answers makes the run fail rather than count.
+
+``--profile`` measures instead, in-process and without servers, the same generated apps through each
+framework's test client (Flask's test client, httpx's ASGITransport, Django's ``Client``): the time per
+request bare and guarded, and a cProfile of the guarded side (functions of poolguard by cumulative
+time, everything by own time).
+
+Usage: .venv/bin/python benchmarks/apps_overhead.py [--rounds 5] [--duration 5] [--concurrency 16]
+       [--frameworks flask,fastapi,django] [--generator auto|wrk|python] [--json PATH] [--profile]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import os
+import platform
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+PG_HOST = "127.0.0.1"
+PG_PORT = 5432
+PG_DB = "test"
+PG_USER = "root"
+ROUTE = "/select1"
+EXPECTED = {"one": 1}
+FRAMEWORKS = ("flask", "fastapi", "django")
+SIDES = ("bare", "guarded")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# -- the generated apps -------------------------------------------------------------------------------
+
+FLASK_COMMON = f"""
+import sqlalchemy as sa
+from flask import Flask
+
+engine = sa.create_engine(
+    "postgresql+psycopg://{PG_USER}@{PG_HOST}:{PG_PORT}/{PG_DB}", pool_size=4, max_overflow=0
+)
+SELECT_1 = sa.text("SELECT 1")
+app = Flask(__name__)
+"""
+
+FLASK_BARE = (
+    FLASK_COMMON
+    + """
+from sqlalchemy.orm import sessionmaker
+
+Session = sessionmaker(engine, expire_on_commit=False)
+
+
+@app.get("/select1")
+def select1():
+    with Session.begin() as session:
+        return {"one": session.execute(SELECT_1).scalar_one()}
+"""
+)
+
+FLASK_GUARDED = (
+    FLASK_COMMON
+    + """
+import poolguard
+from poolguard.flask import PoolGuard, db
+
+PoolGuard(app, poolguard.Guard(engine, name="bench"))
+
+
+@app.get("/select1")
+def select1():
+    return {"one": db.execute(SELECT_1).scalar_one()}
+"""
+)
+
+FASTAPI_COMMON = f"""
+import sqlalchemy as sa
+from fastapi import FastAPI
+from sqlalchemy.ext.asyncio import create_async_engine
+
+engine = create_async_engine(
+    "postgresql+asyncpg://{PG_USER}@{PG_HOST}:{PG_PORT}/{PG_DB}", pool_size=16, max_overflow=0
+)
+SELECT_1 = sa.text("SELECT 1")
+app = FastAPI()
+"""
+
+FASTAPI_BARE = (
+    FASTAPI_COMMON
+    + """
+from typing import Annotated
+
+from fastapi import Depends
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+Session = async_sessionmaker(engine, expire_on_commit=False)
+
+
+async def get_db():
+    async with Session() as session:
+        yield session
+        await session.commit()
+
+
+@app.get("/select1")
+async def select1(db: Annotated[AsyncSession, Depends(get_db)]) -> dict[str, int]:
+    return {"one": (await db.execute(SELECT_1)).scalar_one()}
+"""
+)
+
+FASTAPI_GUARDED = (
+    FASTAPI_COMMON
+    + """
+import poolguard
+from poolguard.fastapi import DbSession, PoolGuardMiddleware
+
+guard = poolguard.Guard(engine, name="bench")
+app.add_middleware(PoolGuardMiddleware, guard=guard)
+
+
+@app.get("/select1")
+async def select1(db: DbSession) -> dict[str, int]:
+    return {"one": (await db.execute(SELECT_1)).scalar_one()}
+"""
+)
+
+DJANGO_SETTINGS = f"""
+SECRET_KEY = "benchmark-only"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+ROOT_URLCONF = "bench_django_urls"
+USE_TZ = True
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+LOGGING_CONFIG = None
+DATABASES = {{
+    "default": {{
+        "ENGINE": "django.db.backends.postgresql",
+        "HOST": "{PG_HOST}", "PORT": "{PG_PORT}", "NAME": "{PG_DB}", "USER": "{PG_USER}",
+        "CONN_MAX_AGE": 0,
+        "OPTIONS": {{"pool": {{"min_size": 4, "max_size": 4, "timeout": 10}}}},
+    }}
+}}
+"""
+
+DJANGO_BARE_SETTINGS = (
+    DJANGO_SETTINGS
+    + """
+INSTALLED_APPS = []
+MIDDLEWARE = []
+"""
+)
+
+DJANGO_GUARDED_SETTINGS = (
+    DJANGO_SETTINGS
+    + """
+INSTALLED_APPS = ["poolguard.django"]
+MIDDLEWARE = ["poolguard.django.PoolGuardMiddleware"]
+POOLGUARD = {"DATABASES": ["default"], "THREADS": 4}
+"""
+)
+
+DJANGO_URLS = """
+from django.db import connection
+from django.http import JsonResponse
+from django.urls import path
+
+
+def select1(request):
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT 1")
+        (one,) = cursor.fetchone()
+    return JsonResponse({"one": one})
+
+
+urlpatterns = [path("select1", select1)]
+"""
+
+DJANGO_WSGI = """
+import os
+
+os.environ["DJANGO_SETTINGS_MODULE"] = "{settings}"
+
+from django.core.wsgi import get_wsgi_application
+
+application = get_wsgi_application()
+"""
+
+
+@dataclass
+class ServerSpec:
+    framework: str
+    side: str
+    module: str
+    command: list[str] = field(default_factory=list)
+
+
+def write_apps(directory: Path) -> None:
+    files = {
+        "bench_flask_bare.py": FLASK_BARE,
+        "bench_flask_guarded.py": FLASK_GUARDED,
+        "bench_fastapi_bare.py": FASTAPI_BARE,
+        "bench_fastapi_guarded.py": FASTAPI_GUARDED,
+        "bench_django_bare_settings.py": DJANGO_BARE_SETTINGS,
+        "bench_django_guarded_settings.py": DJANGO_GUARDED_SETTINGS,
+        "bench_django_urls.py": DJANGO_URLS,
+        "bench_django_bare.py": DJANGO_WSGI.format(settings="bench_django_bare_settings"),
+        "bench_django_guarded.py": DJANGO_WSGI.format(settings="bench_django_guarded_settings"),
+    }
+    for name, source in files.items():
+        (directory / name).write_text(textwrap.dedent(source).lstrip())
+
+
+def server_command(framework: str, module: str, port: int, directory: Path) -> list[str]:
+    python = sys.executable
+    bind = f"{PG_HOST}:{port}"
+    if framework == "fastapi":
+        return [
+            python, "-m", "uvicorn", f"{module}:app", "--app-dir", str(directory), "--host", PG_HOST,
+            "--port", str(port), "--workers", "1", "--no-access-log", "--log-level", "warning",
+        ]  # fmt: skip
+    target = f"{module}:application" if framework == "django" else f"{module}:app"
+    return [
+        python, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1", "--threads", "4",
+        "--bind", bind, "--chdir", str(directory), "--log-level", "warning", target,
+    ]  # fmt: skip
+
+
+# -- servers --------------------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind((PG_HOST, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+@dataclass
+class Server:
+    framework: str
+    side: str
+    port: int
+    process: subprocess.Popen[bytes]
+    log: Path
+
+    @property
+    def url(self) -> str:
+        return f"http://{PG_HOST}:{self.port}{ROUTE}"
+
+
+def server_env() -> dict[str, str]:
+    env = {key: value for key, value in os.environ.items() if not key.startswith("POOLGUARD_")}
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PROJECT_ROOT), env.get("PYTHONPATH", "")]))
+    env.pop("DJANGO_SETTINGS_MODULE", None)
+    return env
+
+
+@contextlib.contextmanager
+def running(framework: str, directory: Path) -> Iterator[dict[str, Server]]:
+    """Both servers of a framework; each is stopped (its whole process group) however the block ends."""
+    servers: dict[str, Server] = {}
+    try:
+        for side in SIDES:
+            port = free_port()
+            log = directory / f"{framework}_{side}.log"
+            command = server_command(framework, f"bench_{framework}_{side}", port, directory)
+            with log.open("wb") as out:
+                process = subprocess.Popen(
+                    command,
+                    cwd=directory,
+                    env=server_env(),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                )
+            servers[side] = Server(framework, side, port, process, log)
+        for server in servers.values():
+            wait_ready(server)
+        yield servers
+    finally:
+        for server in servers.values():
+            stop(server)
+
+
+def wait_ready(server: Server, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    last: object = None
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            break
+        try:
+            response = httpx.get(server.url, timeout=2.0)
+            if response.status_code == 200 and response.json() == EXPECTED:
+                return
+            last = (response.status_code, response.content[:200])
+        except httpx.HTTPError as exc:
+            last = exc
+        time.sleep(0.2)
+    raise RuntimeError(
+        f"{server.framework}/{server.side} did not answer {ROUTE} with 200 {EXPECTED} (last: {last!r}); "
+        f"log:\n{server.log.read_text(errors='replace')[-3000:]}"
+    )
+
+
+def stop(server: Server) -> None:
+    process = server.process
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+
+
+# -- load ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Round:
+    requests: int
+    seconds: float
+    errors: int
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+
+_WRK_RPS = re.compile(r"Requests/sec:\s+([\d.]+)")
+_WRK_TOTAL = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m)")
+_WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
+_WRK_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
+_UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def load_wrk(url: str, concurrency: int, duration: float) -> Round:
+    output = subprocess.run(
+        ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{duration:g}s", "--timeout", "5s", url],
+        capture_output=True,
+        text=True,
+        timeout=duration + 30,
+        check=True,
+    ).stdout
+    total = _WRK_TOTAL.search(output)
+    if total is None or _WRK_RPS.search(output) is None:
+        raise RuntimeError(f"unexpected wrk output:\n{output}")
+    errors = 0
+    if (non2xx := _WRK_NON2XX.search(output)) is not None:
+        errors += int(non2xx.group(1))
+    if (socket_errors := _WRK_SOCKET.search(output)) is not None:
+        errors += sum(int(group) for group in socket_errors.groups())
+    return Round(int(total.group(1)), float(total.group(2)) * _UNITS[total.group(3)], errors)
+
+
+def load_python(url: str, concurrency: int, duration: float) -> Round:
+    """``concurrency`` threads, each with its own keep-alive client, for ``duration`` seconds."""
+    counts = [0] * concurrency
+    errors = [0] * concurrency
+    start = threading.Barrier(concurrency + 1)
+    stop_at = [0.0]
+
+    def worker(index: int) -> None:
+        with httpx.Client(timeout=5.0) as client:
+            start.wait()
+            while time.monotonic() < stop_at[0]:
+                try:
+                    response = client.get(url)
+                    if response.status_code == 200:
+                        counts[index] += 1
+                    else:
+                        errors[index] += 1
+                except httpx.HTTPError:
+                    errors[index] += 1
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(concurrency)]
+    for thread in threads:
+        thread.start()
+    began = time.monotonic()
+    stop_at[0] = began + duration
+    start.wait()  # the workers read stop_at only after this
+    for thread in threads:
+        thread.join(timeout=duration + 10)
+    return Round(sum(counts), time.monotonic() - began, sum(errors))
+
+
+# -- the run ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Result:
+    framework: str
+    rounds: dict[str, list[Round]] = field(default_factory=lambda: {side: [] for side in SIDES})
+
+    def median(self, side: str) -> float:
+        return statistics.median(r.rps for r in self.rounds[side])
+
+    @property
+    def overhead(self) -> float:
+        bare = self.median("bare")
+        return (bare - self.median("guarded")) / bare * 100.0
+
+
+def run_framework(framework: str, directory: Path, args: argparse.Namespace, generator: str) -> Result:
+    load = load_wrk if generator == "wrk" else load_python
+    result = Result(framework)
+    with running(framework, directory) as servers:
+        for side in SIDES:  # warm-up: connections opened, code paths hot
+            load(servers[side].url, args.concurrency, args.warmup)
+        for index in range(args.rounds):
+            order = SIDES if index % 2 == 0 else tuple(reversed(SIDES))
+            for side in order:
+                measured = load(servers[side].url, args.concurrency, args.duration)
+                if measured.errors:
+                    raise RuntimeError(
+                        f"{framework}/{side} round {index + 1}: {measured.errors} errors or non-200 answers"
+                    )
+                result.rounds[side].append(measured)
+                print(
+                    f"  {framework:8} round {index + 1} {side:8} {measured.rps:9.1f} req/s",
+                    file=sys.stderr,
+                    flush=True,
+                )
+    return result
+
+
+def versions() -> str:
+    from importlib.metadata import version  # noqa: PLC0415
+
+    names = ("poolguard", "flask", "fastapi", "starlette", "django", "gunicorn", "uvicorn", "sqlalchemy", "psycopg",
+             "asyncpg")  # fmt: skip
+    parts = []
+    for name in names:
+        try:
+            parts.append(f"{name} {version(name)}")
+        except Exception:
+            parts.append(f"{name} ?")
+    return ", ".join(parts) + f", Python {platform.python_version()}"
+
+
+def markdown(results: list[Result], args: argparse.Namespace, generator: str) -> str:
+    lines = [
+        "| app | server | bare req/s (median) | guarded req/s (median) | overhead | bare rounds | guarded rounds |",
+        "|---|---|---:|---:|---:|---|---|",
+    ]
+    servers = {
+        "flask": "gunicorn gthread, 1 worker x 4 threads, psycopg",
+        "fastapi": "uvicorn, 1 worker, asyncpg",
+        "django": "gunicorn gthread, 1 worker x 4 threads, psycopg pool",
+    }
+    for result in results:
+        rounds = {side: ", ".join(f"{r.rps:.0f}" for r in result.rounds[side]) for side in SIDES}
+        lines.append(
+            f"| {result.framework} | {servers[result.framework]} | {result.median('bare'):.0f} | "
+            f"{result.median('guarded'):.0f} | {result.overhead:+.1f} % | {rounds['bare']} | {rounds['guarded']} |"
+        )
+    lines.append("")
+    lines.append(
+        f"Load: {generator}, {args.concurrency} connections, {args.rounds} rounds x {args.duration:g} s per side "
+        f"(after {args.warmup:g} s warm-up), alternating. {versions()}. {os.cpu_count()} CPUs."
+    )
+    return "\n".join(lines)
+
+
+# -- in-process profile ---------------------------------------------------------------------------------
+
+PROFILE_WORKER = "--profile-worker"
+
+
+def profile_worker(framework: str, side: str, directory: Path, requests: int) -> None:
+    """Runs in a process of its own (Django allows one settings module per process)."""
+    import asyncio  # noqa: PLC0415
+    import cProfile  # noqa: PLC0415
+    import pstats  # noqa: PLC0415
+
+    sys.path.insert(0, str(directory))
+    module = f"bench_{framework}_{side}"
+    if framework == "django":
+        os.environ["DJANGO_SETTINGS_MODULE"] = f"bench_django_{side}_settings"
+        import django  # noqa: PLC0415
+
+        django.setup()
+        from django.test import Client  # noqa: PLC0415
+
+        client = Client()
+
+        def one() -> None:
+            assert client.get(ROUTE).status_code == 200
+
+        def many(count: int) -> None:
+            for _ in range(count):
+                one()
+
+    elif framework == "flask":
+        app = __import__(module).app
+        flask_client = app.test_client()
+
+        def many(count: int) -> None:
+            for _ in range(count):
+                assert flask_client.get(ROUTE).status_code == 200
+
+    else:
+        app = __import__(module).app
+        loop = asyncio.new_event_loop()
+        transport = httpx.ASGITransport(app=app)
+        asgi_client = httpx.AsyncClient(transport=transport, base_url="http://bench")
+
+        async def run(count: int) -> None:
+            for _ in range(count):
+                assert (await asgi_client.get(ROUTE)).status_code == 200
+
+        def many(count: int) -> None:
+            loop.run_until_complete(run(count))
+
+    many(max(200, requests // 10))  # warm-up
+    timings = []
+    for _ in range(5):
+        began = time.perf_counter()
+        many(requests)
+        timings.append((time.perf_counter() - began) / requests * 1e6)
+    print(f"{framework} {side}: {statistics.median(timings):.1f} us/request (median of 5 x {requests})", flush=True)
+    if side != "guarded":
+        return
+    profiler = cProfile.Profile()
+    profiler.enable()
+    many(requests)
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=sys.stdout)
+    stats.sort_stats("cumulative").print_stats(r"poolguard", 25)
+    stats.sort_stats("tottime").print_stats(20)
+
+
+def run_profiles(frameworks: list[str], requests: int) -> None:
+    with tempfile.TemporaryDirectory(prefix="poolguard-apps-profile-") as tmp:
+        directory = Path(tmp)
+        write_apps(directory)
+        for framework in frameworks:
+            for side in SIDES:
+                subprocess.run(
+                    [sys.executable, __file__, PROFILE_WORKER, framework, side, str(directory), str(requests)],
+                    env=server_env(),
+                    check=True,
+                    timeout=600,
+                )
+
+
+def main() -> int:
+    if len(sys.argv) == 6 and sys.argv[1] == PROFILE_WORKER:
+        profile_worker(sys.argv[2], sys.argv[3], Path(sys.argv[4]), int(sys.argv[5]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per round and side")
+    parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per server")
+    parser.add_argument("--concurrency", type=int, default=16)
+    parser.add_argument("--frameworks", default=",".join(FRAMEWORKS))
+    parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--json", type=Path, help="also write the raw rounds here")
+    parser.add_argument("--profile", action="store_true", help="profile in-process through the test clients instead")
+    parser.add_argument("--profile-requests", type=int, default=2000)
+    args = parser.parse_args()
+    frameworks = [name.strip() for name in args.frameworks.split(",") if name.strip()]
+    if unknown := sorted(set(frameworks) - set(FRAMEWORKS)):
+        parser.error(f"unknown framework(s) {unknown}; choose from {FRAMEWORKS}")
+    if args.profile:
+        run_profiles(frameworks, args.profile_requests)
+        return 0
+    generator = args.generator
+    if generator == "auto":
+        generator = "wrk" if shutil.which("wrk") else "python"
+    elif generator == "wrk" and not shutil.which("wrk"):
+        parser.error("wrk is not on PATH; use --generator python (or auto)")
+
+    started = datetime.datetime.now(datetime.UTC)
+    print(f"load generator: {generator}", file=sys.stderr)
+    results: list[Result] = []
+    with tempfile.TemporaryDirectory(prefix="poolguard-apps-bench-") as tmp:
+        directory = Path(tmp)
+        write_apps(directory)
+        for framework in frameworks:
+            results.append(run_framework(framework, directory, args, generator))
+    print(f"Run started {started:%Y-%m-%d %H:%M} UTC.")
+    print(markdown(results, args, generator))
+    if args.json is not None:
+        raw = {
+            r.framework: {
+                side: [{"requests": x.requests, "seconds": x.seconds} for x in r.rounds[side]] for side in SIDES
+            }
+            for r in results
+        }
+        args.json.write_text(json.dumps({"started": started.isoformat(), "generator": generator, "results": raw}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
