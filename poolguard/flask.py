@@ -96,6 +96,9 @@ class _AppState:
             if state.error is None:
                 state.error = exc
             return _to_flask(unavailable_response(unavailable))
+        if not response.is_streamed:
+            # Reported now, while the request's span (e.g. OpenTelemetry's) is still open.
+            state.scope.reclaim()
         return response
 
     def close_scope(self, exc: BaseException | None) -> None:

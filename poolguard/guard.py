@@ -397,10 +397,27 @@ class RequestScope(GuardedScope):
             else:
                 self._release()
 
+    def reclaim(self) -> int:
+        """Closes and reports every connection this request still holds; returns how many there were.
+
+        :meth:`close` does it too; adapters call it earlier, once the response is complete, so the
+        leak is reported on the request's span while that is still open. Not before a streamed
+        body: the stream may legitimately hold a connection until it ends.
+        """
+        return self.guard._monitor.reclaim_leftovers(self) if self.held > 0 else 0
+
+    async def areclaim(self) -> int:
+        """The asyncio form of :meth:`reclaim` (closing an asyncio driver connection needs SQLAlchemy's greenlet)."""
+        if self.held == 0:
+            return 0
+        if self.guard.is_async:
+            reclaimed: int = await greenlet_spawn(self.reclaim)
+            return reclaimed
+        return self.reclaim()
+
     def _release(self) -> None:
         try:
-            if self.held > 0:
-                self.guard._monitor.reclaim_leftovers(self)
+            self.reclaim()
         finally:
             _reset(self.guard._monitor.scope_var, self._scope_token)
             _reset(_context.current_unit, self._unit_token)

@@ -149,6 +149,9 @@ class PoolGuardMiddleware:
                     unavailable = _unavailable(exc, self.guard)
                     await _answer(send, unavailable_response(unavailable) if unavailable else _INTERNAL_ERROR)
                     raise
+            elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                # The body is complete: report leftovers while the request's span is still open.
+                await request_scope.areclaim()
             await send(message)
 
         try:

@@ -165,8 +165,9 @@ class PoolTelemetry:
         span = holder.span if holder.span is not None and holder.span.is_recording() else trace.get_current_span()
         if span.is_recording():
             attributes: dict[str, Any] = {POOL_NAME: self.pool_name, "poolguard.held_seconds": round(held_for, 3)}
-            if holder.route is not None:
-                attributes[HTTP_ROUTE] = holder.route
+            route = holder.route or getattr(holder.scope, "route", None)
+            if route is not None:
+                attributes[HTTP_ROUTE] = route
             span.add_event("poolguard.leak_suspected", attributes)
 
     # -- observable instruments -----------------------------------------------------------------
