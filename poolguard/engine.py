@@ -100,6 +100,8 @@ def create_engine(
       timeout (minutes). libpq enforces at least 2 s and whole seconds.
     - ``statement_timeout=30`` s, set server-side: a runaway query is cancelled by the server and gives
       its connection back, instead of holding it until the pool is exhausted. ``None`` turns it off.
+    - ``hide_parameters=True``: bound parameters (user data, secrets) never appear in SQLAlchemy's
+      exception messages, so they cannot leak into logs or spans through an error.
     - ``application_name=service_name``: every connection is attributed to its service in
       ``pg_stat_activity`` (and MySQL's connection attributes), which is what ``poolguard doctor``
       and every DBA look at first.
@@ -234,6 +236,9 @@ def _engine_spec(
         raise ConfigError(f"{caller}.pgbouncer", pgbouncer, "False unless the URL is a PostgreSQL one")
 
     kwargs = dict(engine_kwargs)
+    # SQLAlchemy puts bound parameters into exception messages, which reach logs and tracing
+    # backends (an instrumentation records the exception on the request span): keep them out.
+    kwargs.setdefault("hide_parameters", True)
     user_connect_args = kwargs.pop("connect_args", {})
     if not isinstance(user_connect_args, Mapping):
         raise ConfigError(

@@ -348,3 +348,14 @@ def test_option_errors_never_show_the_password():
     with pytest.raises(ConfigError) as info:
         pg_engine.create_engine("postgresql+psycopg://app:s3cret@db.internal/test", workers=0)
     assert "s3cret" not in str(info.value)
+
+
+def test_bound_parameters_stay_out_of_error_messages(pg_url):
+    engine = pg_engine.create_engine(pg_url)
+    try:
+        with engine.connect() as connection, pytest.raises(sqlalchemy.exc.DataError) as raised:
+            connection.execute(sqlalchemy.text("SELECT CAST(:secret AS text), 1 / 0"), {"secret": "hunter2"})
+        assert "division by zero" in str(raised.value)
+        assert "hunter2" not in str(raised.value)
+    finally:
+        engine.dispose()
