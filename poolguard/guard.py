@@ -450,11 +450,19 @@ def _reset(var: contextvars.ContextVar[Any], token: Token[Any] | None) -> None:
         var.set(token.old_value if token.old_value is not Token.MISSING else None)
 
 
+def has_work(session: Session | AsyncSession) -> bool:
+    """Whether ending the session's unit of work would do anything: a transaction begun, or changes pending."""
+    return session.in_transaction() or bool(session.new or session.dirty or session.deleted)
+
+
 def end_transaction(session: Session, error: BaseException | None) -> None:
     """Commit on success, rollback on error; a failed commit is rolled back before it propagates.
 
     A failing rollback never hides ``error``: the caller's exception is the one worth reporting.
+    A session with nothing begun and nothing pending is left alone: no round trip, no greenlet.
     """
+    if not has_work(session):
+        return
     try:
         if error is None:
             session.commit()
@@ -477,7 +485,7 @@ def finish_session(session: Session, error: BaseException | None) -> None:
 
 async def aend_transaction(session: AsyncSession, error: BaseException | None) -> None:
     """The asyncio form of :func:`end_transaction`; nothing is sent to a cancelled request's connection."""
-    if isinstance(error, asyncio.CancelledError):
+    if isinstance(error, asyncio.CancelledError) or not has_work(session):
         return
     try:
         if error is None:

@@ -43,7 +43,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from poolguard.config import PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
-from poolguard.guard import Guard, RequestScope
+from poolguard.guard import Guard, RequestScope, has_work
 from poolguard.http import HealthToken, HttpResponse, detail_allowed, health_response, unavailable_response
 
 __all__ = ["STATE_KEY", "PoolGuardMiddleware", "get_session", "poolguard_lifespan"]
@@ -289,7 +289,7 @@ async def _commit(request_scope: RequestScope) -> None:
     same object to a background task, whose work :func:`_close` commits at the end of the request.
     A synchronous Session commits in a worker thread so the event loop never blocks on the database.
     """
-    if not request_scope.has_session:
+    if not request_scope.has_session or not has_work(request_scope.session):
         return
     try:
         if _sync_session(request_scope):
@@ -302,7 +302,9 @@ async def _commit(request_scope: RequestScope) -> None:
 
 
 async def _finish(request_scope: RequestScope, error: BaseException | None) -> None:
-    """Commit or roll back and close the session, in a worker thread for a synchronous one."""
+    """Commit or roll back the session's work, in a worker thread for a synchronous one."""
+    if not request_scope.has_session or not has_work(request_scope.session):
+        return
     if _sync_session(request_scope):
         await run_in_threadpool(request_scope.finish, error)
     else:
