@@ -16,7 +16,8 @@ Configured by environment variables only:
 
 Routes: ``GET /`` never touches the database (it keeps answering during an outage), ``GET /items``
 reads, ``POST /items`` with ``{"name": ...}`` writes (committed when the view returns),
-``POST /items/fail`` writes then raises (rolled back), ``GET /health/db`` is poolguard's health route.
+``POST /items/fail`` writes then raises (rolled back), ``GET /health/db`` is poolguard's health route,
+``GET /metrics`` the pool metrics for Prometheus.
 While the database is down or the pool is full, the database routes answer 503 with ``Retry-After``.
 """
 
@@ -30,9 +31,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from fastapi import FastAPI
+from prometheus_client import CollectorRegistry, make_asgi_app
 from pydantic import BaseModel, Field
 
 import poolguard
+import poolguard.prometheus
 from poolguard.config import PoolGuardConfig
 from poolguard.fastapi import DbSession, PoolGuardMiddleware, poolguard_lifespan
 
@@ -69,6 +72,10 @@ async def create_tables(app: FastAPI) -> AsyncIterator[None]:
 # guard and disposes of the engine.
 app = FastAPI(title="poolguard FastAPI example", lifespan=poolguard_lifespan(guard, lifespan=create_tables))
 app.add_middleware(PoolGuardMiddleware, guard=guard)
+# Prometheus scrapes GET /metrics: the pool metrics under Prometheus names (poolguard[prometheus]).
+registry = CollectorRegistry()
+poolguard.prometheus.register(guard, registry=registry)
+app.mount("/metrics", make_asgi_app(registry))
 
 
 class NewItem(BaseModel):

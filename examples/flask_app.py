@@ -16,7 +16,8 @@ Configured by environment variables only:
 
 Routes: ``GET /`` never touches the database (it keeps answering during an outage), ``GET /items``
 reads, ``POST /items`` with ``{"name": ...}`` writes (committed when the view returns),
-``POST /items/fail`` writes then raises (rolled back), ``GET /health/db`` is poolguard's health view.
+``POST /items/fail`` writes then raises (rolled back), ``GET /health/db`` is poolguard's health view,
+``GET /metrics`` the pool metrics for Prometheus.
 While the database is down or the pool is full, the database routes answer 503 with ``Retry-After``.
 """
 
@@ -28,8 +29,11 @@ from typing import Any
 
 import sqlalchemy as sa
 from flask import Flask, abort, request
+from prometheus_client import CollectorRegistry, make_wsgi_app
+from werkzeug.middleware.dispatcher import DispatcherMiddleware
 
 import poolguard
+import poolguard.prometheus
 from poolguard.config import PoolGuardConfig
 from poolguard.flask import PoolGuard, db
 
@@ -61,6 +65,10 @@ def create_app(database_url: str = DATABASE_URL) -> Flask:
 
     app = Flask(__name__)
     PoolGuard(app, guard)
+    # Prometheus scrapes GET /metrics: the pool metrics under Prometheus names (poolguard[prometheus]).
+    registry = CollectorRegistry()
+    poolguard.prometheus.register(guard, registry=registry)
+    app.wsgi_app = DispatcherMiddleware(app.wsgi_app, {"/metrics": make_wsgi_app(registry)})  # type: ignore[method-assign]
 
     @app.get("/")
     def index() -> dict[str, Any]:

@@ -20,9 +20,10 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from contextvars import ContextVar, Token
 from typing import Any, Final, cast
 
-from flask import Flask, Response, current_app, g, has_app_context, has_request_context, request
+from flask import Flask, Response, current_app, has_app_context, has_request_context, request
 from flask import typing as ft
 from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
@@ -42,7 +43,6 @@ EXTENSION_KEY: Final = "poolguard"
 HEALTH_ENDPOINT: Final = "poolguard_health"
 """The endpoint name of the health view (for ``url_for``)."""
 
-_G_KEY: Final = "_poolguard_request"
 _CONFIG_PREFIX: Final = "POOLGUARD_"
 _BREAKER_PREFIX: Final = "BREAKER_"
 
@@ -50,13 +50,22 @@ logger = logging.getLogger("poolguard")
 
 
 class _RequestState:
-    """The unit of work of one request, and the exception its view raised (handled or not)."""
+    """The unit of work of one request, and the exception its view raised (handled or not).
 
-    __slots__ = ("error", "scope")
+    Kept in a contextvar rather than ``flask.g``: every ``g`` access goes through a LocalProxy, and
+    a request touches this state five times or more (the per-request path is the hot path).
+    """
 
-    def __init__(self, scope: RequestScope) -> None:
+    __slots__ = ("app_state", "error", "scope", "token")
+
+    def __init__(self, app_state: _AppState, scope: RequestScope) -> None:
+        self.app_state = app_state
         self.scope = scope
         self.error: BaseException | None = None
+        self.token: Token[_RequestState | None] | None = None
+
+
+_current_request: ContextVar[_RequestState | None] = ContextVar("poolguard_flask_request", default=None)
 
 
 class _AppState:
@@ -71,11 +80,16 @@ class _AppState:
 
     def open_scope(self) -> None:
         """Opens the request's unit of work; cheap, since nothing touches the pool until ``db`` is used."""
-        if request.endpoint == HEALTH_ENDPOINT:
+        current = request._get_current_object()  # type: ignore[attr-defined]
+        if current.endpoint == HEALTH_ENDPOINT:
             return
-        rule = request.url_rule
-        scope = self.guard.request_scope(route=rule.rule if rule is not None else None)
-        setattr(g, _G_KEY, _RequestState(scope.open()))
+        rule = current.url_rule
+        state = _RequestState(self, self.guard.request_scope(route=rule.rule if rule is not None else None).open())
+        state.token = _current_request.set(state)
+
+    def _state(self) -> _RequestState | None:
+        state = _current_request.get()
+        return state if state is not None and state.app_state is self else None
 
     def finish_scope(self, response: Response) -> Response:
         """Commits (or rolls back) before the response leaves, so a failed commit is never a lost 200.
@@ -84,7 +98,7 @@ class _AppState:
         Flask's 500 handling. The session is finished before a streamed body is sent, so no
         connection sits idle in a transaction while a slow client reads.
         """
-        state: _RequestState | None = g.get(_G_KEY)
+        state = self._state()
         if state is None:
             return response
         try:
@@ -103,9 +117,14 @@ class _AppState:
 
     def close_scope(self, exc: BaseException | None) -> None:
         """Runs even when the request failed: the connection always goes back to the pool."""
-        state: _RequestState | None = g.pop(_G_KEY, None)
+        state = self._state()
         if state is None:
             return
+        if state.token is not None:
+            try:
+                _current_request.reset(state.token)
+            except ValueError:  # ended in another context (a streamed body): just forget it
+                _current_request.set(None)
         try:
             state.scope.close(exc or state.error)
         except Exception as error:
@@ -118,7 +137,7 @@ class _AppState:
             )
 
     def record_error(self, error: BaseException) -> None:
-        state: _RequestState | None = g.get(_G_KEY)
+        state = self._state()
         if state is not None and state.error is None:
             state.error = error
 
@@ -314,7 +333,7 @@ def _current_session() -> Session:
             "poolguard.flask.db is the session of the current request, and no request is being handled here. "
             "Outside a request (CLI commands, jobs), use 'with get_guard(app).session() as session:'."
         )
-    state: _RequestState | None = g.get(_G_KEY)
+    state = _current_request.get()
     if state is None:
         if EXTENSION_KEY not in current_app.extensions:
             raise RuntimeError(

@@ -50,7 +50,10 @@ C = TypeVar("C", Connection, AsyncConnection)
 
 
 class Guard:
-    """Guards one SQLAlchemy Engine or AsyncEngine.
+    """Guards one pool: a SQLAlchemy Engine or AsyncEngine, or any :class:`~poolguard.pools.PoolAdapter`.
+
+    Sessions and connection blocks need a SQLAlchemy engine; health, stats, the breaker and
+    admission work for every pool kind (Django's connections use them through their adapter).
 
     Options (keyword-only): ``name`` names the pool in health, metrics and logs; ``max_wait`` is the
     most a unit of work waits for connections in total before PoolSaturated (0: never wait);
@@ -247,7 +250,7 @@ class Guard:
             ping=ping,
             max_wait=self.max_wait,
             breaker_failure_rate=round(breaker.failure_rate, 4) if breaker else None,
-            breaker_retry_after=_round_up(breaker.retry_after) if breaker else None,
+            breaker_retry_after=_rounded(breaker.retry_after) if breaker else None,
         )
 
     def _ping_blocking(self) -> PingResult:
@@ -305,7 +308,7 @@ def _no_sessions() -> Session:
     raise TypeError("guard.session() needs a Guard over a SQLAlchemy engine; this one watches another pool kind")
 
 
-def _round_up(seconds: float | None) -> float | None:
+def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 

@@ -138,7 +138,7 @@ class PoolMonitor:
                 raise
         except BaseException as exc:
             if span is not None:
-                telemetry.end_checkout(span, _outcome(exc))  # type: ignore[union-attr]
+                PoolTelemetry.end_checkout(span, _outcome(exc))
             raise
         now = self.clock()
         wait = now - start
@@ -206,7 +206,7 @@ class PoolMonitor:
 
     def _count_shed(self, exc: Unavailable) -> None:
         with self._counter_lock:
-            self.shed[exc.reason] += 1
+            self.shed[exc.reason] = self.shed.get(exc.reason, 0) + 1
         if self.telemetry is not None:
             self.telemetry.request_shed(exc.reason)
 

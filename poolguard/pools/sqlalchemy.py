@@ -1,9 +1,9 @@
 """SQLAlchemy Engine and AsyncEngine pools behind the pool protocol.
 
 SQLAlchemy has events for checkout, checkin and new connections, but none before a checkout
-starts waiting, and that wait is what matters most. So the pool's ``connect`` is wrapped (an
-instance attribute, nothing patched on the class) and re-wrapped when ``engine.dispose()``
-replaces the pool. Everything else uses the engine's public events, which SQLAlchemy keeps across
+starts waiting, and that wait is what matters most. So the pool object gets a subclass of its own
+class whose ``connect`` goes through the monitor (see :meth:`SQLAlchemyPool._guard_pool`).
+Everything else uses the engine's pool and dialect events, which SQLAlchemy keeps across
 ``dispose()``. Async engines run the same code: their pool is synchronous code inside a greenlet,
 and admission waits there through ``await_only`` without blocking the event loop.
 """

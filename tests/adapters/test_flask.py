@@ -184,8 +184,8 @@ def register_routes(app: Flask) -> None:
 
     @app.get("/orders/<int:order_id>")
     def order(order_id: int) -> dict[str, Any]:
-        state = flask.g.get(pg_flask._G_KEY)
-        return {"route": state.scope.route if state else None, "id": order_id}
+        scope = get_guard().monitor.scope_var.get()
+        return {"route": scope.route if scope else None, "id": order_id}
 
 
 def checked_out(guard: Guard) -> int:
@@ -416,7 +416,7 @@ def test_health_from_flask_config_and_no_scope(guard: Guard) -> None:
 
     @app.after_request
     def record(response: flask.Response) -> flask.Response:
-        scopes.append(flask.g.get(pg_flask._G_KEY))
+        scopes.append(guard.monitor.scope_var.get())
         return response
 
     client = app.test_client()

@@ -134,6 +134,7 @@ def test_example_app_commits_rolls_back_and_reports_health(
         listed = http.get("/items")
         health = http.get("/health/db")
         invalid = http.post("/items", json={"name": ""})
+        scraped = http.get("/metrics/")
     assert created.status_code == 201
     assert created.json()["name"] == "kept"
     assert failed.status_code == 500
@@ -141,6 +142,9 @@ def test_example_app_commits_rolls_back_and_reports_health(
     assert health.status_code == 200
     assert health.content == b'{"status":"ok"}'
     assert invalid.status_code == 422
+    assert scraped.status_code == 200
+    assert 'db_client_connection_wait_time_seconds_count{pool_name="primary"}' in scraped.text
+    assert 'db_client_connection_use_time_seconds_count{pool_name="primary",route="/items"}' in scraped.text
     assert stored_names(observer, items_table) == ["kept"]
     assert idle_in_transaction(observer) == 0
 

@@ -140,6 +140,11 @@ def test_commit_rollback_and_health(start_server: Callable[[dict[str, str]], str
         assert health.json() == {"status": "ok"}
         assert health.headers["cache-control"] == "no-store"
 
+        scraped = client.get("/metrics")
+        assert scraped.status_code == 200
+        assert 'db_client_connection_wait_time_seconds_count{pool_name="primary"}' in scraped.text
+        assert 'db_client_connection_use_time_seconds_count{pool_name="primary",route="/items"}' in scraped.text
+
     with observer.connect() as connection:
         stuck = connection.execute(
             text(
