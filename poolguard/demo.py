@@ -36,7 +36,6 @@ from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
 from poolguard.breaker import Breaker, BreakerState
-from poolguard.errors import Unavailable
 from poolguard.guard import Guard
 
 __all__ = [
@@ -217,8 +216,8 @@ class ExampleApp:
     """The service under test: ``/orders/{id}`` needs the database, ``/status`` does not.
 
     With ``guard`` None it runs the way most services do (a Session per request on the bare
-    engine); with a guard it runs the way the adapters do (``guard.request_scope``). Either way an
-    ``Unavailable`` becomes a 503 and any other exception a 500, as the HTTP adapters answer.
+    engine); with a guard it runs the way the adapters do (``guard.request_scope``), and answers as
+    they do: 503 for ``Unavailable`` or a connection failure the breaker counted, 500 otherwise.
     """
 
     def __init__(self, engine: Engine, guard: Guard | None, *, hold: float) -> None:
@@ -237,9 +236,12 @@ class ExampleApp:
             else:
                 with self.guard.request_scope(route="/orders/{id}") as scope:
                     self._work(scope.session)
-        except Unavailable as exc:
-            return Outcome(SHED, exc.reason)
         except Exception as exc:
+            # What the adapters answer: 503 for Unavailable and for a connection failure the
+            # breaker counted (guard.unavailable_for), 500 for anything else.
+            unavailable = self.guard.unavailable_for(exc) if self.guard is not None else None
+            if unavailable is not None:
+                return Outcome(SHED, unavailable.reason)
             return Outcome(ERROR, type(exc).__name__)
         return Outcome(OK)
 
