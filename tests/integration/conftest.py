@@ -33,19 +33,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine  # noqa: E402
 
 import poolguard  # noqa: E402
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to (for leak thresholds and breaker intervals)."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.clock import FakeClock  # noqa: E402
 
 
 @pytest.fixture

@@ -23,23 +23,11 @@ from opentelemetry.trace import Tracer
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import poolguard
+from tests.support.clock import FakeClock
 
 PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 PG_ASYNC_URL = "postgresql+asyncpg://root@127.0.0.1:5432/test"
 POOL_NAME = "db.client.connection.pool.name"
-
-
-class FakeClock:
-    """A monotonic clock that moves only when told to (leak thresholds without sleeping)."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
 
 
 @dataclass

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.support.clock import FakeClock
 
-class FakeClock:
-    """A monotonic clock driven by hand: ``clock()`` reads it, ``clock.advance(s)`` moves it."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+__all__ = ["FakeClock"]
 
 
 @pytest.fixture

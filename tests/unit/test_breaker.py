@@ -11,19 +11,7 @@ import pytest
 
 from poolguard.breaker import Breaker, BreakerState
 from poolguard.errors import CircuitOpen, ConfigError, Unavailable
-
-
-class FakeClock:
-    """A monotonic clock that only moves when told to."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
-
-    def advance(self, seconds: float) -> None:
-        self.now += seconds
+from tests.support.clock import FakeClock
 
 
 @pytest.fixture
