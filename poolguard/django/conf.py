@@ -97,9 +97,12 @@ class PoolGuardState:
         self.config = config = loaded.config
         self.guards: dict[str, Guard] = {}
         self.guard: Guard | None = None
+        self.alias_monitors: tuple[PoolMonitor, ...] = ()
+        """The monitors each request opens a scope on, built once (the per-request path reads them)."""
         try:
             for alias in config.databases:
                 self.guards[alias] = Guard(DjangoPool(alias, handler=handler), name=alias, **config.guard_options())
+            self.alias_monitors = tuple(guard.monitor for guard in self.guards.values())
             if config.sqlalchemy is not None:
                 self.guard = _make_guard(config)
         except BaseException:
@@ -119,6 +122,7 @@ class PoolGuardState:
         for guard in self.guards.values():
             guard.close()
         self.guards.clear()
+        self.alias_monitors = ()
         if self.guard is not None:
             self.guard.close()
             engine = self.guard.engine
@@ -186,7 +190,7 @@ class RequestWork:
         self.state = state
         self.error: BaseException | None = None
         self._tokens: list[tuple[PoolMonitor, AliasScope, Token[GuardedScope | None]]] = []
-        for monitor in state.monitors.values():
+        for monitor in state.alias_monitors:
             scope = AliasScope(route)
             self._tokens.append((monitor, scope, monitor.scope_var.set(scope)))
         self.sqlalchemy: RequestScope | None = state.guard.request_scope(route).open() if state.guard else None
