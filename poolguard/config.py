@@ -51,6 +51,8 @@ class PoolGuardConfig:
     breaker: Mapping[str, Any] | bool = True
     databases: tuple[str, ...] = ("default",)
     sqlalchemy: Mapping[str, Any] | None = None
+    tracer_provider: Any = None
+    meter_provider: Any = None
     _sources: tuple[str, ...] = field(default=(), repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -78,6 +80,12 @@ class PoolGuardConfig:
             if unknown:
                 raise ConfigError("breaker", unknown[0], "breaker options: " + ", ".join(_BREAKER_OPTIONS))
             self.make_breaker()
+        for name, provider, method in (
+            ("tracer_provider", self.tracer_provider, "get_tracer"),
+            ("meter_provider", self.meter_provider, "get_meter"),
+        ):
+            if provider is not None and not callable(getattr(provider, method, None)):
+                raise ConfigError(name, type(provider).__name__, f"an OpenTelemetry {name} (with {method}()) or None")
         if not self.databases or not all(isinstance(alias, str) and alias for alias in self.databases):
             raise ConfigError("databases", self.databases, "a non-empty list of database aliases")
 
@@ -96,6 +104,8 @@ class PoolGuardConfig:
             "capture_stacks": self.capture_stacks,
             "ping_timeout": self.ping_timeout,
             "breaker": self.make_breaker(),
+            "tracer_provider": self.tracer_provider,
+            "meter_provider": self.meter_provider,
         }
 
     @classmethod

@@ -54,7 +54,9 @@ STATE_KEY: Final = "poolguard"
 """The key of the request's :class:`RequestScope` in ``scope["state"]`` (``request.state.poolguard``)."""
 
 _ADAPTER_OPTIONS: Final = ("health_path", "health_detail", "health_token")
-_GUARD_OPTIONS: Final = frozenset({"max_wait", "leak_threshold", "capture_stacks", "ping_timeout", "breaker"})
+_GUARD_OPTIONS: Final = frozenset(
+    {"max_wait", "leak_threshold", "capture_stacks", "ping_timeout", "breaker", "tracer_provider", "meter_provider"}
+)
 _INTERNAL_ERROR: Final = HttpResponse(
     status=500, headers=(("Content-Type", "text/plain; charset=utf-8"),), body=b"Internal Server Error"
 )
