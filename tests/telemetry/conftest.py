@@ -8,6 +8,7 @@ checked out, then closes the guards and disposes the engines.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,9 +21,11 @@ from opentelemetry.sdk.trace import ReadableSpan, TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import Tracer
+from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import poolguard
+from poolguard import Guard, PoolSaturated
 from tests.support.clock import FakeClock
 
 PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
@@ -140,3 +143,31 @@ async def async_guard_on(otel: Otel) -> AsyncIterator[Callable[..., poolguard.Gu
         guard.close()
         await sa_engine.dispose()
     assert not problems, problems
+
+
+def saturate(guard: Guard, *, users: int, route: str, hold: float) -> list[str]:
+    """``users`` threads start a request at once, each holding a connection ``hold`` seconds on PostgreSQL.
+
+    Returns each request's outcome: "ok" or "saturated" (PoolSaturated).
+    """
+    barrier = threading.Barrier(users)
+    results: list[str] = []
+    lock = threading.Lock()
+
+    def request() -> None:
+        barrier.wait()
+        try:
+            with guard.request_scope(route=route) as scope:
+                scope.session.execute(text("SELECT pg_sleep(:hold)"), {"hold": hold})
+            outcome = "ok"
+        except PoolSaturated:
+            outcome = "saturated"
+        with lock:
+            results.append(outcome)
+
+    threads = [threading.Thread(target=request) for _ in range(users)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    return results

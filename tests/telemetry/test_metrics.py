@@ -7,7 +7,6 @@ Every instrument of API.md: its type (histogram, monotonic sum, non-monotonic su
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -17,7 +16,7 @@ from sqlalchemy import exc, text
 
 from poolguard import Breaker, CircuitOpen, Guard, PoolSaturated
 from poolguard.telemetry import DURATION_BUCKETS
-from tests.telemetry.conftest import POOL_NAME, FakeClock, Otel, point
+from tests.telemetry.conftest import POOL_NAME, FakeClock, Otel, point, saturate
 
 pytestmark = pytest.mark.postgres
 
@@ -106,26 +105,7 @@ def test_values_match_a_known_run(otel: Otel, guard_on: GuardFactory):
 
 def test_saturation_run_counts_timeouts_sheds_and_waits(otel: Otel, guard_on: GuardFactory):
     guard = guard_on(max_wait=0.2)
-    barrier = threading.Barrier(10)
-    results: list[str] = []
-    lock = threading.Lock()
-
-    def request() -> None:
-        barrier.wait()
-        try:
-            with guard.request_scope(route="/slow") as scope:
-                scope.session.execute(text("SELECT pg_sleep(0.4)"))
-            outcome = "ok"
-        except PoolSaturated:
-            outcome = "saturated"
-        with lock:
-            results.append(outcome)
-
-    threads = [threading.Thread(target=request) for _ in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    results = saturate(guard, users=10, route="/slow", hold=0.4)
     served, saturated = results.count("ok"), results.count("saturated")
     assert served + saturated == 10
     assert saturated >= 5

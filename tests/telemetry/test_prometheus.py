@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import threading
 from collections.abc import Callable
 
 import pytest
@@ -16,7 +15,7 @@ import poolguard.prometheus
 from poolguard import Breaker, CircuitOpen, ConfigError, Guard, PoolSaturated
 from poolguard.prometheus import PoolGuardCollector
 from poolguard.telemetry import DURATION_BUCKETS
-from tests.telemetry.conftest import POOL_NAME, Otel, point
+from tests.telemetry.conftest import POOL_NAME, Otel, point, saturate
 
 pytestmark = pytest.mark.postgres
 
@@ -105,26 +104,7 @@ def test_names_types_and_labels_after_a_known_run(guard_on: GuardFactory, regist
 def test_saturation_run_timeouts_and_sheds(guard_on: GuardFactory, registry: CollectorRegistry):
     guard = guard_on(max_wait=0.2)
     poolguard.prometheus.register(guard, registry)
-    barrier = threading.Barrier(10)
-    results: list[str] = []
-    lock = threading.Lock()
-
-    def request() -> None:
-        barrier.wait()
-        try:
-            with guard.request_scope(route="/slow") as scope:
-                scope.session.execute(text("SELECT pg_sleep(0.4)"))
-            outcome = "ok"
-        except PoolSaturated:
-            outcome = "saturated"
-        with lock:
-            results.append(outcome)
-
-    threads = [threading.Thread(target=request) for _ in range(10)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(30)
+    results = saturate(guard, users=10, route="/slow", hold=0.4)
     saturated = results.count("saturated")
     assert saturated >= 5
     scrape = Scrape(registry)
