@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from contextvars import ContextVar
+from contextvars import ContextVar, Token
 from typing import Protocol
 
 
@@ -29,11 +29,24 @@ def in_transaction() -> bool:
     return unit is not None and unit.in_transaction()
 
 
+def enter_transaction() -> Token[int]:
+    """Marks the code from here on as running inside an open unit of work; pass the token to leave it."""
+    return _transaction_depth.set(_transaction_depth.get() + 1)
+
+
+def leave_transaction(token: Token[int]) -> None:
+    """Undoes :func:`enter_transaction` (also from a copy of the context, where ``reset`` cannot)."""
+    try:
+        _transaction_depth.reset(token)
+    except ValueError:
+        _transaction_depth.set(max(0, _transaction_depth.get() - 1))
+
+
 @contextmanager
 def transaction_open() -> Iterator[None]:
     """Marks the enclosed code as running inside an open unit of work."""
-    token = _transaction_depth.set(_transaction_depth.get() + 1)
+    token = enter_transaction()
     try:
         yield
     finally:
-        _transaction_depth.reset(token)
+        leave_transaction(token)

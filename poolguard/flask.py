@@ -50,18 +50,17 @@ logger = logging.getLogger("poolguard")
 
 
 class _RequestState:
-    """The unit of work of one request, and the exception its view raised (handled or not).
+    """The unit of work of one request (which remembers the exception its view raised, handled or not).
 
     Kept in a contextvar rather than ``flask.g``: every ``g`` access goes through a LocalProxy, and
     a request touches this state five times or more (the per-request path is the hot path).
     """
 
-    __slots__ = ("app_state", "error", "scope", "token")
+    __slots__ = ("app_state", "scope", "token")
 
     def __init__(self, app_state: _AppState, scope: RequestScope) -> None:
         self.app_state = app_state
         self.scope = scope
-        self.error: BaseException | None = None
         self.token: Token[_RequestState | None] | None = None
 
 
@@ -102,13 +101,12 @@ class _AppState:
         if state is None:
             return response
         try:
-            state.scope.finish(state.error)
+            state.scope.finish()
         except Exception as exc:
             unavailable = self.guard.unavailable_for(exc)
             if unavailable is None:
                 raise
-            if state.error is None:
-                state.error = exc
+            state.scope.fail(exc)
             return _to_flask(unavailable_response(unavailable))
         if not response.is_streamed:
             # Reported now, while the request's span (e.g. OpenTelemetry's) is still open.
@@ -126,7 +124,7 @@ class _AppState:
             except ValueError:  # ended in another context (a streamed body): just forget it
                 _current_request.set(None)
         try:
-            state.scope.close(exc or state.error)
+            state.scope.close(exc)
         except Exception as error:
             # Teardown must not raise; reached only when ``db`` was used after the response was made
             # (inside a streamed body). The class name only: messages may carry SQL parameters.
@@ -138,8 +136,8 @@ class _AppState:
 
     def record_error(self, error: BaseException) -> None:
         state = self._state()
-        if state is not None and state.error is None:
-            state.error = error
+        if state is not None:
+            state.scope.fail(error)
 
     def health(self) -> Response:
         config = self.config

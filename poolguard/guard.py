@@ -356,7 +356,8 @@ class RequestScope(GuardedScope):
         For errors a framework turns into a response before the adapter sees them (``abort(409)``,
         FastAPI's ``HTTPException``): the endpoint raised, so its writes must not be committed.
         """
-        self._failure = error
+        if self._failure is None:
+            self._failure = error
 
     def finish(self, error: BaseException | None = None) -> None:
         """Ends the transaction now: commit (rollback on ``error`` or after :meth:`fail`).
@@ -550,17 +551,22 @@ class _UnitBlock:
     def _open_unit(self) -> None:
         """Joins the current scope of this guard (a request) or opens one of its own; marks a transaction."""
         _, self._own_scope = self._guard._enter_scope()
-        self._tx = _context._transaction_depth.set(_context._transaction_depth.get() + 1)
+        self._tx = _context.enter_transaction()
 
     def _leave(self) -> None:
-        _reset(_context._transaction_depth, self._tx)
+        self._leave_transaction()
         if self._own_scope is not None:
             self._own_scope.close()
 
     async def _aleave(self) -> None:
-        _reset(_context._transaction_depth, self._tx)
+        self._leave_transaction()
         if self._own_scope is not None:
             await self._own_scope.aclose()
+
+    def _leave_transaction(self) -> None:
+        if self._tx is not None:
+            _context.leave_transaction(self._tx)
+            self._tx = None
 
 
 class SessionBlock(_UnitBlock, Generic[S]):

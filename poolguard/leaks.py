@@ -108,6 +108,11 @@ class LeakTracker:
         self.sweep()
         return len(self._suspected)
 
+    @property
+    def held(self) -> int:
+        """How many connections are checked out now (a count, without copying the holders)."""
+        return len(self._holders) + len(self._suspected)
+
     def holders(self) -> list[Holder]:
         """A copy of every current holder, oldest first."""
         with self._lock:

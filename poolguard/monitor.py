@@ -114,9 +114,6 @@ class PoolMonitor:
         """Starts sending every wait, use and create time to ``observer`` as well."""
         self.observers = (*self.observers, observer)
 
-    def remove_observer(self, observer: CheckoutObserver) -> None:
-        self.observers = tuple(o for o in self.observers if o is not observer)
-
     def _mean_use(self) -> float:
         return self.mean_use.value
 

@@ -47,9 +47,6 @@ class SlidingWindow:
         last = len(samples) - 1
         return tuple(samples[min(last, max(0, math.ceil(q * len(samples)) - 1))] for q in fractions)
 
-    def clear(self) -> None:
-        self._times = [-math.inf] * self._size
-
 
 class Ewma:
     """An exponentially weighted moving average: a cheap live estimate for admission decisions."""

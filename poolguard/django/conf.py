@@ -184,11 +184,10 @@ def _make_guard(config: PoolGuardConfig) -> Guard:
 class RequestWork:
     """One request's scopes: one per guarded alias, and the SQLAlchemy request scope when configured."""
 
-    __slots__ = ("_tokens", "error", "sqlalchemy", "state")
+    __slots__ = ("_tokens", "sqlalchemy", "state")
 
     def __init__(self, state: PoolGuardState, route: str | None) -> None:
         self.state = state
-        self.error: BaseException | None = None
         self._tokens: list[tuple[PoolMonitor, AliasScope, Token[GuardedScope | None]]] = []
         for monitor in state.alias_monitors:
             scope = AliasScope(route)
@@ -201,16 +200,21 @@ class RequestWork:
         if self.sqlalchemy is not None:
             self.sqlalchemy.route = route
 
+    def fail(self, error: BaseException) -> None:
+        """The view raised: the SQLAlchemy session rolls back (Django's ORM keeps its own rules)."""
+        if self.sqlalchemy is not None:
+            self.sqlalchemy.fail(error)
+
     def finish_session(self) -> None:
         """Commits the SQLAlchemy session (rollback when the view raised); blocking, so a thread under ASGI."""
         if self.sqlalchemy is not None:
-            self.sqlalchemy.finish(self.error)
+            self.sqlalchemy.finish()
 
     def close(self) -> None:
         """Ends the request: the SQLAlchemy scope, then each alias's checkout; leaves the contexts."""
         try:
             if self.sqlalchemy is not None:
-                self.sqlalchemy.close(self.error)
+                self.sqlalchemy.close()
         finally:
             for monitor, scope, token in reversed(self._tokens):
                 if scope.checked_out:

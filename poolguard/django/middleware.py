@@ -91,7 +91,7 @@ class PoolGuardMiddleware:
         try:
             response = self.get_response(request)
         except BaseException as exc:
-            work.error = work.error or exc
+            work.fail(exc)
             work.close()
             raise
         return self._finish(work, response, work.close)
@@ -107,7 +107,7 @@ class PoolGuardMiddleware:
         try:
             response = await get_response(request)
         except BaseException as exc:
-            work.error = work.error or exc
+            work.fail(exc)
             await self._aclose(work)
             raise
         try:
@@ -151,6 +151,6 @@ class PoolGuardMiddleware:
         work: RequestWork | None = getattr(request, _REQUEST_ATTRIBUTE, None)
         if work is None:
             return None
-        work.error = exception
+        work.fail(exception)
         converted = work.state.unavailable_http(exception)
         return None if converted is None else to_django(converted)

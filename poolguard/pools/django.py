@@ -148,7 +148,7 @@ class DjangoPool:
             return PoolCounts(
                 size=self.max_size, max_overflow=0, checked_out=max(0, opened - available), idle=available, overflow=0
             )
-        held = len(self._monitor.leaks.holders()) if self._monitor is not None else 0
+        held = self._monitor.leaks.held if self._monitor is not None else 0
         return PoolCounts(size=None, max_overflow=None, checked_out=held, idle=0, overflow=0)
 
     def ping(self) -> None:

@@ -151,7 +151,7 @@ class SQLAlchemyPool:
                 idle=pool.checkedin(),
                 overflow=max(0, pool.overflow()),
             )
-        held = len(self._monitor.leaks.holders()) if self._monitor is not None else 0
+        held = self._monitor.leaks.held if self._monitor is not None else 0
         return PoolCounts(size=None, max_overflow=None, checked_out=held, idle=0, overflow=0)
 
     def ping(self) -> None:

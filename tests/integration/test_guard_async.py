@@ -16,6 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 from sqlalchemy.pool import NullPool
 
 from poolguard import Breaker, BreakerState, CircuitOpen, Guard, PoolSaturated
+from tests.integration.helpers import assert_nothing_checked_out, assert_shed_within_budget
 
 pytestmark = pytest.mark.postgres
 
@@ -71,11 +72,6 @@ async def ids(observer: AsyncEngine, table: str) -> list[int]:
 
 def insert(table: str, id_: int) -> Any:
     return text(f"INSERT INTO {table} (id) VALUES (:id)").bindparams(id=id_)
-
-
-def assert_nothing_checked_out(guard: Guard, engine: AsyncEngine) -> None:
-    assert guard.stats().checked_out == 0
-    assert engine.sync_engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 async def test_session_commits_on_success(
@@ -199,20 +195,7 @@ async def test_saturated_pool_sheds_within_max_wait_and_keeps_the_breaker_closed
 
     results = await asyncio.wait_for(asyncio.gather(*(request() for _ in range(20))), 45)
 
-    assert [error for outcome, _, error in results if outcome == "error"] == []
-    served = [seconds for outcome, seconds, _ in results if outcome == "ok"]
-    shed = [(seconds, error) for outcome, seconds, error in results if outcome == "saturated"]
-    assert len(served) >= 2
-    assert len(shed) >= 10
-    for seconds, error in shed:
-        assert seconds < 1.0, f"PoolSaturated after {seconds:.2f}s; max_wait is 0.5s"
-        assert isinstance(error, PoolSaturated)
-        assert error.retry_after >= 1
-    assert guard.stats().timeouts == len(shed)
-    assert guard.breaker is not None
-    assert guard.breaker.state is BreakerState.CLOSED
-    assert guard.breaker.failure_rate == 0.0
-    assert_nothing_checked_out(guard, engine)
+    assert_shed_within_budget(results, guard, engine)
 
 
 async def test_cancelled_task_gives_its_connection_back(

@@ -14,6 +14,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.pool import NullPool
 
 from poolguard import Breaker, BreakerState, Guard, PoolSaturated
+from tests.integration.helpers import assert_nothing_checked_out, assert_shed_within_budget
 
 pytestmark = pytest.mark.mariadb
 
@@ -48,11 +49,6 @@ def ids(observer: sqlalchemy.Engine, table: str) -> list[int]:
 
 def insert(table: str, id_: int) -> Any:
     return text(f"INSERT INTO {table} (id) VALUES (:id)").bindparams(id=id_)
-
-
-def assert_nothing_checked_out(guard: Guard, engine: sqlalchemy.Engine) -> None:
-    assert guard.stats().checked_out == 0
-    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 def test_session_commits_and_rolls_back(
@@ -125,19 +121,7 @@ def test_saturated_pool_sheds_within_max_wait(make_guard: GuardFactory, engine: 
         thread.join(timeout=45)
     assert not any(thread.is_alive() for thread in threads)
 
-    assert [error for outcome, _, error in results if outcome == "error"] == []
-    served = [seconds for outcome, seconds, _ in results if outcome == "ok"]
-    shed = [(seconds, error) for outcome, seconds, error in results if outcome == "saturated"]
-    assert len(served) >= 2
-    assert len(shed) >= 10
-    for seconds, error in shed:
-        assert seconds < 1.0, f"PoolSaturated after {seconds:.2f}s; max_wait is 0.5s"
-        assert isinstance(error, PoolSaturated)
-        assert error.retry_after >= 1
-    assert guard.stats().timeouts == len(shed)
-    assert guard.breaker is not None
-    assert guard.breaker.state is BreakerState.CLOSED
-    assert_nothing_checked_out(guard, engine)
+    assert_shed_within_budget(results, guard, engine)
 
 
 def test_health_is_ok(make_guard: GuardFactory, engine: sqlalchemy.Engine):

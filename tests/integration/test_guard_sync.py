@@ -23,6 +23,8 @@ from sqlalchemy import event, exc, text
 from sqlalchemy.pool import NullPool
 
 from poolguard import Breaker, BreakerState, CircuitOpen, ConfigError, Guard, PoolSaturated
+from tests.integration.helpers import assert_nothing_checked_out, assert_shed_within_budget
+from tests.support.contract import HEALTH_POOL_KEYS
 
 pytestmark = pytest.mark.postgres
 
@@ -82,11 +84,6 @@ def ids(observer: sqlalchemy.Engine, table: str) -> list[int]:
 
 def insert(table: str, id_: int, parent: int | None = None) -> Any:
     return text(f"INSERT INTO {table} (id, parent) VALUES (:id, :parent)").bindparams(id=id_, parent=parent)
-
-
-def assert_nothing_checked_out(guard: Guard, engine: sqlalchemy.Engine) -> None:
-    assert guard.stats().checked_out == 0
-    assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]
 
 
 def open_breaker(guard: Guard) -> None:
@@ -260,24 +257,8 @@ def test_saturated_pool_sheds_within_max_wait_and_keeps_the_breaker_closed(
 
     results = run_concurrently(20, request)
 
-    errors = [error for outcome, _, error in results if outcome == "error"]
-    assert errors == []
-    served = [seconds for outcome, seconds, _ in results if outcome == "ok"]
-    shed = [(seconds, error) for outcome, seconds, error in results if outcome == "saturated"]
-    assert len(served) >= 2
-    assert len(shed) >= 10
-    for seconds, error in shed:
-        assert seconds < 1.0, f"PoolSaturated after {seconds:.2f}s; max_wait is 0.5s"
-        assert isinstance(error, PoolSaturated)
-        assert error.retry_after >= 1
-        assert error.reason == "pool_saturated"
-    stats = guard.stats()
-    assert stats.timeouts == len(shed)
-    assert stats.checkouts == len(served)
-    assert guard.breaker is not None
-    assert guard.breaker.state is BreakerState.CLOSED
-    assert guard.breaker.failure_rate == 0.0
-    assert_nothing_checked_out(guard, engine)
+    served, _shed = assert_shed_within_budget(results, guard, engine)
+    assert guard.stats().checkouts == len(served)
 
 
 def test_stats_count_checkouts_waits_and_created_connections(make_guard: GuardFactory, engine: sqlalchemy.Engine):
@@ -398,24 +379,6 @@ def test_connection_left_at_the_end_of_a_request_is_closed_and_reported(
 
 # -- health --------------------------------------------------------------------------------------------------
 
-POOL_KEYS = {
-    "name",
-    "status",
-    "backend",
-    "size",
-    "max_overflow",
-    "checked_out",
-    "idle",
-    "overflow",
-    "pending",
-    "utilization",
-    "wait_seconds",
-    "timeouts",
-    "suspected_leaks",
-    "ping_seconds",
-    "breaker",
-}
-
 
 def test_health_is_ok_with_a_live_ping_and_the_documented_json(make_guard: GuardFactory, engine: sqlalchemy.Engine):
     guard = make_guard(engine, name="orders")
@@ -429,7 +392,7 @@ def test_health_is_ok_with_a_live_ping_and_the_documented_json(make_guard: Guard
     assert document["status"] == "ok"
     assert document["issues"] == []
     [pool] = document["pools"]
-    assert set(pool) == POOL_KEYS
+    assert set(pool) == HEALTH_POOL_KEYS
     assert set(pool["wait_seconds"]) == {"p50", "p99"}
     assert set(pool["breaker"]) == {"state", "failure_rate", "retry_after"}
     assert pool["name"] == "orders"

@@ -10,6 +10,7 @@ import pytest
 
 from poolguard.health import HealthReport, PingResult, PoolHealth, assess, redact
 from poolguard.stats import PoolStats
+from tests.support.contract import HEALTH_POOL_KEYS
 
 MAX_WAIT = 1.0
 
@@ -205,23 +206,7 @@ def test_to_dict_of_an_unavailable_pool_is_json_serialisable() -> None:
     assert entry["ping_seconds"] is None
     assert entry["utilization"] == 0.12
     assert entry["breaker"] == {"state": "open", "failure_rate": 0.75, "retry_after": 12.5}
-    assert set(entry) == {
-        "name",
-        "status",
-        "backend",
-        "size",
-        "max_overflow",
-        "checked_out",
-        "idle",
-        "overflow",
-        "pending",
-        "utilization",
-        "wait_seconds",
-        "timeouts",
-        "suspected_leaks",
-        "ping_seconds",
-        "breaker",
-    }
+    assert set(entry) == HEALTH_POOL_KEYS
     assert len(data["issues"]) == 2
 
 

@@ -52,15 +52,6 @@ def test_ring_overwrites_the_oldest_beyond_its_size() -> None:
     assert window.quantiles(NOW, 0.0, 1.0) == (3.0, 5.0)
 
 
-def test_clear_forgets_every_sample() -> None:
-    window = SlidingWindow(size=3)
-    window.add(1.0, NOW)
-    window.clear()
-    assert window.quantiles(NOW, 0.5) is None
-    window.add(2.0, NOW)
-    assert window.recent(NOW) == [2.0]
-
-
 @pytest.mark.parametrize("size", [0, -1, 2.5, "10", True, None])
 def test_invalid_size_is_a_config_error(size: object) -> None:
     with pytest.raises(ConfigError) as caught:
