@@ -30,7 +30,12 @@ framework's test client (Flask's test client, httpx's ASGITransport, Django's ``
 request bare and guarded, and a cProfile of the guarded side (functions of poolguard by cumulative
 time, everything by own time).
 
-Usage: .venv/bin/python benchmarks/apps_overhead.py [--rounds 5] [--duration 5] [--concurrency 16]
+Besides requests per second, each round reads the CPU time the server's processes used (from /proc)
+and reports it per request: the figure that does not move with how the two cores happen to be shared
+between the server, wrk and PostgreSQL. Each framework runs ``--pairs`` fresh server pairs, since a
+process keeps a speed bias of a few per cent for its whole life (hash seed, memory layout).
+
+Usage: .venv/bin/python benchmarks/apps_overhead.py [--pairs 3] [--rounds 4] [--duration 5] [--concurrency 16]
        [--frameworks flask,fastapi,django] [--generator auto|wrk|python] [--json PATH] [--profile]
 """
 
@@ -363,6 +368,13 @@ class Round:
     requests: int
     seconds: float
     errors: int
+    server_cpu: float = 0.0
+    """CPU seconds the server's processes used during the round (user + system, from /proc)."""
+
+    @property
+    def cpu_per_request(self) -> float:
+        """Server CPU microseconds per request: what the server spends, whoever else shares the cores."""
+        return self.server_cpu / self.requests * 1e6 if self.requests else 0.0
 
     @property
     def rps(self) -> float:
@@ -374,6 +386,22 @@ _WRK_TOTAL = re.compile(r"(\d+) requests in ([\d.]+)(us|ms|s|m)")
 _WRK_NON2XX = re.compile(r"Non-2xx or 3xx responses:\s+(\d+)")
 _WRK_SOCKET = re.compile(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)")
 _UNITS = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0}
+
+
+def group_cpu_seconds(group: int) -> float:
+    """User + system CPU seconds of every live process in a process group (a server and its workers)."""
+    ticks = 0
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[2]) == group:
+            ticks += int(fields[11]) + int(fields[12])
+    return ticks / os.sysconf("SC_CLK_TCK")
 
 
 def load_wrk(url: str, concurrency: int, duration: float) -> Round:
@@ -437,6 +465,13 @@ class Result:
     def median(self, side: str) -> float:
         return statistics.median(r.rps for r in self.rounds[side])
 
+    def cpu(self, side: str) -> float:
+        return statistics.median(r.cpu_per_request for r in self.rounds[side])
+
+    @property
+    def cpu_overhead(self) -> float:
+        return (self.cpu("guarded") - self.cpu("bare")) / self.cpu("bare") * 100.0
+
     @property
     def overhead(self) -> float:
         bare = self.median("bare")
@@ -452,23 +487,30 @@ class Result:
 def run_framework(framework: str, directory: Path, args: argparse.Namespace, generator: str) -> Result:
     load = load_wrk if generator == "wrk" else load_python
     result = Result(framework)
-    with running(framework, directory) as servers:
-        for side in SIDES:  # warm-up: connections opened, code paths hot
-            load(servers[side].url, args.concurrency, args.warmup)
-        for index in range(args.rounds):
-            order = SIDES if index % 2 == 0 else tuple(reversed(SIDES))
-            for side in order:
-                measured = load(servers[side].url, args.concurrency, args.duration)
-                if measured.errors:
-                    raise RuntimeError(
-                        f"{framework}/{side} round {index + 1}: {measured.errors} errors or non-200 answers"
+    for pair in range(args.pairs):
+        # Fresh processes per pair: a process's own layout (hash seed, addresses) shifts its speed by a
+        # few per cent for its whole life, which rounds within one pair cannot average out.
+        with running(framework, directory) as servers:
+            for side in SIDES:  # warm-up: connections opened, code paths hot
+                load(servers[side].url, args.concurrency, args.warmup)
+            for index in range(args.rounds):
+                order = SIDES if index % 2 == 0 else tuple(reversed(SIDES))
+                for side in order:
+                    group = servers[side].process.pid
+                    cpu_before = group_cpu_seconds(group)
+                    measured = load(servers[side].url, args.concurrency, args.duration)
+                    measured.server_cpu = group_cpu_seconds(group) - cpu_before
+                    if measured.errors:
+                        raise RuntimeError(
+                            f"{framework}/{side} round {index + 1}: {measured.errors} errors or non-200 answers"
+                        )
+                    result.rounds[side].append(measured)
+                    print(
+                        f"  {framework:8} pair {pair + 1} round {index + 1} {side:8} {measured.rps:9.1f} req/s "
+                        f"{measured.cpu_per_request:7.1f} us CPU/req",
+                        file=sys.stderr,
+                        flush=True,
                     )
-                result.rounds[side].append(measured)
-                print(
-                    f"  {framework:8} round {index + 1} {side:8} {measured.rps:9.1f} req/s",
-                    file=sys.stderr,
-                    flush=True,
-                )
     return result
 
 
@@ -489,8 +531,8 @@ def versions() -> str:
 def markdown(results: list[Result], args: argparse.Namespace, generator: str) -> str:
     lines = [
         "| app | server | bare req/s (median) | guarded req/s (median) | overhead (of medians) "
-        "| overhead (median of rounds) | bare rounds | guarded rounds |",
-        "|---|---|---:|---:|---:|---:|---|---|",
+        "| overhead (median of rounds) | server CPU µs/req bare | guarded | CPU overhead |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     servers = {
         "flask": "gunicorn gthread, 1 worker x 4 threads, psycopg",
@@ -498,16 +540,21 @@ def markdown(results: list[Result], args: argparse.Namespace, generator: str) ->
         "django": "gunicorn gthread, 1 worker x 4 threads, psycopg pool",
     }
     for result in results:
-        rounds = {side: ", ".join(f"{r.rps:.0f}" for r in result.rounds[side]) for side in SIDES}
         lines.append(
             f"| {result.framework} | {servers[result.framework]} | {result.median('bare'):.0f} | "
             f"{result.median('guarded'):.0f} | {result.overhead:+.1f} % | {result.paired_overhead:+.1f} % | "
-            f"{rounds['bare']} | {rounds['guarded']} |"
+            f"{result.cpu('bare'):.0f} | {result.cpu('guarded'):.0f} | {result.cpu_overhead:+.1f} % |"
         )
     lines.append("")
+    for result in results:
+        for side in SIDES:
+            rounds = ", ".join(f"{r.rps:.0f}" for r in result.rounds[side])
+            lines.append(f"- {result.framework} {side} rounds (req/s): {rounds}")
+    lines.append("")
     lines.append(
-        f"Load: {generator}, {args.concurrency} connections, {args.rounds} rounds x {args.duration:g} s per side "
-        f"(after {args.warmup:g} s warm-up), alternating. {versions()}. {os.cpu_count()} CPUs."
+        f"Load: {generator}, {args.concurrency} connections; {args.pairs} fresh server pairs x {args.rounds} rounds "
+        f"x {args.duration:g} s per side (after {args.warmup:g} s warm-up), alternating. {versions()}. "
+        f"{os.cpu_count()} CPUs."
     )
     return "\n".join(lines)
 
@@ -599,7 +646,8 @@ def main() -> int:
         profile_worker(sys.argv[2], sys.argv[3], Path(sys.argv[4]), int(sys.argv[5]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=4, help="rounds per server pair")
+    parser.add_argument("--pairs", type=int, default=3, help="fresh bare/guarded server pairs per framework")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per round and side")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds of warm-up per server")
     parser.add_argument("--concurrency", type=int, default=16)

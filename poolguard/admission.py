@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from poolguard._types import Clock
 from poolguard.errors import PoolSaturated
@@ -107,8 +107,20 @@ class Admission:
             self.shed += 1
         raise self._saturated(budget, self.predicted_wait(len(self._waiters)))
 
-    def acquire(self, budget: float) -> None:
-        """Takes a slot within ``budget`` seconds or raises PoolSaturated (blocking; for threads)."""
+    def acquire(self, budget: float, await_in_greenlet: Callable[[Awaitable[None]], object] | None = None) -> None:
+        """Takes a slot within ``budget`` seconds or raises PoolSaturated.
+
+        Blocking for threads; with ``await_in_greenlet`` (SQLAlchemy's ``await_only``, inside its
+        asyncio greenlet) the wait is :meth:`acquire_async` on the running loop. A free slot is
+        taken at once without either: the common case costs one lock.
+        """
+        with self._lock:
+            if self.capacity is None or (self.in_use < self.capacity and not self._waiters):
+                self.in_use += 1
+                return
+        if await_in_greenlet is not None:
+            await_in_greenlet(self.acquire_async(budget))
+            return
         waiter = self._try_enter(budget, None)
         if waiter is None:
             return

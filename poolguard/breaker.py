@@ -126,6 +126,8 @@ class Breaker:
 
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
+        self.closed = True
+        """``state is CLOSED``, as a plain attribute: the per-checkout fast path reads it without a call."""
         # The window is a preallocated ring with running totals: recording is O(1) and allocates nothing.
         self._failed = bytearray(self._window_size)
         self._slow = bytearray(self._window_size)
@@ -230,6 +232,16 @@ class Breaker:
     def record_success(self, duration: float) -> None:
         """The attempt reached the database and worked; ``duration`` (seconds) decides whether it was slow."""
         slow = duration >= self._slow_call_duration
+        if (
+            not slow
+            and self._state is BreakerState.CLOSED
+            and self._calls == self._window_size
+            and not self._failures
+            and not self._slows
+        ):
+            # A success pushed into a full window of successes changes nothing (read without the lock,
+            # like acquire(): every checkout comes here, and this is what almost all of them see).
+            return
         with self._lock:
             now = self._clock()
             first = self._expire(now)
@@ -338,6 +350,7 @@ class Breaker:
         self._next_open_for = min(interval * self._multiplier, self._max_open_for)
         self._open_until = now + interval
         self._state = BreakerState.OPEN
+        self.closed = False
         self._permits_out = 0
         self._probe_successes = 0
         self._opened_count += 1
@@ -346,6 +359,7 @@ class Breaker:
     def _close(self) -> _Transition | None:
         old = self._state
         self._state = BreakerState.CLOSED
+        self.closed = True
         self._failed[:] = bytes(self._window_size)
         self._slow[:] = bytes(self._window_size)
         self._next = self._calls = self._failures = self._slows = self._in_a_row = 0
@@ -356,6 +370,7 @@ class Breaker:
     def _expire(self, now: float) -> _Transition | None:
         if self._state is BreakerState.OPEN and now >= self._open_until:
             self._state = BreakerState.HALF_OPEN
+            self.closed = False
             self._permits_out = self._probe_successes = 0
             return (BreakerState.OPEN, BreakerState.HALF_OPEN)
         return None

@@ -19,7 +19,8 @@ so one extension object serves any number of apps (app factories, tests).
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import sys
+from collections.abc import Callable, Mapping
 from contextvars import ContextVar, Token
 from typing import Any, Final, cast
 
@@ -65,6 +66,7 @@ class _RequestState:
 
 
 _current_request: ContextVar[_RequestState | None] = ContextVar("poolguard_flask_request", default=None)
+_NO_EXCEPTION_GIVEN: Any = object()
 
 
 class _AppState:
@@ -77,46 +79,43 @@ class _AppState:
         self.guard = guard
         self.config = config
 
-    def open_scope(self) -> None:
-        """Opens the request's unit of work; cheap, since nothing touches the pool until ``db`` is used."""
-        current = request._get_current_object()  # type: ignore[attr-defined]
-        if current.endpoint == HEALTH_ENDPOINT:
-            return
-        rule = current.url_rule
-        state = _RequestState(self, self.guard.request_scope(route=rule.rule if rule is not None else None).open())
-        state.token = _current_request.set(state)
-
     def _state(self) -> _RequestState | None:
         state = _current_request.get()
         return state if state is not None and state.app_state is self else None
 
-    def finish_scope(self, response: Response) -> Response:
-        """Commits (or rolls back) before the response leaves, so a failed commit is never a lost 200.
+    def dispatch(self, full_dispatch_request: Callable[[], Response]) -> Response:
+        """Runs Flask's dispatch inside the request's unit of work, then commits (or rolls back).
 
-        A commit that cannot get a connection becomes the 503; any other failure propagates to
-        Flask's 500 handling. The session is finished before a streamed body is sent, so no
-        connection sits idle in a transaction while a slow client reads.
+        Opening the scope is cheap: nothing touches the pool until ``db`` is used. The commit comes
+        before the response leaves, so a failed commit is never a lost 200: one that cannot get a
+        connection becomes the 503, any other failure goes to Flask's 500 handling. It also comes
+        before a streamed body is sent, so no connection sits idle in a transaction while a slow
+        client reads.
         """
-        state = self._state()
-        if state is None:
-            return response
+        rule = request._get_current_object().url_rule  # type: ignore[attr-defined]
+        if rule is not None and rule.endpoint == HEALTH_ENDPOINT:
+            return full_dispatch_request()
+        scope = RequestScope(self.guard, rule.rule if rule is not None else None).open()
+        state = _RequestState(self, scope)
+        state.token = _current_request.set(state)
+        response = full_dispatch_request()
         try:
-            state.scope.finish()
+            scope.finish()
         except Exception as exc:
             unavailable = self.guard.unavailable_for(exc)
             if unavailable is None:
                 raise
-            state.scope.fail(exc)
+            scope.fail(exc)
             return _to_flask(unavailable_response(unavailable))
         if not response.is_streamed:
             # Reported now, while the request's span (e.g. OpenTelemetry's) is still open.
-            state.scope.reclaim()
+            scope.reclaim()
         return response
 
     def close_scope(self, exc: BaseException | None) -> None:
         """Runs even when the request failed: the connection always goes back to the pool."""
-        state = self._state()
-        if state is None:
+        state = _current_request.get()
+        if state is None or state.app_state is not self:
             return
         if state.token is not None:
             try:
@@ -212,10 +211,7 @@ class PoolGuard:
         state = _AppState(self, self._guard_for(config), config)
         app.extensions[EXTENSION_KEY] = state
 
-        # First before_request and last after_request/teardown, so every other hook may use ``db``.
-        app.before_request_funcs.setdefault(None, []).insert(0, state.open_scope)
-        app.after_request_funcs.setdefault(None, []).insert(0, state.finish_scope)
-        app.teardown_request_funcs.setdefault(None, []).insert(0, state.close_scope)
+        _wrap_request_handling(app, state)
         app.register_error_handler(Unavailable, _unavailable)
         _watch_view_errors(app, state)
         if config.health_path is not None:
@@ -282,6 +278,35 @@ def _build_guard(config: PoolGuardConfig) -> Guard:
     return Guard(create_engine(url, **options), **config.guard_options())
 
 
+def _wrap_request_handling(app: Flask, state: _AppState) -> None:
+    """Opens the unit of work around ``full_dispatch_request`` and closes it after the teardown functions.
+
+    Around, not in ``before_request``/``after_request``/``teardown_request`` hooks: the scope is then
+    open for every hook, signal and error handler of the request (any of them may use ``db``), and
+    the request pays no hook dispatch (Flask runs each hook through ``ensure_sync``, three of them
+    cost more than all of poolguard's own per-request work). The commit comes after Flask has made
+    the response (after the app's ``after_request`` hooks); the close after the app's teardown
+    functions, so it runs even when the request failed, and after a streamed body has ended.
+    Wrapped on this app object only.
+    """
+    dispatch = app.full_dispatch_request
+    teardown = app.do_teardown_request
+
+    def full_dispatch_request() -> Response:
+        return state.dispatch(dispatch)
+
+    def do_teardown_request(exc: BaseException | None = _NO_EXCEPTION_GIVEN) -> None:
+        if exc is _NO_EXCEPTION_GIVEN:
+            exc = sys.exc_info()[1]
+        try:
+            teardown(exc)
+        finally:
+            state.close_scope(exc)
+
+    app.full_dispatch_request = full_dispatch_request  # type: ignore[method-assign]
+    app.do_teardown_request = do_teardown_request  # type: ignore[method-assign]
+
+
 def _watch_view_errors(app: Flask, state: _AppState) -> None:
     """Notes every exception a view raises, including those an error handler turns into a response.
 
@@ -326,27 +351,41 @@ def get_guard(app: Flask | None = None) -> Guard:
 
 
 def _current_session() -> Session:
+    state = _current_request.get()
+    if state is not None:
+        return cast(Session, state.scope.session)
     if not has_request_context():
         raise RuntimeError(
             "poolguard.flask.db is the session of the current request, and no request is being handled here. "
             "Outside a request (CLI commands, jobs), use 'with get_guard(app).session() as session:'."
         )
-    state = _current_request.get()
-    if state is None:
-        if EXTENSION_KEY not in current_app.extensions:
-            raise RuntimeError(
-                f"poolguard.flask.db was used in a request of the Flask app {current_app.name!r}, "
-                "which has no PoolGuard: call PoolGuard(app, guard) or init_app(app) first."
-            )
+    if EXTENSION_KEY not in current_app.extensions:
         raise RuntimeError(
-            "poolguard.flask.db has no session in this request: it was used before PoolGuard's "
-            "before_request hook, after the request ended (e.g. in a streamed body without "
-            "stream_with_context), or in the health view, which opens none."
+            f"poolguard.flask.db was used in a request of the Flask app {current_app.name!r}, "
+            "which has no PoolGuard: call PoolGuard(app, guard) or init_app(app) first."
         )
-    return cast(Session, state.scope.session)
+    raise RuntimeError(
+        "poolguard.flask.db has no session in this request: it was used outside the request's dispatch "
+        "(a test_request_context without a request being handled), after the request ended (e.g. in a "
+        "streamed body without stream_with_context), or in the health view, which opens none."
+    )
 
 
-db: Session = cast(Session, LocalProxy(_current_session))
+class _SessionProxy(LocalProxy):  # type: ignore[type-arg]
+    """Werkzeug's LocalProxy, with attribute access (``db.execute``, ``db.add``) in one step.
+
+    LocalProxy resolves every attribute through a descriptor, a bound lookup and the context-local
+    getter (five calls); ``db`` is used several times per request, so its plain attribute path is
+    direct. Everything else (``isinstance``, ``repr``, operators) is LocalProxy's.
+    """
+
+    __slots__ = ()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(_current_session(), name)
+
+
+db: Session = cast(Session, _SessionProxy(_current_session))
 """The current request's ``sqlalchemy.orm.Session``: ``db.execute(...)``, ``db.add(...)``.
 
 Created on first use; the first statement checks out a connection (breaker, then admission, then

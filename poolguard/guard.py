@@ -324,7 +324,9 @@ class RequestScope(GuardedScope):
     __slots__ = ("_failure", "_scope_token", "_session", "_unit_token", "guard")
 
     def __init__(self, guard: Guard, route: str | None) -> None:
-        super().__init__(route)
+        self.route = route
+        self.waited = 0.0
+        self.held = 0
         self.guard = guard
         self._session: Session | AsyncSession | None = None
         self._failure: BaseException | None = None
@@ -421,11 +423,21 @@ class RequestScope(GuardedScope):
 
     def _release(self) -> None:
         try:
-            self.reclaim()
+            if self.held > 0:
+                self.reclaim()
         finally:
-            _reset(self.guard._monitor.scope_var, self._scope_token)
-            _reset(_context.current_unit, self._unit_token)
+            scope_token, unit_token = self._scope_token, self._unit_token
             self._scope_token = self._unit_token = None
+            if scope_token is not None:
+                try:
+                    self.guard._monitor.scope_var.reset(scope_token)
+                except ValueError:  # ended in another context than it began in (a streamed body)
+                    _reset(self.guard._monitor.scope_var, scope_token)
+            if unit_token is not None:
+                try:
+                    _context.current_unit.reset(unit_token)
+                except ValueError:
+                    _reset(_context.current_unit, unit_token)
 
     def __enter__(self) -> RequestScope:
         return self.open()
@@ -450,13 +462,20 @@ def _reset(var: contextvars.ContextVar[Any], token: Token[Any] | None) -> None:
         return
     try:
         var.reset(token)
-    except ValueError:
+    except (ValueError, RuntimeError):  # made in another context, or already used
         var.set(token.old_value if token.old_value is not Token.MISSING else None)
 
 
 def has_work(session: Session | AsyncSession) -> bool:
-    """Whether ending the session's unit of work would do anything: a transaction begun, or changes pending."""
-    return session.in_transaction() or bool(session.new or session.dirty or session.deleted)
+    """Whether ending the session's unit of work would do anything: a transaction begun, or changes pending.
+
+    Pending changes are read the way ``Session.flush`` reads them (``_is_clean``), not through
+    ``new``/``dirty``/``deleted``, which build three sets on every call: this runs twice a request.
+    """
+    if session.in_transaction():
+        return True
+    sync_session = session.sync_session if isinstance(session, AsyncSession) else session
+    return not sync_session._is_clean()
 
 
 def end_transaction(session: Session, error: BaseException | None) -> None:
@@ -465,7 +484,7 @@ def end_transaction(session: Session, error: BaseException | None) -> None:
     A failing rollback never hides ``error``: the caller's exception is the one worth reporting.
     A session with nothing begun and nothing pending is left alone: no round trip, no greenlet.
     """
-    if not has_work(session):
+    if session._transaction is None and session._is_clean():  # has_work(), inlined: this runs twice a request
         return
     try:
         if error is None:

@@ -16,7 +16,6 @@ import os
 import threading
 import traceback
 from collections.abc import Callable, Hashable
-from dataclasses import dataclass, field
 from typing import Any
 
 import sqlalchemy
@@ -31,19 +30,60 @@ _LIBRARY_DIRS = tuple(
 )
 
 
-@dataclass(slots=True)
 class Holder:
-    """One checked-out connection: who took it and when."""
+    """One checked-out connection: who took it and when.
 
-    since: float
-    route: str | None
-    thread: str
-    trace_id: str | None = None
-    stack: traceback.StackSummary | None = None
-    scope: object | None = None
-    handle: Any = None
-    span: Any = None
-    reported: bool = field(default=False)
+    Built on every checkout, so it stores only what is at hand for free (the thread's ident, the
+    current span object); the thread's name and the trace id are worked out when a report needs them.
+    """
+
+    __slots__ = ("handle", "reported", "route", "scope", "since", "span", "stack", "thread_id")
+
+    def __init__(
+        self,
+        since: float,
+        scope: Any = None,
+        handle: Any = None,
+        span: Any = None,
+        thread_id: int | None = None,
+        *,
+        route: str | None = None,
+        stack: traceback.StackSummary | None = None,
+    ) -> None:
+        self.since = since
+        self.route = route if route is not None or scope is None else scope.route
+        self.scope = scope
+        self.handle = handle
+        self.span = span
+        self.thread_id = thread_id
+        self.stack = stack
+        self.reported = False
+
+    @property
+    def current_route(self) -> str | None:
+        """The route at checkout, or the one its request learned later (Django resolves it after middleware)."""
+        return self.route or getattr(self.scope, "route", None)
+
+    @property
+    def thread(self) -> str:
+        """The name of the thread that checked the connection out (its ident once it has ended)."""
+        if self.thread_id is None:
+            return "unknown"
+        for thread in threading.enumerate():
+            if thread.ident == self.thread_id:
+                return thread.name
+        return f"thread {self.thread_id}"
+
+    @property
+    def trace_id(self) -> str | None:
+        """The trace the connection was checked out in, as 32 hex digits, or None outside a trace."""
+        if self.span is None:
+            return None
+        context = self.span.get_span_context()
+        return format(context.trace_id, "032x") if context.is_valid else None
+
+    def __repr__(self) -> str:
+        return f"<Holder route={self.current_route!r} since={self.since:.3f} reported={self.reported}>"
 
 
 def capture_stack() -> traceback.StackSummary:
@@ -61,7 +101,13 @@ def checkout_site(stack: traceback.StackSummary) -> str:
 
 
 class LeakTracker:
-    """Holders by connection key, oldest first, with threshold reports."""
+    """Holders by connection key, oldest first, with threshold reports.
+
+    ``by_key`` is the one dict of holders. Checkout and checkin write it without a lock (a single
+    dict store or pop is atomic), since they run on every checkout; only sweeps, which move holders
+    to "reported" and must not report one twice, take the lock. Holders stay in checkout order (a
+    dict keeps insertion order), so a sweep walks from the oldest and stops at the first young one.
+    """
 
     def __init__(
         self,
@@ -75,76 +121,62 @@ class LeakTracker:
         self._threshold = threshold
         self._clock = clock
         self._on_leak = on_leak
-        self._holders: dict[Hashable, Holder] = {}
-        self._suspected: dict[Hashable, Holder] = {}
-        self._lock = threading.Lock()
+        self.by_key: dict[Hashable, Holder] = {}
+        self._sweep_lock = threading.Lock()
         self.reported_total = 0
 
     def checked_out(self, key: Hashable, holder: Holder) -> None:
-        with self._lock:
-            self._holders[key] = holder
+        self.by_key[key] = holder
 
     def checked_in(self, key: Hashable) -> Holder | None:
         """Forgets the holder and returns it (so the caller can compute the use time)."""
-        with self._lock:
-            holder = self._holders.pop(key, None)
-            if holder is None:
-                holder = self._suspected.pop(key, None)
-            return holder
+        return self.by_key.pop(key, None)
 
     def held_by(self, scope: object) -> list[tuple[Hashable, Holder]]:
         """The connections a request scope still holds (called only when it still holds some)."""
-        with self._lock:
-            return [
-                (key, holder)
-                for holders in (self._holders, self._suspected)
-                for key, holder in holders.items()
-                if holder.scope is scope
-            ]
+        return [(key, holder) for key, holder in list(self.by_key.items()) if holder.scope is scope]
 
     @property
     def suspected(self) -> int:
         """How many connections are currently held longer than the threshold."""
         self.sweep()
-        return len(self._suspected)
+        return sum(1 for holder in list(self.by_key.values()) if holder.reported)
 
     @property
     def held(self) -> int:
         """How many connections are checked out now (a count, without copying the holders)."""
-        return len(self._holders) + len(self._suspected)
+        return len(self.by_key)
 
     def holders(self) -> list[Holder]:
         """A copy of every current holder, oldest first."""
-        with self._lock:
-            return [*self._suspected.values(), *self._holders.values()]
+        return list(self.by_key.values())
 
     def sweep(self, now: float | None = None) -> None:
         """Reports every holder that has crossed the threshold since the last sweep."""
         deadline = (self._clock() if now is None else now) - self._threshold
         newly: list[Holder] = []
-        with self._lock:
-            while self._holders:
-                key = next(iter(self._holders))
-                holder = self._holders[key]
+        with self._sweep_lock:
+            for holder in list(self.by_key.values()):
                 if holder.since > deadline:
                     break
-                del self._holders[key]
-                holder.reported = True
-                self._suspected[key] = holder
-                newly.append(holder)
+                if not holder.reported:
+                    holder.reported = True
+                    newly.append(holder)
         for holder in newly:
             self._report(holder)
 
     def _report(self, holder: Holder) -> None:
         self.reported_total += 1
         held_for = self._clock() - holder.since
+        trace_id = holder.trace_id
         logger.warning(
-            "poolguard: connection from pool %r held for %.1fs (leak_threshold %.1fs) by route %s in thread %s%s",
+            "poolguard: connection from pool %r held for %.1fs (leak_threshold %.1fs) by route %s in thread %s%s%s",
             self._pool_name,
             held_for,
             self._threshold,
-            holder.route or "(no request)",
+            holder.current_route or "(no request)",
             holder.thread,
+            f", trace {trace_id}" if trace_id is not None else "",
             f", checked out at {checkout_site(holder.stack)}" if holder.stack is not None else "",
         )
         if holder.stack is not None and logger.isEnabledFor(logging.DEBUG):

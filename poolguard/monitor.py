@@ -17,9 +17,10 @@ import logging
 import threading
 from collections.abc import Awaitable, Callable, Hashable
 from contextvars import ContextVar
+from threading import get_ident
 from typing import Any, Protocol, TypeVar
 
-from opentelemetry import trace
+from opentelemetry.trace import INVALID_SPAN, get_current_span
 
 from poolguard._classify import counted_pool, is_checkout_timeout, is_connection_failure, mark_counted
 from poolguard._types import Clock
@@ -97,6 +98,7 @@ class PoolMonitor:
         self.leaks = LeakTracker(
             pool_name=name, threshold=leak_threshold, clock=clock, on_leak=self._on_leak if telemetry else None
         )
+        self._holders = self.leaks.by_key
         self.reclaim: Callable[[Any], None] | None = None
         self.observers: tuple[CheckoutObserver, ...] = ()
         # Leak checks on checkout run at most this often: overdue holders are found within a
@@ -117,15 +119,41 @@ class PoolMonitor:
     def _mean_use(self) -> float:
         return self.mean_use.value
 
-    def checkout(self, real_checkout: Callable[[], T], await_in_greenlet: AwaitInGreenlet | None = None) -> T:
-        """Runs the pool's own checkout, gated when inside a scope of this guard, and accounts for it."""
+    def checkout(
+        self,
+        real_checkout: Callable[[], T],
+        await_in_greenlet: AwaitInGreenlet | None = None,
+        key_of: Callable[[T], Hashable] | None = None,
+    ) -> T:
+        """Runs the pool's own checkout, gated when inside a scope of this guard, and accounts for it.
+
+        With ``key_of``, the connection is also registered as held (``on_checkout`` in the same
+        step, under ``key_of(connection)``), which saves the pool adapter a second context lookup.
+        This is the per-checkout hot path: its common case (breaker closed, a slot free) makes as
+        few Python calls as it can.
+        """
         scope = self.scope_var.get()
         telemetry = self.telemetry
-        span = telemetry.start_checkout() if telemetry is not None else None
         start = self.clock()
+        if start >= self._next_sweep:
+            self._periodic(start)
+        span = None
+        if telemetry is not None and telemetry.tracing:
+            parent = get_current_span()
+            if parent is not INVALID_SPAN:
+                span = telemetry.start_checkout(parent)
+        else:
+            parent = INVALID_SPAN
         try:
             if scope is not None:
-                self._admit(scope, start, await_in_greenlet)
+                breaker = self.breaker
+                if breaker is not None and not breaker.closed:
+                    self._acquire_breaker(breaker)
+                try:
+                    self.admission.acquire(self.max_wait - scope.waited, await_in_greenlet)
+                except BaseException as exc:
+                    self._not_admitted(exc, scope, start)
+                    raise
             with self._counter_lock:
                 self.pending += 1
             try:
@@ -148,37 +176,33 @@ class PoolMonitor:
             if self.breaker is not None:
                 self.breaker.record_success(wait)
         if telemetry is not None:
-            telemetry.record_wait(wait)
+            if telemetry.metering:
+                telemetry.record_wait(wait)
             if span is not None:
                 telemetry.end_checkout(span, "acquired")
         for observer in self.observers:
             observer.record_wait(wait)
+        if key_of is not None:
+            self._hold(key_of(connection), connection, scope, parent, now)
         return connection
 
-    def _admit(self, scope: GuardedScope, start: float, await_in_greenlet: AwaitInGreenlet | None) -> None:
-        breaker = self.breaker
-        if breaker is not None:
-            try:
-                breaker.acquire()
-            except CircuitOpen as exc:
-                exc.pool = self.name
-                self._count_shed(exc)
-                raise
-        budget = self.max_wait - scope.waited
+    def _acquire_breaker(self, breaker: Breaker) -> None:
         try:
-            if await_in_greenlet is not None:
-                await_in_greenlet(self.admission.acquire_async(budget))
-            else:
-                self.admission.acquire(budget)
-        except BaseException as exc:
-            if breaker is not None:
-                breaker.record_ignored()
-            scope.waited += self.clock() - start
-            if isinstance(exc, PoolSaturated):
-                with self._counter_lock:
-                    self.timeouts += 1
-                self._count_shed(exc)
+            breaker.acquire()
+        except CircuitOpen as exc:
+            exc.pool = self.name
+            self._count_shed(exc)
             raise
+
+    def _not_admitted(self, exc: BaseException, scope: GuardedScope, start: float) -> None:
+        """No slot within the budget (or the wait was cancelled): never a breaker failure; the permit goes back."""
+        if self.breaker is not None:
+            self.breaker.record_ignored()
+        scope.waited += self.clock() - start
+        if isinstance(exc, PoolSaturated):
+            with self._counter_lock:
+                self.timeouts += 1
+            self._count_shed(exc)
 
     def _checkout_failed(self, exc: BaseException, scope: GuardedScope | None, start: float) -> None:
         wait = self.clock() - start
@@ -212,43 +236,44 @@ class PoolMonitor:
             self.telemetry.leak_suspected(holder, self.clock() - holder.since)
 
     def on_checkout(self, key: Hashable, handle: Any) -> None:
-        """A connection left the pool (the pool's checkout event): who took it, from which route."""
-        scope = self.scope_var.get()
-        span = trace.get_current_span()
-        span_context = span.get_span_context()
+        """A connection left the pool outside :meth:`checkout`'s ``key_of``: who took it, from which route."""
         now = self.clock()
-        holder = Holder(
-            since=now,
-            route=scope.route if scope is not None else None,
-            thread=threading.current_thread().name,
-            trace_id=format(span_context.trace_id, "032x") if span_context.is_valid else None,
-            stack=capture_stack() if self.capture_stacks else None,
-            scope=scope,
-            handle=handle,
-            span=span if span_context.is_valid else None,
-        )
+        if now >= self._next_sweep:
+            self._periodic(now)
+        tracing = self.telemetry is not None and self.telemetry.tracing
+        self._hold(key, handle, self.scope_var.get(), get_current_span() if tracing else INVALID_SPAN, now)
+
+    def _hold(self, key: Hashable, handle: Any, scope: GuardedScope | None, span: Any, now: float) -> None:
+        holder = Holder(now, scope, handle, span, get_ident())
         if scope is not None:
             scope.held += 1
-        self.leaks.checked_out(key, holder)
-        if now >= self._next_sweep:
-            self._next_sweep = now + self._sweep_interval
-            self.leaks.sweep(now)
+        if self.capture_stacks:
+            holder.stack = capture_stack()
+        self._holders[key] = holder
+
+    def _periodic(self, now: float) -> None:
+        """At most once per sweep interval, on a checkout: overdue holders reported, providers rechecked."""
+        self._next_sweep = now + self._sweep_interval
+        self.leaks.sweep(now)
+        if self.telemetry is not None:
+            self.telemetry.notice_providers()
 
     def on_checkin(self, key: Hashable) -> None:
         """A connection came back (or was detached): its use time, and the admission slot it held."""
-        holder = self.leaks.checked_in(key)
+        holder = self._holders.pop(key, None)
         if holder is None:
             return
         now = self.clock()
         use = now - holder.since
         self.use_times.add(use, now)
         self.mean_use.add(use)
-        if self.telemetry is not None:
-            self.telemetry.record_use(use, holder.route)
-        for observer in self.observers:
-            observer.record_use(use, holder.route)
         scope = holder.scope
-        if isinstance(scope, GuardedScope):
+        route = holder.route if scope is None else (holder.route or scope.route)
+        if self.telemetry is not None and self.telemetry.metering:
+            self.telemetry.record_use(use, route)
+        for observer in self.observers:
+            observer.record_use(use, route)
+        if scope is not None:
             scope.held -= 1
             self.admission.release()
 

@@ -86,6 +86,10 @@ class PoolTelemetry:
         self.monitor: PoolMonitor | None = None
         self._registry: _PoolRegistry | None = None
         self._tracer = trace.get_tracer(INSTRUMENTATION_NAME, version, tracer_provider, schema_url=SCHEMA_URL)
+        self.tracing = tracer_provider is not None or _global_tracing()
+        """False while no SDK tracer provider is behind this pool: checkouts then skip the span lookup."""
+        self.metering = meter_provider is not None or _global_metering()
+        """False while no SDK meter provider is behind this pool: the API would drop the records anyway."""
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter(INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL)
         self._span_name = f"checkout {pool_name}"
@@ -112,12 +116,22 @@ class PoolTelemetry:
         )
         _register_pool(meter, provider, self)
 
+    def notice_providers(self) -> None:
+        """Called about once a second: spans and records start once an SDK sets the global providers.
+
+        The API lets a global provider be set once, for good, so a True flag never needs checking again.
+        """
+        if not self.tracing:
+            self.tracing = _global_tracing()
+        if not self.metering:
+            self.metering = _global_metering()
+
     # -- per checkout ---------------------------------------------------------------------------
 
-    def start_checkout(self) -> trace.Span | None:
-        """A ``checkout <pool>`` span under the current span, only when that one is sampled."""
-        parent = trace.get_current_span().get_span_context()
-        if not (parent.is_valid and parent.trace_flags.sampled):
+    def start_checkout(self, parent: trace.Span) -> trace.Span | None:
+        """A ``checkout <pool>`` span under ``parent`` (the current span), only when that one is sampled."""
+        context = parent.get_span_context()
+        if not (context.is_valid and context.trace_flags.sampled):
             return None
         return self._tracer.start_span(self._span_name, kind=SpanKind.INTERNAL, attributes=self._span_attributes)
 
@@ -132,7 +146,11 @@ class PoolTelemetry:
         self._wait_time.record(seconds, self._pool_attributes)
 
     def record_use(self, seconds: float, route: str | None) -> None:
-        self._use_time.record(seconds, self._pool_attributes if route is None else self._with_route(route))
+        if route is None:
+            attributes = self._pool_attributes
+        else:
+            attributes = self._route_attributes.get(route) or self._with_route(route)
+        self._use_time.record(seconds, attributes)
 
     def record_create(self, seconds: float) -> None:
         self._create_time.record(seconds, self._pool_attributes)
@@ -165,7 +183,7 @@ class PoolTelemetry:
         span = holder.span if holder.span is not None and holder.span.is_recording() else trace.get_current_span()
         if span.is_recording():
             attributes: dict[str, Any] = {POOL_NAME: self.pool_name, "poolguard.held_seconds": round(held_for, 3)}
-            route = holder.route or getattr(holder.scope, "route", None)
+            route = holder.current_route
             if route is not None:
                 attributes[HTTP_ROUTE] = route
             span.add_event("poolguard.leak_suspected", attributes)
@@ -240,6 +258,16 @@ class _PoolRegistry:
             ]
 
         return observe
+
+
+def _global_tracing() -> bool:
+    """Whether the global tracer provider is a real one (the API's default is a proxy until an SDK sets one)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+def _global_metering() -> bool:
+    """Whether the global meter provider is a real one (the API's default proxy drops every record)."""
+    return type(metrics.get_meter_provider()).__name__ != "_ProxyMeterProvider"
 
 
 def _register_pool(meter: metrics.Meter, provider: object, pool: PoolTelemetry) -> None:

@@ -25,7 +25,7 @@ from poolguard.guard import Guard, RequestScope
 from poolguard.health import HealthReport
 from poolguard.http import HttpResponse, detail_allowed, health_response, unavailable_response
 from poolguard.monitor import GuardedScope, PoolMonitor
-from poolguard.pools.django import AliasScope, DjangoPool
+from poolguard.pools.django import AliasScope, DjangoPool, route_of
 
 logger = logging.getLogger("poolguard")
 
@@ -95,6 +95,7 @@ class PoolGuardState:
     def __init__(self, loaded: DjangoSettings, *, handler: Any = None) -> None:
         self.settings = loaded
         self.config = config = loaded.config
+        self.health_path: str | None = config.health_path
         self.guards: dict[str, Guard] = {}
         self.guard: Guard | None = None
         self.alias_monitors: tuple[PoolMonitor, ...] = ()
@@ -132,9 +133,13 @@ class PoolGuardState:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def begin(self, route: str | None) -> RequestWork:
-        """Opens the request's scopes: nothing touches a database until the view needs it."""
-        return RequestWork(self, route)
+    def begin(self, request: Any = None) -> RequestWork:
+        """Opens the request's scopes: nothing touches a database until the view needs it.
+
+        The scopes learn the request's route (its URL pattern) from ``request`` when they first
+        check a connection out, after Django has resolved the URL.
+        """
+        return RequestWork(self, request)
 
     def as_unavailable(self, exc: BaseException) -> Unavailable | None:
         """The Unavailable a view's exception stands for: itself, or a connection failure a breaker counted."""
@@ -151,7 +156,7 @@ class PoolGuardState:
     # -- health --------------------------------------------------------------------------------------
 
     def is_health_request(self, path: str, method: str) -> bool:
-        return self.config.health_path is not None and path == self.config.health_path and method in ("GET", "HEAD")
+        return path == self.health_path and method in ("GET", "HEAD")
 
     def health_http(self, request: Any) -> HttpResponse:
         config = self.config
@@ -184,21 +189,24 @@ def _make_guard(config: PoolGuardConfig) -> Guard:
 class RequestWork:
     """One request's scopes: one per guarded alias, and the SQLAlchemy request scope when configured."""
 
-    __slots__ = ("_tokens", "sqlalchemy", "state")
+    __slots__ = ("_tokens", "request", "sqlalchemy", "state")
 
-    def __init__(self, state: PoolGuardState, route: str | None) -> None:
+    def __init__(self, state: PoolGuardState, request: Any) -> None:
         self.state = state
+        self.request = request
         self._tokens: list[tuple[PoolMonitor, AliasScope, Token[GuardedScope | None]]] = []
         for monitor in state.alias_monitors:
-            scope = AliasScope(route)
+            scope = AliasScope(request)
             self._tokens.append((monitor, scope, monitor.scope_var.set(scope)))
-        self.sqlalchemy: RequestScope | None = state.guard.request_scope(route).open() if state.guard else None
+        self.sqlalchemy: RequestScope | None = state.guard.request_scope(None).open() if state.guard else None
 
-    def set_route(self, route: str) -> None:
-        for _, scope, _token in self._tokens:
-            scope.route = route
-        if self.sqlalchemy is not None:
-            self.sqlalchemy.route = route
+    def session(self) -> Any:
+        """The SQLAlchemy session, its scope named after the route (resolved by now: a view is asking)."""
+        scope = self.sqlalchemy
+        assert scope is not None
+        if scope.route is None and self.request is not None:
+            scope.route = route_of(self.request)
+        return scope.session
 
     def fail(self, error: BaseException) -> None:
         """The view raised: the SQLAlchemy session rolls back (Django's ORM keeps its own rules)."""
@@ -213,8 +221,11 @@ class RequestWork:
     def close(self) -> None:
         """Ends the request: the SQLAlchemy scope, then each alias's checkout; leaves the contexts."""
         try:
-            if self.sqlalchemy is not None:
-                self.sqlalchemy.close()
+            request_scope = self.sqlalchemy
+            if request_scope is not None:
+                if request_scope.route is None and self.request is not None:
+                    request_scope.route = route_of(self.request)  # for what close reports: use times, leftovers
+                request_scope.close()
         finally:
             for monitor, scope, token in reversed(self._tokens):
                 if scope.checked_out:

@@ -58,7 +58,7 @@ def get_session(request: Any) -> Any:
         raise ImproperlyConfigured(
             "poolguard.django.get_session() needs POOLGUARD['SQLALCHEMY'] = {'URL': ..., 'POOL_SIZE': ...} in settings"
         )
-    return work.sqlalchemy.session
+    return work.session()
 
 
 class PoolGuardMiddleware:
@@ -83,26 +83,33 @@ class PoolGuardMiddleware:
     def __call__(self, request: Any) -> Any:
         if self.async_mode:
             return self.__acall__(request)
-        state: PoolGuardState = self.app_config.require_state()
-        if state.is_health_request(request.path_info, request.method):
+        state: PoolGuardState = self.app_config.state or self.app_config.require_state()
+        if request.path_info == state.health_path and state.is_health_request(request.path_info, request.method):
             return to_django(state.health_http(request))
-        work = state.begin(request.path_info)
-        setattr(request, _REQUEST_ATTRIBUTE, work)
+        work = RequestWork(state, request)
+        request._poolguard = work  # read by get_session() and process_exception()
         try:
             response = self.get_response(request)
         except BaseException as exc:
             work.fail(exc)
             work.close()
             raise
-        return self._finish(work, response, work.close)
+        try:
+            work.close()
+        except Exception as exc:
+            converted = state.unavailable_http(exc)
+            if converted is None:
+                raise
+            return to_django(converted)
+        return response
 
     async def __acall__(self, request: Any) -> Any:
-        state: PoolGuardState = self.app_config.require_state()
-        if state.is_health_request(request.path_info, request.method):
+        state: PoolGuardState = self.app_config.state or self.app_config.require_state()
+        if request.path_info == state.health_path and state.is_health_request(request.path_info, request.method):
             http = await sync_to_async(state.health_http, thread_sensitive=False)(request)
             return to_django(http)
-        work = state.begin(request.path_info)
-        setattr(request, _REQUEST_ATTRIBUTE, work)
+        work = RequestWork(state, request)
+        request._poolguard = work  # read by get_session() and process_exception()
         get_response: Callable[[Any], Awaitable[Any]] = self.get_response
         try:
             response = await get_response(request)
@@ -127,24 +134,6 @@ class PoolGuardMiddleware:
                 await sync_to_async(work.finish_session, thread_sensitive=True)()
         finally:
             work.close()
-
-    @staticmethod
-    def _finish(work: RequestWork, response: Any, close: Callable[[], None]) -> Any:
-        try:
-            close()
-        except Exception as exc:
-            converted = work.state.unavailable_http(exc)
-            if converted is None:
-                raise
-            return to_django(converted)
-        return response
-
-    def process_view(self, request: Any, view_func: Any, view_args: Any, view_kwargs: Any) -> None:
-        """Names the scopes after the URL pattern, not the path: leak reports and metrics stay low-cardinality."""
-        work: RequestWork | None = getattr(request, _REQUEST_ATTRIBUTE, None)
-        match = getattr(request, "resolver_match", None)
-        if work is not None and match is not None and match.route:
-            work.set_route("/" + str(match.route).lstrip("^"))
 
     def process_exception(self, request: Any, exception: Exception) -> Any:
         """A view raised: the SQLAlchemy session will roll back; Unavailable becomes poolguard's 503."""

@@ -44,13 +44,35 @@ _HOOKED = "_poolguard_hooked"
 
 
 class AliasScope(GuardedScope):
-    """One request's use of one alias; ``checked_out`` once its first use went through the gate."""
+    """One request's use of one alias; ``checked_out`` once its first use went through the gate.
 
-    __slots__ = ("checked_out",)
+    The route is named lazily, at the first checkout, from the request's ``resolver_match``: the
+    middleware runs before URL resolution, and a ``process_view`` hook only to learn the route
+    would cost every request, including those that never touch the database.
+    """
 
-    def __init__(self, route: str | None) -> None:
-        super().__init__(route)
+    __slots__ = ("checked_out", "request")
+
+    def __init__(self, request: Any = None) -> None:
+        self.route = None
+        self.waited = 0.0
+        self.held = 0
         self.checked_out = False
+        self.request = request
+
+    def name_route(self) -> None:
+        """Sets ``route`` to the URL pattern once Django has resolved it (never the raw path)."""
+        match = getattr(self.request, "resolver_match", None)
+        if match is not None and match.route:
+            self.route = "/" + str(match.route).lstrip("^")
+
+
+def route_of(request: Any) -> str | None:
+    """The URL pattern a Django request matched (``/items/<int:pk>/``), or None before resolution."""
+    match = getattr(request, "resolver_match", None)
+    if match is None or not match.route:
+        return None
+    return "/" + str(match.route).lstrip("^")
 
 
 def _pool_settings(settings_dict: dict[str, Any]) -> tuple[int, int] | None:
@@ -167,12 +189,7 @@ class DjangoPool:
 
     def _ensure(self, connection: Any, real: Callable[[], None]) -> None:
         monitor = self._monitor
-        if monitor is None:
-            real()
-            return
-        if self.pooled:
-            if connection.connection is None:
-                self._watch_pool(connection)
+        if monitor is None or self.pooled:  # pooled: the pool's getconn is gated instead
             real()
             return
         scope = monitor.scope_var.get()
@@ -180,6 +197,8 @@ class DjangoPool:
         if not isinstance(scope, AliasScope):
             real()
             return
+        if scope.route is None:
+            scope.name_route()
         if scope.checked_out:
             if not connecting:
                 real()
@@ -213,41 +232,36 @@ class DjangoPool:
         self._pool = pool
         scope = monitor.scope_var.get()
         if scope is None:
-            connection = monitor.checkout(functools.partial(real, timeout))
-        else:
-            start = monitor.clock()
+            return monitor.checkout(functools.partial(real, timeout), None, id)
+        if isinstance(scope, AliasScope) and scope.route is None:
+            scope.name_route()
+        start = monitor.clock()
 
-            def bounded() -> Any:
-                # Admission gave a slot: wait for the connection itself only what is left of the budget,
-                # never psycopg_pool's own 30 s timeout.
-                remaining = monitor.max_wait - scope.waited - (monitor.clock() - start)
-                limit = max(remaining, _MIN_GETCONN_WAIT)
-                if timeout is not None:
-                    limit = min(limit, timeout)
-                try:
-                    return real(limit)
-                except Exception as exc:
-                    if type(exc).__name__ == "PoolTimeout" and self._pool_busy(pool):
-                        raise PoolSaturated(
-                            f"pool {self.alias!r} is saturated: every psycopg pool connection is in use "
-                            f"(some outside poolguard's requests); no connection within {limit:.3f}s",
-                            retry_after=1.0,
-                            pool=self.alias,
-                        ) from None
-                    raise
+        def bounded() -> Any:
+            # Admission gave a slot: wait for the connection itself only what is left of the budget,
+            # never psycopg_pool's own 30 s timeout.
+            remaining = monitor.max_wait - scope.waited - (monitor.clock() - start)
+            limit = max(remaining, _MIN_GETCONN_WAIT)
+            if timeout is not None:
+                limit = min(limit, timeout)
+            try:
+                return real(limit)
+            except Exception as exc:
+                if type(exc).__name__ == "PoolTimeout" and self._pool_busy(pool):
+                    raise PoolSaturated(
+                        f"pool {self.alias!r} is saturated: every psycopg pool connection is in use "
+                        f"(some outside poolguard's requests); no connection within {limit:.3f}s",
+                        retry_after=1.0,
+                        pool=self.alias,
+                    ) from None
+                raise
 
-            connection = monitor.checkout(bounded)
-        monitor.on_checkout(id(connection), connection)
-        return connection
+        return monitor.checkout(bounded, None, id)
 
     def _pool_busy(self, pool: Any) -> bool:
         """True when every connection the pool may open is open and in use: saturation, not a failure."""
         stats = pool.get_stats()
         return bool(int(stats.get("pool_size", 0)) >= int(pool.max_size) and int(stats.get("pool_available", 0)) == 0)
-
-    def _putconn(self, connection: Any) -> None:
-        if self._monitor is not None:
-            self._monitor.on_checkin(id(connection))
 
     def _on_query_error(self, exc: BaseException, connection: Any) -> None:
         """A query failed: a lost connection counts on the breaker, an application error does not."""
@@ -287,22 +301,46 @@ def _hook_handler(handler: Any, registry: dict[str, DjangoPool]) -> None:
 
 
 def _instrument(connection: Any, registry: dict[str, DjangoPool]) -> None:
-    """Hooks one connection wrapper once; the hooks cost a dict lookup while its alias is unguarded."""
+    """Hooks one connection wrapper once; the hooks cost a dict lookup while its alias is unguarded.
+
+    With Django's psycopg pool the pool's own ``getconn`` is what gets gated, so the wrapper only
+    needs ``connect`` hooked (once per request, to find the pool, which Django makes lazily).
+    Per-thread connections need ``ensure_connection``: a request's first use is the checkout,
+    even on a persistent connection that is already open.
+    """
     if connection.__dict__.get(_HOOKED):
         return
     connection.__dict__[_HOOKED] = True
     alias = connection.alias
-    real_ensure = connection.ensure_connection
+    if _uses_pool(connection.settings_dict):
+        real_connect = connection.connect
 
-    def ensure_connection() -> None:
-        adapter = registry.get(alias)
-        if adapter is None:
-            real_ensure()
-        else:
-            adapter._ensure(connection, real_ensure)
+        def connect() -> None:
+            adapter = registry.get(alias)
+            if adapter is not None and adapter.pooled:
+                adapter._watch_pool(connection)
+            real_connect()
 
-    connection.ensure_connection = ensure_connection
+        connection.connect = connect
+    else:
+        real_ensure = connection.ensure_connection
+
+        def ensure_connection() -> None:
+            adapter = registry.get(alias)
+            if adapter is None:
+                real_ensure()
+            else:
+                adapter._ensure(connection, real_ensure)
+
+        connection.ensure_connection = ensure_connection
     connection.execute_wrappers.append(_ExecuteHook(registry, alias))
+
+
+def _uses_pool(settings_dict: dict[str, Any]) -> bool:
+    options = settings_dict.get("OPTIONS") or {}
+    return bool(isinstance(options, dict) and options.get("pool")) and str(settings_dict.get("ENGINE", "")).endswith(
+        "postgresql"
+    )
 
 
 class _ExecuteHook:
@@ -341,8 +379,8 @@ def _hook_pool(pool: Any, registry: dict[str, DjangoPool], alias: str) -> None:
             real_putconn(connection)
         finally:
             adapter = registry.get(alias)
-            if adapter is not None:
-                adapter._putconn(connection)
+            if adapter is not None and adapter._monitor is not None:
+                adapter._monitor.on_checkin(id(connection))
 
     pool.getconn = getconn
     pool.putconn = putconn

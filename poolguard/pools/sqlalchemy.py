@@ -2,10 +2,13 @@
 
 SQLAlchemy has events for checkout, checkin and new connections, but none before a checkout
 starts waiting, and that wait is what matters most. So the pool object gets a subclass of its own
-class whose ``connect`` goes through the monitor (see :meth:`SQLAlchemyPool._guard_pool`).
-Everything else uses the engine's pool and dialect events, which SQLAlchemy keeps across
-``dispose()``. Async engines run the same code: their pool is synchronous code inside a greenlet,
-and admission waits there through ``await_only`` without blocking the event loop.
+class whose ``connect`` goes through the monitor and whose ``_do_return_conn`` (the template method
+every return path of a SQLAlchemy pool ends in: checkin, invalidation, detach) reports the checkin
+(see :meth:`SQLAlchemyPool._guard_pool`). Both are on the per-request path, and a method of the
+pool costs a fraction of an event dispatch. New connections and errors use the engine's dialect
+events, which SQLAlchemy keeps across ``dispose()``. Async engines run the same code: their pool is
+synchronous code inside a greenlet, and admission waits there through ``await_only`` without
+blocking the event loop.
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ from poolguard.pools import PoolCounts
 
 _CONNECT_STARTED = "poolguard.connect_started"
 _MONITOR_ATTRIBUTE = "_poolguard_monitor"
+
+
+def _record_key(connection: PoolProxiedConnection) -> int:
+    """A checked-out connection's key: its pool record, which is what the pool's return path receives."""
+    return id(connection._connection_record)
 
 
 class SQLAlchemyPool:
@@ -56,9 +64,6 @@ class SQLAlchemyPool:
         monitor.reclaim = self._reclaim
         self._listen(self.sync_engine, "do_connect", self._before_connect)
         self._listen(self.sync_engine, "connect", self._after_connect)
-        self._listen(self.sync_engine, "checkout", self._on_checkout)
-        self._listen(self.sync_engine, "checkin", self._on_checkin)
-        self._listen(self.sync_engine, "detach", self._on_detach)
         self._listen(self.sync_engine, "handle_error", self._on_error)
         self._guard_pool(self.sync_engine.pool)
 
@@ -82,25 +87,39 @@ class SQLAlchemyPool:
         self._listeners.append((target, name, fn))
 
     def _guard_pool(self, pool: Pool) -> None:
-        """Routes the pool's checkouts through the monitor by giving the pool a subclass of its own class.
+        """Routes the pool's checkouts and returns through the monitor with a subclass of the pool's own class.
 
-        A subclass, not an event: SQLAlchemy has no event before a checkout waits, and an
+        A subclass, not events: SQLAlchemy has no event before a checkout waits, and an
         ``engine_disposed`` listener would switch every execution on the engine to its slower
         event-dispatching path. ``engine.dispose()`` builds the replacement pool from
         ``self.__class__``, so the replacement is guarded too. The subclass is per guard (it holds
         this monitor) and adds no state, so :meth:`detach` can hand the pool its class back.
+        Connections are keyed by their pool record, which is what every return path hands back.
         """
         monitor = self._monitor
         assert monitor is not None
         base = type(pool)
         real_connect = base.connect
+        real_return = base._do_return_conn
         await_in_greenlet = sqlalchemy.util.await_only if self.is_async else None
+        checkout = monitor.checkout
+        checkin = monitor.on_checkin
 
         def connect(pool: Pool) -> PoolProxiedConnection:
-            connection: PoolProxiedConnection = monitor.checkout(MethodType(real_connect, pool), await_in_greenlet)
+            connection: PoolProxiedConnection = checkout(MethodType(real_connect, pool), await_in_greenlet, _record_key)
             return connection
 
-        guarded = type(f"Guarded{base.__name__}", (base,), {"connect": connect, "__module__": __name__})
+        def _do_return_conn(pool: Pool, record: ConnectionPoolEntry) -> None:
+            try:
+                real_return(pool, record)
+            finally:
+                checkin(id(record))
+
+        guarded = type(
+            f"Guarded{base.__name__}",
+            (base,),
+            {"connect": connect, "_do_return_conn": _do_return_conn, "__module__": __name__},
+        )
         pool.__class__ = guarded
         self._guarded_class = guarded
 
@@ -113,20 +132,6 @@ class SQLAlchemyPool:
         started = record.info.pop(_CONNECT_STARTED, None)
         if monitor is not None and started is not None:
             monitor.on_connection_created(monitor.clock() - started)
-
-    def _on_checkout(
-        self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry, proxy: PoolProxiedConnection
-    ) -> None:
-        if self._monitor is not None:
-            self._monitor.on_checkout(id(record), proxy)
-
-    def _on_checkin(self, dbapi_connection: DBAPIConnection | None, record: ConnectionPoolEntry) -> None:
-        if self._monitor is not None:
-            self._monitor.on_checkin(id(record))
-
-    def _on_detach(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
-        if self._monitor is not None:
-            self._monitor.on_checkin(id(record))
 
     def _on_error(self, context: ExceptionContext) -> None:
         if self._monitor is None or context.connection is None or context.is_pre_ping:

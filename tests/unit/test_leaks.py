@@ -6,10 +6,12 @@ import logging
 import os
 import threading
 import traceback
+from collections.abc import Callable, Iterator
 
 import pytest
 import sqlalchemy
 import sqlalchemy.util
+from opentelemetry.trace import INVALID_SPAN, NonRecordingSpan, SpanContext
 
 import poolguard
 from poolguard.leaks import Holder, LeakTracker, capture_stack, checkout_site
@@ -29,11 +31,31 @@ def holder(
     clock: FakeClock,
     route: str | None = "/orders/{id}",
     *,
-    thread: str = "worker-1",
+    thread_id: int | None = None,
     scope: object | None = None,
     stack: traceback.StackSummary | None = None,
 ) -> Holder:
-    return Holder(since=clock(), route=route, thread=thread, scope=scope, stack=stack)
+    thread_id = threading.get_ident() if thread_id is None else thread_id
+    return Holder(clock(), scope, None, None, thread_id, route=route, stack=stack)
+
+
+@pytest.fixture
+def named_thread() -> Iterator[Callable[[str], int]]:
+    """Starts a parked thread with the given name and returns its ident (leak reports name live threads)."""
+    release = threading.Event()
+    started: list[threading.Thread] = []
+
+    def start(name: str) -> int:
+        thread = threading.Thread(target=release.wait, name=name, daemon=True)
+        thread.start()
+        started.append(thread)
+        assert thread.ident is not None
+        return thread.ident
+
+    yield start
+    release.set()
+    for thread in started:
+        thread.join(timeout=10)
 
 
 def leak_records(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING) -> list[logging.LogRecord]:
@@ -101,14 +123,16 @@ def test_held_by_lists_only_the_connections_of_that_scope(clock: FakeClock) -> N
 # -- threshold reports --------------------------------------------------------------------------------------
 
 
-def test_sweep_reports_only_holders_past_the_threshold(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+def test_sweep_reports_only_holders_past_the_threshold(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture, named_thread: Callable[[str], int]
+) -> None:
     caplog.set_level(logging.WARNING, logger="poolguard.leaks")
     reported: list[Holder] = []
     tracker = make(clock, reported)
-    old = holder(clock, "/reports/{id}", thread="worker-7")
+    old = holder(clock, "/reports/{id}", thread_id=named_thread("worker-7"))
     tracker.checked_out("old", old)
     clock.advance(20)
-    young = holder(clock, "/orders/{id}", thread="worker-8")
+    young = holder(clock, "/orders/{id}", thread_id=named_thread("worker-8"))
     tracker.checked_out("young", young)
 
     clock.advance(THRESHOLD - 20 + 1)  # old: 31 s, young: 11 s
@@ -178,15 +202,47 @@ def test_checking_in_a_reported_holder_clears_the_suspicion(clock: FakeClock) ->
     assert tracker.held_by(None) == []
 
 
-def test_a_report_without_a_request_names_that(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_report_without_a_request_names_that(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture, named_thread: Callable[[str], int]
+) -> None:
     caplog.set_level(logging.WARNING, logger="poolguard.leaks")
     tracker = make(clock)
-    tracker.checked_out("k", holder(clock, route=None, thread="cron"))
+    tracker.checked_out("k", holder(clock, route=None, thread_id=named_thread("cron")))
     clock.advance(THRESHOLD + 1)
     tracker.sweep()
     message = leak_records(caplog)[0].getMessage()
     assert "(no request)" in message
     assert "cron" in message
+
+
+def test_a_thread_that_has_ended_is_named_by_its_ident(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="poolguard.leaks")
+    ended = threading.Thread(target=lambda: None, name="gone")
+    ended.start()
+    ended.join()
+    assert ended.ident is not None
+    tracker = make(clock)
+    tracker.checked_out("k", holder(clock, thread_id=ended.ident))
+    clock.advance(THRESHOLD + 1)
+    tracker.sweep()
+    message = leak_records(caplog)[0].getMessage()
+    assert f"thread {ended.ident}" in message
+    assert "gone" not in message
+
+
+def test_a_report_names_the_trace_the_connection_was_taken_in(
+    clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.WARNING, logger="poolguard.leaks")
+    context = SpanContext(trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736, span_id=0x00F067AA0BA902B7, is_remote=False)
+    tracker = make(clock)
+    tracker.checked_out("k", Holder(clock(), None, None, NonRecordingSpan(context), threading.get_ident()))
+    tracker.checked_out("untraced", Holder(clock(), None, None, INVALID_SPAN, threading.get_ident()))
+    clock.advance(THRESHOLD + 1)
+    tracker.sweep()
+    first, second = (record.getMessage() for record in leak_records(caplog))
+    assert "trace 4bf92f3577b34da6a3ce929d0e0e4736" in first
+    assert "trace" not in second
 
 
 # -- stacks -------------------------------------------------------------------------------------------------
@@ -231,7 +287,7 @@ def test_warning_names_the_checkout_site_on_one_line_and_the_stack_goes_to_debug
     caplog.set_level(logging.DEBUG, logger="poolguard.leaks")
     tracker = make(clock)
     stack = capture_stack()
-    tracker.checked_out("k", holder(clock, stack=stack, thread=threading.current_thread().name))
+    tracker.checked_out("k", holder(clock, stack=stack))
     clock.advance(THRESHOLD + 1)
     tracker.sweep()
 
