@@ -20,6 +20,7 @@ from contextvars import ContextVar
 from threading import get_ident
 from typing import Any, Protocol, TypeVar
 
+from opentelemetry.context import get_current
 from opentelemetry.trace import INVALID_SPAN, get_current_span
 
 from poolguard._classify import counted_pool, is_checkout_timeout, is_connection_failure, mark_counted
@@ -138,8 +139,10 @@ class PoolMonitor:
         if start >= self._next_sweep:
             self._periodic(start)
         span = None
+        context = None
         if telemetry is not None and telemetry.tracing:
-            parent = get_current_span()
+            context = get_current()  # once, for the span lookup and the wait-time record (its exemplar)
+            parent = get_current_span(context)
             if parent is not INVALID_SPAN:
                 span = telemetry.start_checkout(parent)
         else:
@@ -177,7 +180,7 @@ class PoolMonitor:
                 self.breaker.record_success(wait)
         if telemetry is not None:
             if telemetry.metering:
-                telemetry.record_wait(wait)
+                telemetry.record_wait(wait, context)
             if span is not None:
                 telemetry.end_checkout(span, "acquired")
         for observer in self.observers:

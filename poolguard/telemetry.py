@@ -22,6 +22,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
+from opentelemetry.context import Context
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -142,8 +143,8 @@ class PoolTelemetry:
             span.set_status(Status(StatusCode.ERROR, outcome))
         span.end()
 
-    def record_wait(self, seconds: float) -> None:
-        self._wait_time.record(seconds, self._pool_attributes)
+    def record_wait(self, seconds: float, context: Context | None = None) -> None:
+        self._wait_time.record(seconds, self._pool_attributes, context)
 
     def record_use(self, seconds: float, route: str | None) -> None:
         if route is None:

@@ -1,0 +1,145 @@
+"""Instructions per request of the benchmark apps, with and without poolguard: a deterministic figure.
+
+    .venv/bin/python benchmarks/apps_instructions.py [--frameworks flask,django] [--requests 300]
+
+Requests per second on this 2-core machine swing by several per cent from run to run (the server,
+the load generator and PostgreSQL share the cores, and each server process keeps a speed bias of its
+own), which is as large as the overhead being measured. This benchmark counts what poolguard adds
+instead: the same generated apps as ``apps_overhead.py`` (one ``GET /select1`` doing ``SELECT 1`` on
+the real PostgreSQL server, both sides on the same pool settings), called in process the way a WSGI
+server calls them (``app(environ, start_response)``, body iterated, ``close()``, so Django returns
+its connection to the pool as under gunicorn), run under ``valgrind --tool=callgrind``, which counts
+the CPU instructions executed. Each side runs twice, with ``--requests`` more requests the second
+time; the difference divided by ``--requests`` is the count per request, free of start-up and
+warm-up. ``PYTHONHASHSEED=0`` fixes dict layouts, so a rerun gives the same figure to within 0.1 %.
+
+Modes (``--telemetry``): ``none`` compares bare and guarded apps with no OpenTelemetry SDK (what
+issue 3's overhead target is about); ``sdk`` also runs the guarded Flask app with the SDK installed
+(an unsampled parent span around the requests, a MeterProvider with a reader), for issue 4's
+"unsampled within 2 % of none" target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import apps_overhead
+
+WORKER = "--worker"
+SIDES = ("bare", "guarded", "guarded-sdk-unsampled")
+_COLLECTED = re.compile(r"Collected : (\d+)")
+
+
+def worker(framework: str, side: str, directory: Path, requests: int) -> None:
+    """Runs ``requests`` requests (plus a fixed warm-up) through the app, as a WSGI server would."""
+    from wsgiref.util import setup_testing_defaults  # noqa: PLC0415
+
+    sys.path.insert(0, str(directory))
+    module = "guarded" if side.startswith("guarded") else "bare"
+    parent = None
+    if side == "guarded-sdk-unsampled":
+        from opentelemetry import metrics, trace  # noqa: PLC0415
+        from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
+        from opentelemetry.sdk.metrics.export import InMemoryMetricReader  # noqa: PLC0415
+        from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+        from opentelemetry.sdk.trace.sampling import ALWAYS_OFF  # noqa: PLC0415
+
+        trace.set_tracer_provider(TracerProvider(sampler=ALWAYS_OFF))
+        metrics.set_meter_provider(MeterProvider(metric_readers=[InMemoryMetricReader()]))
+        parent = trace.get_tracer("bench").start_as_current_span("GET /select1")
+    if framework == "django":
+        os.environ["DJANGO_SETTINGS_MODULE"] = f"bench_django_{module}_settings"
+        app = __import__(f"bench_django_{module}").application
+    else:
+        app = __import__(f"bench_{framework}_{module}").app
+
+    def start_response(status: str, headers: object, exc_info: object = None) -> None:
+        if not status.startswith("200"):
+            raise RuntimeError(f"{framework}/{side}: {status}")
+
+    environ: dict[str, object] = {}
+    setup_testing_defaults(environ)
+    environ["PATH_INFO"] = apps_overhead.ROUTE
+
+    def one() -> None:
+        body = app(dict(environ), start_response)
+        for _ in body:
+            pass
+        close = getattr(body, "close", None)
+        if close is not None:
+            close()
+
+    if parent is not None:
+        parent.__enter__()
+    for _ in range(100 + requests):
+        one()
+
+
+def instructions(framework: str, side: str, directory: Path, requests: int) -> int:
+    command = ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", sys.executable, __file__]
+    output = subprocess.run(
+        [*command, WORKER, framework, side, str(directory), str(requests)],
+        capture_output=True,
+        text=True,
+        env={**apps_overhead.server_env(), "PYTHONHASHSEED": "0"},
+        check=True,
+        timeout=1800,
+    ).stderr
+    found = _COLLECTED.search(output)
+    if found is None:
+        raise RuntimeError(f"no instruction count in valgrind's output:\n{output[-2000:]}")
+    return int(found.group(1))
+
+
+def per_request(framework: str, side: str, directory: Path, requests: int) -> float:
+    base = instructions(framework, side, directory, 50)
+    more = instructions(framework, side, directory, 50 + requests)
+    return (more - base) / requests
+
+
+def main() -> int:
+    if len(sys.argv) == 6 and sys.argv[1] == WORKER:
+        worker(sys.argv[2], sys.argv[3], Path(sys.argv[4]), int(sys.argv[5]))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--frameworks", default="flask,django")
+    parser.add_argument("--requests", type=int, default=300)
+    parser.add_argument("--telemetry", choices=("none", "sdk"), default="sdk")
+    args = parser.parse_args()
+    if shutil.which("valgrind") is None:
+        parser.error("valgrind is not on PATH (Debian package 'valgrind')")
+    frameworks = [name.strip() for name in args.frameworks.split(",") if name.strip()]
+    if unknown := sorted(set(frameworks) - {"flask", "django"}):
+        parser.error(f"unknown framework(s) {unknown}; this benchmark drives WSGI apps: flask, django")
+    print("| app | side | instructions per request | over bare |")
+    print("|---|---|---:|---:|")
+    with tempfile.TemporaryDirectory(prefix="poolguard-instructions-") as tmp:
+        directory = Path(tmp)
+        apps_overhead.write_apps(directory)
+        for framework in frameworks:
+            sides = SIDES if args.telemetry == "sdk" and framework == "flask" else SIDES[:2]
+            counts = {side: per_request(framework, side, directory, args.requests) for side in sides}
+            for side, count in counts.items():
+                extra = count - counts["bare"]
+                print(
+                    f"| {framework} | {side} | {count:,.0f} | {extra:+,.0f} ({extra / counts['bare'] * 100:+.1f} %) |",
+                    flush=True,
+                )
+            if "guarded-sdk-unsampled" in counts:
+                sdk = counts["guarded-sdk-unsampled"] - counts["guarded"]
+                print(f"| {framework} | SDK unsampled over guarded without SDK | | {sdk:+,.0f} "
+                      f"({sdk / counts['guarded'] * 100:+.1f} %) |", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
