@@ -70,7 +70,7 @@ _NO_EXCEPTION_GIVEN: Any = object()
 
 
 class _AppState:
-    """What one app's registration holds; its bound methods are the app's hooks."""
+    """What one app's registration holds; the wrapped dispatch and teardown call its methods."""
 
     __slots__ = ("config", "extension", "guard")
 
@@ -201,7 +201,7 @@ class PoolGuard:
             self.init_app(app)
 
     def init_app(self, app: Flask) -> None:
-        """Registers the hooks, the error handler and the health view on ``app``."""
+        """Wraps the app's dispatch and teardown, registers the error handler and the health view on ``app``."""
         if EXTENSION_KEY in app.extensions:
             raise RuntimeError(
                 "A 'PoolGuard' instance has already been registered on this Flask app. "

@@ -324,9 +324,7 @@ class RequestScope(GuardedScope):
     __slots__ = ("_failure", "_scope_token", "_session", "_unit_token", "guard")
 
     def __init__(self, guard: Guard, route: str | None) -> None:
-        self.route = route
-        self.waited = 0.0
-        self.held = 0
+        super().__init__(route)
         self.guard = guard
         self._session: Session | AsyncSession | None = None
         self._failure: BaseException | None = None

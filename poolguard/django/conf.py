@@ -204,9 +204,12 @@ class RequestWork:
         """The SQLAlchemy session, its scope named after the route (resolved by now: a view is asking)."""
         scope = self.sqlalchemy
         assert scope is not None
+        self._name_route(scope)
+        return scope.session
+
+    def _name_route(self, scope: RequestScope) -> None:
         if scope.route is None and self.request is not None:
             scope.route = route_of(self.request)
-        return scope.session
 
     def fail(self, error: BaseException) -> None:
         """The view raised: the SQLAlchemy session rolls back (Django's ORM keeps its own rules)."""
@@ -223,8 +226,7 @@ class RequestWork:
         try:
             request_scope = self.sqlalchemy
             if request_scope is not None:
-                if request_scope.route is None and self.request is not None:
-                    request_scope.route = route_of(self.request)  # for what close reports: use times, leftovers
+                self._name_route(request_scope)  # for what close reports: use times, leftovers
                 request_scope.close()
         finally:
             for monitor, scope, token in reversed(self._tokens):

@@ -54,17 +54,13 @@ class AliasScope(GuardedScope):
     __slots__ = ("checked_out", "request")
 
     def __init__(self, request: Any = None) -> None:
-        self.route = None
-        self.waited = 0.0
-        self.held = 0
+        super().__init__(None)
         self.checked_out = False
         self.request = request
 
     def name_route(self) -> None:
         """Sets ``route`` to the URL pattern once Django has resolved it (never the raw path)."""
-        match = getattr(self.request, "resolver_match", None)
-        if match is not None and match.route:
-            self.route = "/" + str(match.route).lstrip("^")
+        self.route = route_of(self.request)
 
 
 def route_of(request: Any) -> str | None:
@@ -75,12 +71,19 @@ def route_of(request: Any) -> str | None:
     return "/" + str(match.route).lstrip("^")
 
 
-def _pool_settings(settings_dict: dict[str, Any]) -> tuple[int, int] | None:
-    """(max_size, min_size) of Django's psycopg pool for this alias, or None without one."""
-    engine = str(settings_dict.get("ENGINE", ""))
+def _pool_option(settings_dict: dict[str, Any]) -> Any:
+    """``OPTIONS["pool"]`` of a PostgreSQL alias when it turns Django's psycopg pool on, else None."""
     options = settings_dict.get("OPTIONS") or {}
     pool = options.get("pool") if isinstance(options, dict) else None
-    if not pool or not engine.endswith("postgresql"):
+    if not pool or not str(settings_dict.get("ENGINE", "")).endswith("postgresql"):
+        return None
+    return pool
+
+
+def _pool_settings(settings_dict: dict[str, Any]) -> tuple[int, int] | None:
+    """(max_size, min_size) of Django's psycopg pool for this alias, or None without one."""
+    pool = _pool_option(settings_dict)
+    if pool is None:
         return None
     if pool is True:
         return PSYCOPG_POOL_DEFAULT_MIN_SIZE, PSYCOPG_POOL_DEFAULT_MIN_SIZE
@@ -315,10 +318,14 @@ def _instrument(connection: Any, registry: dict[str, DjangoPool]) -> None:
     if _uses_pool(connection.settings_dict):
         real_connect = connection.connect
 
+        pools: dict[str, Any] = getattr(type(connection), "_connection_pools", {})
+
         def connect() -> None:
             adapter = registry.get(alias)
             if adapter is not None and adapter.pooled:
-                adapter._watch_pool(connection)
+                pool = pools.get(alias)  # Django's own pool registry: a dict lookup instead of its `pool` property
+                if pool is None or pool is not adapter._pool:
+                    adapter._watch_pool(connection)
             real_connect()
 
         connection.connect = connect
@@ -337,10 +344,7 @@ def _instrument(connection: Any, registry: dict[str, DjangoPool]) -> None:
 
 
 def _uses_pool(settings_dict: dict[str, Any]) -> bool:
-    options = settings_dict.get("OPTIONS") or {}
-    return bool(isinstance(options, dict) and options.get("pool")) and str(settings_dict.get("ENGINE", "")).endswith(
-        "postgresql"
-    )
+    return _pool_option(settings_dict) is not None
 
 
 class _ExecuteHook:

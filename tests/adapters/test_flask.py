@@ -20,7 +20,7 @@ import sqlalchemy
 from flask import Flask, abort, stream_with_context
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
-from sqlalchemy.orm import registry
+from sqlalchemy.orm import Session, registry
 from sqlalchemy.pool import NullPool, QueuePool
 
 import poolguard
@@ -260,6 +260,54 @@ def test_session_is_finished_before_a_streamed_body(guard: Guard, observer: sqla
     assert response.status_code == 200
     assert response.data == b"done"
     assert seen == {"checked_out": 0, "committed": True}
+
+
+def test_the_apps_own_hooks_use_db_and_their_writes_commit_with_the_view(
+    guard: Guard, observer: sqlalchemy.Engine
+) -> None:
+    app = make_app(guard)
+    before, after, teardown = unique("before"), unique("after"), unique("teardown")
+    seen: list[Any] = []
+
+    @app.before_request
+    def write_before() -> None:
+        if flask.request.path == "/one":
+            db.execute(text(f"INSERT INTO {TABLE} (name) VALUES (:name)"), {"name": before})
+
+    @app.after_request
+    def write_after(response: flask.Response) -> flask.Response:
+        if flask.request.path == "/one":
+            db.execute(text(f"INSERT INTO {TABLE} (name) VALUES (:name)"), {"name": after})
+        return response
+
+    @app.teardown_request
+    def write_in_teardown(exc: BaseException | None) -> None:
+        if flask.request.path == "/one":
+            # After the commit: the unit of work is still open, and its close commits this one.
+            db.execute(text(f"INSERT INTO {TABLE} (name) VALUES (:name)"), {"name": teardown})
+            seen.append(isinstance(db, Session))
+
+    assert app.test_client().get("/one").status_code == 200
+    assert {before, after, teardown} <= set(names(observer))
+    assert seen == [True]
+    assert checked_out(guard) == 0
+
+
+def test_db_proxies_the_request_session(guard: Guard) -> None:
+    app = make_app(guard)
+    seen: dict[str, Any] = {}
+
+    @app.get("/proxy")
+    def proxy() -> str:
+        session = get_guard().monitor.scope_var.get().session  # type: ignore[union-attr]
+        db.info["marker"] = "set through db"  # attribute reads and item writes reach the session
+        seen["same info"] = session.info.get("marker")
+        seen["isinstance"] = isinstance(db, Session)
+        seen["bind"] = db.get_bind() is guard.engine
+        return "ok"
+
+    assert app.test_client().get("/proxy").status_code == 200
+    assert seen == {"same info": "set through db", "isinstance": True, "bind": True}
 
 
 def test_the_route_is_the_url_rule(guard: Guard) -> None:

@@ -503,3 +503,28 @@ def test_guard_keeps_gating_after_engine_dispose(make_guard: GuardFactory, engin
     with pytest.raises(CircuitOpen), guard.session() as session:
         session.execute(text("SELECT 1"))
     assert_nothing_checked_out(guard, engine)
+
+
+def test_every_way_back_to_the_pool_releases_the_slot_and_records_the_use(
+    make_guard: GuardFactory, engine: sqlalchemy.Engine
+):
+    """Checkin, invalidation and detach all end in the pool's return path, which the guard watches."""
+    guard = make_guard(engine)
+    capacity = guard.monitor.admission.capacity
+    with guard.request_scope(route="/ways") as scope:
+        with engine.connect() as connection:  # a plain checkin
+            connection.exec_driver_sql("SELECT 1")
+        invalidated = engine.connect()
+        invalidated.invalidate()  # the connection is closed, its record goes back empty
+        invalidated.close()
+        detached = engine.connect()
+        assert scope.held == 1
+        detached.connection.detach()  # leaves the pool for good
+        assert scope.held == 0
+        assert guard.monitor.leaks.held == 0
+        detached.close()
+    assert guard.monitor.admission.in_use == 0
+    assert guard.monitor.admission.capacity == capacity
+    assert guard.stats().checkouts == 3
+    assert guard.stats().use_p50 is not None
+    assert_nothing_checked_out(guard, engine)

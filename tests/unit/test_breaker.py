@@ -223,6 +223,41 @@ def test_window_wraps_many_times_with_consistent_counts(clock: FakeClock) -> Non
     assert breaker.failure_rate == pytest.approx(0.2)
 
 
+def test_successes_into_a_full_window_of_successes_keep_the_counts_exact(clock: FakeClock) -> None:
+    # Such a success changes nothing and is not even pushed (the per-checkout fast path); the window
+    # must still slide failures in and out exactly as before.
+    breaker = make(clock, failure_rate=0.5, window_size=4, minimum_calls=4)
+    for _ in range(10):
+        breaker.record_success(0.01)
+    assert breaker.failure_rate == 0.0
+    breaker.record_failure(0.01)
+    assert breaker.failure_rate == pytest.approx(0.25)
+    for expected in (0.25, 0.25, 0.25, 0.0, 0.0):
+        breaker.record_success(0.01)
+        assert breaker.failure_rate == pytest.approx(expected)
+    breaker.record_success(10.0)  # a slow success is pushed: the slow-call rate counts it
+    breaker.record_failure(0.01)
+    breaker.record_failure(0.01)
+    assert breaker.failure_rate == pytest.approx(0.5)
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.closed
+
+
+def test_closed_attribute_follows_the_state(clock: FakeClock) -> None:
+    breaker = make(clock, consecutive_failures=1, open_for=5.0, half_open_calls=1)
+    assert breaker.closed
+    breaker.record_failure(0.01)
+    assert breaker.state is BreakerState.OPEN
+    assert not breaker.closed
+    clock.advance(5.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert not breaker.closed
+    breaker.acquire()
+    breaker.record_success(0.01)
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.closed
+
+
 # -- open ----------------------------------------------------------------------------------------------
 
 

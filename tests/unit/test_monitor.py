@@ -14,6 +14,7 @@ from poolguard.breaker import Breaker, BreakerState
 from poolguard.errors import CircuitOpen, PoolSaturated
 from poolguard.monitor import GuardedScope, PoolMonitor
 from poolguard.pools import PoolCounts
+from poolguard.telemetry import PoolTelemetry, unregister
 from tests.unit.conftest import FakeClock
 
 ROUTE = "/orders/{id}"
@@ -342,3 +343,40 @@ def test_the_budget_shrinks_with_what_the_scope_already_waited(clock: FakeClock)
     assert results == ["connection-1"]
     assert monitor.admission.in_use == 1
     assert monitor.shed["pool_saturated"] == 1
+
+
+# -- telemetry without an SDK ---------------------------------------------------------------------------------
+
+
+def test_without_an_sdk_checkouts_skip_spans_and_records_until_one_is_installed(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    telemetry = PoolTelemetry(pool_name="primary", db_system="postgresql", counts=lambda: COUNTS)
+    assert not telemetry.tracing, "the default (proxy) providers were taken for an SDK"
+    assert not telemetry.metering
+    monitor = PoolMonitor(
+        name="primary",
+        capacity=2,
+        breaker=None,
+        max_wait=1.0,
+        leak_threshold=30.0,
+        capture_stacks=False,
+        clock=clock,
+        telemetry=telemetry,
+    )
+    telemetry.monitor = monitor
+    try:
+        monitor.checkout(RealCheckout(clock))  # the first checkout looks at the providers
+        installed = {"yes": True}
+        # An SDK installing its global providers, as seen by the checks (a real install is process-wide
+        # and for good, so tests/telemetry/test_global_provider.py does that in a child process).
+        monkeypatch.setattr("poolguard.telemetry._global_tracing", lambda: installed["yes"])
+        monkeypatch.setattr("poolguard.telemetry._global_metering", lambda: installed["yes"])
+        monitor.checkout(RealCheckout(clock))
+        assert not telemetry.tracing, "looked again before the sweep interval"
+        clock.advance(1.0)
+        monitor.checkout(RealCheckout(clock))
+        assert telemetry.tracing
+        assert telemetry.metering
+    finally:
+        unregister(telemetry)
