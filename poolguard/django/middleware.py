@@ -44,6 +44,14 @@ def to_django(response: HttpResponse) -> Any:
     return django_response
 
 
+def _unavailable_or_raise(state: PoolGuardState, exc: Exception) -> Any:
+    """Ending the request failed: poolguard's 503 when the database was unavailable, else ``exc`` again."""
+    converted = state.unavailable_http(exc)
+    if converted is None:
+        raise exc
+    return to_django(converted)
+
+
 def get_session(request: Any) -> Any:
     """The request's SQLAlchemy Session (``POOLGUARD["SQLALCHEMY"]``): committed when the view returns,
     rolled back when it raises, closed at the end of the request.
@@ -97,10 +105,7 @@ class PoolGuardMiddleware:
         try:
             work.close()
         except Exception as exc:
-            converted = state.unavailable_http(exc)
-            if converted is None:
-                raise
-            return to_django(converted)
+            return _unavailable_or_raise(state, exc)
         return response
 
     async def __acall__(self, request: Any) -> Any:
@@ -120,10 +125,7 @@ class PoolGuardMiddleware:
         try:
             await self._aclose(work)
         except Exception as exc:
-            converted = state.unavailable_http(exc)
-            if converted is None:
-                raise
-            return to_django(converted)
+            return _unavailable_or_raise(state, exc)
         return response
 
     @staticmethod
