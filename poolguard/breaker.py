@@ -127,7 +127,8 @@ class Breaker:
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
         self.closed = True
-        """``state is CLOSED``, as a plain attribute: the per-checkout fast path reads it without a call."""
+        """``state is CLOSED``, as a plain attribute the per-checkout fast path reads without a call;
+        set only by :meth:`_set_state`."""
         # The window is a preallocated ring with running totals: recording is O(1) and allocates nothing.
         self._failed = bytearray(self._window_size)
         self._slow = bytearray(self._window_size)
@@ -232,13 +233,7 @@ class Breaker:
     def record_success(self, duration: float) -> None:
         """The attempt reached the database and worked; ``duration`` (seconds) decides whether it was slow."""
         slow = duration >= self._slow_call_duration
-        if (
-            not slow
-            and self._state is BreakerState.CLOSED
-            and self._calls == self._window_size
-            and not self._failures
-            and not self._slows
-        ):
+        if not slow and self.closed and self._calls == self._window_size and not self._failures and not self._slows:
             # A success pushed into a full window of successes changes nothing (read without the lock,
             # like acquire(): every checkout comes here, and this is what almost all of them see).
             return
@@ -349,8 +344,7 @@ class Breaker:
         interval = self._next_open_for
         self._next_open_for = min(interval * self._multiplier, self._max_open_for)
         self._open_until = now + interval
-        self._state = BreakerState.OPEN
-        self.closed = False
+        self._set_state(BreakerState.OPEN)
         self._permits_out = 0
         self._probe_successes = 0
         self._opened_count += 1
@@ -358,8 +352,7 @@ class Breaker:
 
     def _close(self) -> _Transition | None:
         old = self._state
-        self._state = BreakerState.CLOSED
-        self.closed = True
+        self._set_state(BreakerState.CLOSED)
         self._failed[:] = bytes(self._window_size)
         self._slow[:] = bytes(self._window_size)
         self._next = self._calls = self._failures = self._slows = self._in_a_row = 0
@@ -367,10 +360,13 @@ class Breaker:
         self._permits_out = self._probe_successes = 0
         return None if old is BreakerState.CLOSED else (old, BreakerState.CLOSED)
 
+    def _set_state(self, state: BreakerState) -> None:
+        self._state = state
+        self.closed = state is BreakerState.CLOSED
+
     def _expire(self, now: float) -> _Transition | None:
         if self._state is BreakerState.OPEN and now >= self._open_until:
-            self._state = BreakerState.HALF_OPEN
-            self.closed = False
+            self._set_state(BreakerState.HALF_OPEN)
             self._permits_out = self._probe_successes = 0
             return (BreakerState.OPEN, BreakerState.HALF_OPEN)
         return None

@@ -114,8 +114,8 @@ class _AppState:
 
     def close_scope(self, exc: BaseException | None) -> None:
         """Runs even when the request failed: the connection always goes back to the pool."""
-        state = _current_request.get()
-        if state is None or state.app_state is not self:
+        state = self._state()
+        if state is None:
             return
         if state.token is not None:
             try:

@@ -424,18 +424,9 @@ class RequestScope(GuardedScope):
             if self.held > 0:
                 self.reclaim()
         finally:
-            scope_token, unit_token = self._scope_token, self._unit_token
+            _reset(self.guard._monitor.scope_var, self._scope_token)
+            _reset(_context.current_unit, self._unit_token)
             self._scope_token = self._unit_token = None
-            if scope_token is not None:
-                try:
-                    self.guard._monitor.scope_var.reset(scope_token)
-                except ValueError:  # ended in another context than it began in (a streamed body)
-                    _reset(self.guard._monitor.scope_var, scope_token)
-            if unit_token is not None:
-                try:
-                    _context.current_unit.reset(unit_token)
-                except ValueError:
-                    _reset(_context.current_unit, unit_token)
 
     def __enter__(self) -> RequestScope:
         return self.open()
@@ -460,7 +451,7 @@ def _reset(var: contextvars.ContextVar[Any], token: Token[Any] | None) -> None:
         return
     try:
         var.reset(token)
-    except (ValueError, RuntimeError):  # made in another context, or already used
+    except ValueError:
         var.set(token.old_value if token.old_value is not Token.MISSING else None)
 
 
@@ -482,7 +473,7 @@ def end_transaction(session: Session, error: BaseException | None) -> None:
     A failing rollback never hides ``error``: the caller's exception is the one worth reporting.
     A session with nothing begun and nothing pending is left alone: no round trip, no greenlet.
     """
-    if session._transaction is None and session._is_clean():  # has_work(), inlined: this runs twice a request
+    if not has_work(session):
         return
     try:
         if error is None:

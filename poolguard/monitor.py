@@ -99,6 +99,8 @@ class PoolMonitor:
         self.leaks = LeakTracker(
             pool_name=name, threshold=leak_threshold, clock=clock, on_leak=self._on_leak if telemetry else None
         )
+        # Checkout and checkin store and pop holders in the tracker's dict directly (each atomic, see
+        # LeakTracker): its methods would cost a call each on every checkout.
         self._holders = self.leaks.by_key
         self.reclaim: Callable[[Any], None] | None = None
         self.observers: tuple[CheckoutObserver, ...] = ()
@@ -271,7 +273,7 @@ class PoolMonitor:
         self.use_times.add(use, now)
         self.mean_use.add(use)
         scope = holder.scope
-        route = holder.route if scope is None else (holder.route or scope.route)
+        route = holder.current_route
         if self.telemetry is not None and self.telemetry.metering:
             self.telemetry.record_use(use, route)
         for observer in self.observers:

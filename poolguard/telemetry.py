@@ -147,11 +147,7 @@ class PoolTelemetry:
         self._wait_time.record(seconds, self._pool_attributes, context)
 
     def record_use(self, seconds: float, route: str | None) -> None:
-        if route is None:
-            attributes = self._pool_attributes
-        else:
-            attributes = self._route_attributes.get(route) or self._with_route(route)
-        self._use_time.record(seconds, attributes)
+        self._use_time.record(seconds, self._pool_attributes if route is None else self._with_route(route))
 
     def record_create(self, seconds: float) -> None:
         self._create_time.record(seconds, self._pool_attributes)

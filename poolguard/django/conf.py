@@ -133,14 +133,6 @@ class PoolGuardState:
 
     # -- requests ------------------------------------------------------------------------------------
 
-    def begin(self, request: Any = None) -> RequestWork:
-        """Opens the request's scopes: nothing touches a database until the view needs it.
-
-        The scopes learn the request's route (its URL pattern) from ``request`` when they first
-        check a connection out, after Django has resolved the URL.
-        """
-        return RequestWork(self, request)
-
     def as_unavailable(self, exc: BaseException) -> Unavailable | None:
         """The Unavailable a view's exception stands for: itself, or a connection failure a breaker counted."""
         for guard in (*self.guards.values(), *([self.guard] if self.guard is not None else [])):
@@ -187,7 +179,11 @@ def _make_guard(config: PoolGuardConfig) -> Guard:
 
 
 class RequestWork:
-    """One request's scopes: one per guarded alias, and the SQLAlchemy request scope when configured."""
+    """One request's scopes: one per guarded alias, and the SQLAlchemy request scope when configured.
+
+    Opening them touches no database. They learn the request's route (its URL pattern) from
+    ``request`` when they first check a connection out, after Django has resolved the URL.
+    """
 
     __slots__ = ("_tokens", "request", "sqlalchemy", "state")
 

@@ -92,10 +92,10 @@ class PoolGuardMiddleware:
         if self.async_mode:
             return self.__acall__(request)
         state: PoolGuardState = self.app_config.state or self.app_config.require_state()
-        if request.path_info == state.health_path and state.is_health_request(request.path_info, request.method):
+        if state.is_health_request(request.path_info, request.method):
             return to_django(state.health_http(request))
         work = RequestWork(state, request)
-        request._poolguard = work  # read by get_session() and process_exception()
+        setattr(request, _REQUEST_ATTRIBUTE, work)
         try:
             response = self.get_response(request)
         except BaseException as exc:
@@ -110,11 +110,11 @@ class PoolGuardMiddleware:
 
     async def __acall__(self, request: Any) -> Any:
         state: PoolGuardState = self.app_config.state or self.app_config.require_state()
-        if request.path_info == state.health_path and state.is_health_request(request.path_info, request.method):
+        if state.is_health_request(request.path_info, request.method):
             http = await sync_to_async(state.health_http, thread_sensitive=False)(request)
             return to_django(http)
         work = RequestWork(state, request)
-        request._poolguard = work  # read by get_session() and process_exception()
+        setattr(request, _REQUEST_ATTRIBUTE, work)
         get_response: Callable[[Any], Awaitable[Any]] = self.get_response
         try:
             response = await get_response(request)

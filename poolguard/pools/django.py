@@ -315,7 +315,7 @@ def _instrument(connection: Any, registry: dict[str, DjangoPool]) -> None:
         return
     connection.__dict__[_HOOKED] = True
     alias = connection.alias
-    if _uses_pool(connection.settings_dict):
+    if _pool_option(connection.settings_dict) is not None:
         real_connect = connection.connect
 
         pools: dict[str, Any] = getattr(type(connection), "_connection_pools", {})
@@ -341,10 +341,6 @@ def _instrument(connection: Any, registry: dict[str, DjangoPool]) -> None:
 
         connection.ensure_connection = ensure_connection
     connection.execute_wrappers.append(_ExecuteHook(registry, alias))
-
-
-def _uses_pool(settings_dict: dict[str, Any]) -> bool:
-    return _pool_option(settings_dict) is not None
 
 
 class _ExecuteHook:

@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from poolguard.django.conf import PoolGuardState, configure_settings
+from poolguard.django.conf import PoolGuardState, RequestWork, configure_settings
 from poolguard.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ def test_the_providers_in_settings_receive_the_spans_and_metrics_of_every_alias(
     )
     state = PoolGuardState(loaded, handler=handler)
     try:
-        work = state.begin("/items")
+        work = RequestWork(state, None)
         try:
             tracer = tracer_provider.get_tracer("test")
             with tracer.start_as_current_span("GET /items"), handler["default"].cursor() as cursor:
