@@ -20,6 +20,8 @@ from poolguard.health import HealthReport
 
 JSON_CONTENT_TYPE = "application/json"
 HEALTH_DETAIL_MODES = ("never", "when-authorized", "always")
+HEALTH_METHODS = ("GET", "HEAD")
+"""The methods the health route answers; any other method on its path goes on to the app."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -175,7 +175,7 @@ class PoolMonitor:
         with self._counter_lock:
             self.pending -= 1
             self.checkouts += 1
-        self.wait_times.add(wait, now)
+        self.wait_times.append((wait, now))
         if scope is not None:
             scope.waited += wait
             if self.breaker is not None:
@@ -188,7 +188,13 @@ class PoolMonitor:
         for observer in self.observers:
             observer.record_wait(wait)
         if key_of is not None:
-            self._hold(key_of(connection), connection, scope, parent, now)
+            # _hold written out: this runs on every checkout.
+            holder = Holder(now, scope, connection, parent, get_ident())
+            if scope is not None:
+                scope.held += 1
+            if self.capture_stacks:
+                holder.stack = capture_stack()
+            self._holders[key_of(connection)] = holder
         return connection
 
     def _acquire_breaker(self, breaker: Breaker) -> None:
@@ -270,7 +276,7 @@ class PoolMonitor:
             return
         now = self.clock()
         use = now - holder.since
-        self.use_times.add(use, now)
+        self.use_times.append((use, now))
         self.mean_use.add(use)
         scope = holder.scope
         route = holder.current_route

@@ -44,7 +44,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from poolguard.config import PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
 from poolguard.guard import Guard, RequestScope, has_work
-from poolguard.http import HealthToken, HttpResponse, detail_allowed, health_response, unavailable_response
+from poolguard.http import (
+    HEALTH_METHODS,
+    HealthToken,
+    HttpResponse,
+    detail_allowed,
+    health_response,
+    unavailable_response,
+)
 
 __all__ = ["STATE_KEY", "PoolGuardMiddleware", "get_session", "poolguard_lifespan"]
 
@@ -127,7 +134,7 @@ class PoolGuardMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        if self.health_path is not None and scope["method"] in ("GET", "HEAD") and _path(scope) == self.health_path:
+        if self.health_path is not None and scope["method"] in HEALTH_METHODS and _path(scope) == self.health_path:
             await self._health(scope, receive, send)
             return
 

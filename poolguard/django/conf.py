@@ -147,9 +147,6 @@ class PoolGuardState:
 
     # -- health --------------------------------------------------------------------------------------
 
-    def is_health_request(self, path: str, method: str) -> bool:
-        return path == self.health_path and method in ("GET", "HEAD")
-
     def health_http(self, request: Any) -> HttpResponse:
         config = self.config
         detail = detail_allowed(

@@ -19,7 +19,7 @@ from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-u
 from django.http import HttpResponse as DjangoHttpResponse  # type: ignore[import-untyped]
 
 from poolguard.django.conf import PoolGuardState, RequestWork
-from poolguard.http import HttpResponse
+from poolguard.http import HEALTH_METHODS, HttpResponse
 
 __all__ = ["PoolGuardMiddleware", "get_session"]
 
@@ -92,7 +92,7 @@ class PoolGuardMiddleware:
         if self.async_mode:
             return self.__acall__(request)
         state: PoolGuardState = self.app_config.state or self.app_config.require_state()
-        if state.is_health_request(request.path_info, request.method):
+        if request.path_info == state.health_path and request.method in HEALTH_METHODS:
             return to_django(state.health_http(request))
         work = RequestWork(state, request)
         setattr(request, _REQUEST_ATTRIBUTE, work)
@@ -110,7 +110,7 @@ class PoolGuardMiddleware:
 
     async def __acall__(self, request: Any) -> Any:
         state: PoolGuardState = self.app_config.state or self.app_config.require_state()
-        if state.is_health_request(request.path_info, request.method):
+        if request.path_info == state.health_path and request.method in HEALTH_METHODS:
             http = await sync_to_async(state.health_http, thread_sensitive=False)(request)
             return to_django(http)
         work = RequestWork(state, request)

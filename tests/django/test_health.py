@@ -19,6 +19,17 @@ def test_health_ok_without_detail() -> None:
     assert response["Cache-Control"] == "no-store"
 
 
+def test_health_answers_get_and_head_and_leaves_other_methods_to_the_app() -> None:
+    client = Client()
+    head = client.head("/health/db")
+    assert head.status_code == 200
+    assert head["Cache-Control"] == "no-store"
+    # No urls.py entry exists for the path: a POST reaching the app is Django's own 404, not health.
+    post = client.post("/health/db")
+    assert post.status_code == 404
+    assert b"status" not in post.content
+
+
 async def test_health_async() -> None:
     response = await AsyncClient().get("/health/db")
     assert response.status_code == 200
