@@ -87,9 +87,12 @@ class PoolTelemetry:
         self.monitor: PoolMonitor | None = None
         self._registry: _PoolRegistry | None = None
         self._tracer = trace.get_tracer(INSTRUMENTATION_NAME, version, tracer_provider, schema_url=SCHEMA_URL)
-        self.tracing = tracer_provider is not None or _global_tracing()
+        # An injected provider is taken as given for good; only the global ones are looked at again.
+        self._follows_global_tracing = tracer_provider is None
+        self._follows_global_metering = meter_provider is None
+        self.tracing = _global_tracing() if tracer_provider is None else _records_spans(tracer_provider)
         """False while no SDK tracer provider is behind this pool: checkouts then skip the span lookup."""
-        self.metering = meter_provider is not None or _global_metering()
+        self.metering = _global_metering() if meter_provider is None else _records_metrics(meter_provider)
         """False while no SDK meter provider is behind this pool: the API would drop the records anyway."""
         provider = meter_provider if meter_provider is not None else metrics.get_meter_provider()
         meter = provider.get_meter(INSTRUMENTATION_NAME, version, schema_url=SCHEMA_URL)
@@ -122,9 +125,9 @@ class PoolTelemetry:
 
         The API lets a global provider be set once, for good, so a True flag never needs checking again.
         """
-        if not self.tracing:
+        if not self.tracing and self._follows_global_tracing:
             self.tracing = _global_tracing()
-        if not self.metering:
+        if not self.metering and self._follows_global_metering:
             self.metering = _global_metering()
 
     # -- per checkout ---------------------------------------------------------------------------
@@ -257,14 +260,24 @@ class _PoolRegistry:
         return observe
 
 
+def _records_spans(provider: trace.TracerProvider) -> bool:
+    """False for the API's proxy (until an SDK is set) and no-op providers: their spans go nowhere."""
+    return not isinstance(provider, trace.ProxyTracerProvider | trace.NoOpTracerProvider)
+
+
+def _records_metrics(provider: metrics.MeterProvider) -> bool:
+    """False for the API's proxy (until an SDK is set) and no-op providers: they drop every record."""
+    return not isinstance(provider, metrics.NoOpMeterProvider) and type(provider).__name__ != "_ProxyMeterProvider"
+
+
 def _global_tracing() -> bool:
     """Whether the global tracer provider is a real one (the API's default is a proxy until an SDK sets one)."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    return _records_spans(trace.get_tracer_provider())
 
 
 def _global_metering() -> bool:
     """Whether the global meter provider is a real one (the API's default proxy drops every record)."""
-    return type(metrics.get_meter_provider()).__name__ != "_ProxyMeterProvider"
+    return _records_metrics(metrics.get_meter_provider())
 
 
 def _register_pool(meter: metrics.Meter, provider: object, pool: PoolTelemetry) -> None:

@@ -9,6 +9,10 @@ from contextlib import contextmanager
 import psycopg.errors
 import pytest
 import sqlalchemy.exc
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+from opentelemetry.sdk.trace import TracerProvider
 
 from poolguard.breaker import Breaker, BreakerState
 from poolguard.errors import CircuitOpen, PoolSaturated
@@ -378,5 +382,49 @@ def test_without_an_sdk_checkouts_skip_spans_and_records_until_one_is_installed(
         monitor.checkout(RealCheckout(clock))
         assert telemetry.tracing
         assert telemetry.metering
+    finally:
+        unregister(telemetry)
+
+
+def test_no_op_providers_turn_the_pools_telemetry_off_for_good(
+    clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    telemetry = PoolTelemetry(
+        pool_name="primary",
+        db_system="postgresql",
+        counts=lambda: COUNTS,
+        tracer_provider=trace.NoOpTracerProvider(),
+        meter_provider=metrics.NoOpMeterProvider(),
+    )
+    try:
+        assert not telemetry.tracing
+        assert not telemetry.metering
+        # An SDK installed globally later does not override providers the application chose.
+        monkeypatch.setattr("poolguard.telemetry._global_tracing", lambda: True)
+        monkeypatch.setattr("poolguard.telemetry._global_metering", lambda: True)
+        telemetry.notice_providers()
+        assert not telemetry.tracing
+        assert not telemetry.metering
+    finally:
+        unregister(telemetry)
+
+
+def test_an_injected_sdk_provider_records_at_once() -> None:
+    reader = InMemoryMetricReader()
+    telemetry = PoolTelemetry(
+        pool_name="primary",
+        db_system="postgresql",
+        counts=lambda: COUNTS,
+        tracer_provider=TracerProvider(),
+        meter_provider=MeterProvider(metric_readers=[reader]),
+    )
+    try:
+        assert telemetry.tracing
+        assert telemetry.metering
+        telemetry.record_wait(0.002)
+        data = reader.get_metrics_data()
+        assert data is not None
+        names = [m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
+        assert "db.client.connection.wait_time" in names
     finally:
         unregister(telemetry)
