@@ -1,6 +1,6 @@
 """Instructions per request of the benchmark apps, with and without poolguard: a deterministic figure.
 
-    .venv/bin/python benchmarks/apps_instructions.py [--frameworks flask,django] [--requests 300]
+    .venv/bin/python benchmarks/apps_instructions.py [--frameworks flask,django] [--requests 300] [--setup minimal]
 
 Requests per second on this 2-core machine swing by several per cent from run to run (the server,
 the load generator and PostgreSQL share the cores, and each server process keeps a speed bias of its
@@ -45,7 +45,7 @@ def worker(framework: str, side: str, directory: Path, requests: int) -> None:
     from wsgiref.util import setup_testing_defaults  # noqa: PLC0415
 
     sys.path.insert(0, str(directory))
-    module = "guarded" if side.startswith("guarded") else "bare"
+    module = "guarded" if side == "guarded-sdk-unsampled" else side
     parent = None
     if side == "guarded-sdk-unsampled":
         from opentelemetry import metrics, trace  # noqa: PLC0415
@@ -115,6 +115,7 @@ def main() -> int:
     parser.add_argument("--frameworks", default="flask,django")
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--telemetry", choices=("none", "sdk"), default="sdk")
+    parser.add_argument("--setup", choices=("minimal", "example"), default="minimal", help="as apps_overhead.py")
     args = parser.parse_args()
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not on PATH (Debian package 'valgrind')")
@@ -125,7 +126,7 @@ def main() -> int:
     print("|---|---|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="poolguard-instructions-") as tmp:
         directory = Path(tmp)
-        apps_overhead.write_apps(directory)
+        apps_overhead.write_apps(directory, args.setup)
         for framework in frameworks:
             sides = SIDES if args.telemetry == "sdk" and framework == "flask" else SIDES[:2]
             counts = {side: per_request(framework, side, directory, args.requests) for side in sides}

@@ -25,6 +25,15 @@ each). After a warm-up per server, rounds alternate bare and guarded (the order 
 so drift hits both sides alike); the figure per side is the median round. Every response must be
 200: a round with errors or non-2xx answers makes the run fail rather than count.
 
+``--setup example`` gives both Django sides what ``examples/django_project`` sets besides poolguard
+(``ATOMIC_REQUESTS`` and ``CommonMiddleware``: a transaction around the view and the middleware every
+Django project has); Flask and FastAPI are the same in both setups. ``--compare telemetry`` runs, instead
+of bare against guarded, two guarded apps with the OpenTelemetry SDK installed and sampling nothing
+(``ALWAYS_OFF``, a MeterProvider with a periodic reader): one whose guard is given no-op providers
+(poolguard's telemetry off) and one that uses the SDK: issue 4's "unsampled within 2 % of none", per
+request under a real server, with everything else the SDK switches on (FastAPI's own telemetry) on
+both sides. ``--compare sdk`` compares the guarded app without an SDK to the same app with it.
+
 ``--profile`` measures instead, in-process and without servers, the same generated apps through each
 framework's test client (Flask's test client, httpx's ASGITransport, Django's ``Client``): the time per
 request bare and guarded, and a cProfile of the guarded side (functions of poolguard by cumulative
@@ -37,6 +46,7 @@ process keeps a speed bias of a few per cent for its whole life (hash seed, memo
 
 Usage: .venv/bin/python benchmarks/apps_overhead.py [--pairs 3] [--rounds 4] [--duration 5] [--concurrency 16]
        [--frameworks flask,fastapi,django] [--generator auto|wrk|python] [--json PATH] [--profile]
+       [--setup minimal|example] [--compare poolguard|telemetry]
 """
 
 from __future__ import annotations
@@ -71,7 +81,14 @@ PG_USER = "root"
 ROUTE = "/select1"
 EXPECTED = {"one": 1}
 FRAMEWORKS = ("flask", "fastapi", "django")
-SIDES = ("bare", "guarded")
+SIDE_NAMES = ("bare", "guarded", "guarded_sdk", "guarded_sdk_off")
+"""bare: no poolguard; guarded: poolguard, no OpenTelemetry SDK; guarded_sdk: poolguard and the SDK, sampling
+nothing; guarded_sdk_off: the same SDK, but poolguard given no-op providers (its telemetry off)."""
+COMPARISONS = {
+    "poolguard": ("bare", "guarded"),
+    "telemetry": ("guarded_sdk_off", "guarded_sdk"),
+    "sdk": ("guarded", "guarded_sdk"),
+}
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
 # -- the generated apps -------------------------------------------------------------------------------
@@ -203,6 +220,35 @@ POOLGUARD = {"DATABASES": ["default"], "THREADS": 4}
 """
 )
 
+DJANGO_EXAMPLE_SETUP = """
+# --setup example: what examples/django_project sets besides poolguard itself.
+DATABASES["default"]["ATOMIC_REQUESTS"] = True
+MIDDLEWARE = [*MIDDLEWARE, "django.middleware.common.CommonMiddleware"]
+"""
+
+SDK_UNSAMPLED = """
+# The OpenTelemetry SDK installed and sampling nothing: a TracerProvider with the ALWAYS_OFF sampler and a
+# MeterProvider whose reader collects every 60 s, as a service exporting over OTLP would have them.
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+trace.set_tracer_provider(TracerProvider(sampler=ALWAYS_OFF))
+# guarded_sdk_off hands these to poolguard: its own spans and records off, everything else as in guarded_sdk.
+TELEMETRY_OFF = {"tracer_provider": trace.NoOpTracerProvider(), "meter_provider": metrics.NoOpMeterProvider()}
+metrics.set_meter_provider(
+    MeterProvider(
+        metric_readers=[
+            PeriodicExportingMetricReader(
+                ConsoleMetricExporter(out=open(os.devnull, "w")), export_interval_millis=60_000
+            )
+        ]
+    )
+)
+"""
+
 DJANGO_URLS = """
 from django.db import connection
 from django.http import JsonResponse
@@ -238,18 +284,33 @@ class ServerSpec:
     command: list[str] = field(default_factory=list)
 
 
-def write_apps(directory: Path) -> None:
+def write_apps(directory: Path, setup: str = "minimal") -> None:
+    """Writes every side's app: ``bench_<framework>_<side>.py`` (Django: also ``..._settings.py``)."""
+    django_setup = DJANGO_EXAMPLE_SETUP if setup == "example" else ""
+    sdk = "import os\n" + SDK_UNSAMPLED
+    guard_call = 'poolguard.Guard(engine, name="bench")'
+    off_call = 'poolguard.Guard(engine, name="bench", **TELEMETRY_OFF)'
+    django_off = 'POOLGUARD["TRACER_PROVIDER"] = TELEMETRY_OFF["tracer_provider"]\n'
+    django_off += 'POOLGUARD["METER_PROVIDER"] = TELEMETRY_OFF["meter_provider"]\n'
     files = {
         "bench_flask_bare.py": FLASK_BARE,
         "bench_flask_guarded.py": FLASK_GUARDED,
+        "bench_flask_guarded_sdk.py": sdk + FLASK_GUARDED,
+        "bench_flask_guarded_sdk_off.py": sdk + FLASK_GUARDED.replace(guard_call, off_call),
         "bench_fastapi_bare.py": FASTAPI_BARE,
         "bench_fastapi_guarded.py": FASTAPI_GUARDED,
-        "bench_django_bare_settings.py": DJANGO_BARE_SETTINGS,
-        "bench_django_guarded_settings.py": DJANGO_GUARDED_SETTINGS,
+        "bench_fastapi_guarded_sdk.py": sdk + FASTAPI_GUARDED,
+        "bench_fastapi_guarded_sdk_off.py": sdk + FASTAPI_GUARDED.replace(guard_call, off_call),
+        "bench_django_bare_settings.py": DJANGO_BARE_SETTINGS + django_setup,
+        "bench_django_guarded_settings.py": DJANGO_GUARDED_SETTINGS + django_setup,
+        "bench_django_guarded_sdk_settings.py": sdk + DJANGO_GUARDED_SETTINGS + django_setup,
+        "bench_django_guarded_sdk_off_settings.py": sdk + DJANGO_GUARDED_SETTINGS + django_setup + django_off,
         "bench_django_urls.py": DJANGO_URLS,
-        "bench_django_bare.py": DJANGO_WSGI.format(settings="bench_django_bare_settings"),
-        "bench_django_guarded.py": DJANGO_WSGI.format(settings="bench_django_guarded_settings"),
     }
+    if guard_call not in FLASK_GUARDED or guard_call not in FASTAPI_GUARDED:
+        raise RuntimeError("the guarded apps no longer build their Guard as the telemetry-off variant expects")
+    for side in SIDE_NAMES:
+        files[f"bench_django_{side}.py"] = DJANGO_WSGI.format(settings=f"bench_django_{side}_settings")
     for name, source in files.items():
         (directory / name).write_text(textwrap.dedent(source).lstrip())
 
@@ -300,11 +361,11 @@ def server_env() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def running(framework: str, directory: Path) -> Iterator[dict[str, Server]]:
+def running(framework: str, directory: Path, sides: tuple[str, str]) -> Iterator[dict[str, Server]]:
     """Both servers of a framework; each is stopped (its whole process group) however the block ends."""
     servers: dict[str, Server] = {}
     try:
-        for side in SIDES:
+        for side in sides:
             port = free_port()
             log = directory / f"{framework}_{side}.log"
             command = server_command(framework, f"bench_{framework}_{side}", port, directory)
@@ -459,8 +520,15 @@ def load_python(url: str, concurrency: int, duration: float) -> Round:
 
 @dataclass
 class Result:
+    """The rounds of one framework's two sides: ``base`` (without what is measured) and ``measured``."""
+
     framework: str
-    rounds: dict[str, list[Round]] = field(default_factory=lambda: {side: [] for side in SIDES})
+    base: str
+    measured: str
+    rounds: dict[str, list[Round]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.rounds = {self.base: [], self.measured: []}
 
     def median(self, side: str) -> float:
         return statistics.median(r.rps for r in self.rounds[side])
@@ -470,31 +538,32 @@ class Result:
 
     @property
     def cpu_overhead(self) -> float:
-        return (self.cpu("guarded") - self.cpu("bare")) / self.cpu("bare") * 100.0
+        return (self.cpu(self.measured) - self.cpu(self.base)) / self.cpu(self.base) * 100.0
 
     @property
     def overhead(self) -> float:
-        bare = self.median("bare")
-        return (bare - self.median("guarded")) / bare * 100.0
+        base = self.median(self.base)
+        return (base - self.median(self.measured)) / base * 100.0
 
     @property
     def paired_overhead(self) -> float:
-        """Median over rounds of each round's own overhead (its bare and guarded runs are adjacent)."""
-        pairs = zip(self.rounds["bare"], self.rounds["guarded"], strict=True)
-        return statistics.median((bare.rps - guarded.rps) / bare.rps * 100.0 for bare, guarded in pairs)
+        """Median over rounds of each round's own overhead (its two sides' runs are adjacent)."""
+        pairs = zip(self.rounds[self.base], self.rounds[self.measured], strict=True)
+        return statistics.median((base.rps - measured.rps) / base.rps * 100.0 for base, measured in pairs)
 
 
 def run_framework(framework: str, directory: Path, args: argparse.Namespace, generator: str) -> Result:
     load = load_wrk if generator == "wrk" else load_python
-    result = Result(framework)
+    sides = COMPARISONS[args.compare]
+    result = Result(framework, *sides)
     for pair in range(args.pairs):
         # Fresh processes per pair: a process's own layout (hash seed, addresses) shifts its speed by a
         # few per cent for its whole life, which rounds within one pair cannot average out.
-        with running(framework, directory) as servers:
-            for side in SIDES:  # warm-up: connections opened, code paths hot
+        with running(framework, directory, sides) as servers:
+            for side in sides:  # warm-up: connections opened, code paths hot
                 load(servers[side].url, args.concurrency, args.warmup)
             for index in range(args.rounds):
-                order = SIDES if index % 2 == 0 else tuple(reversed(SIDES))
+                order = sides if index % 2 == 0 else tuple(reversed(sides))
                 for side in order:
                     group = servers[side].process.pid
                     cpu_before = group_cpu_seconds(group)
@@ -506,7 +575,7 @@ def run_framework(framework: str, directory: Path, args: argparse.Namespace, gen
                         )
                     result.rounds[side].append(measured)
                     print(
-                        f"  {framework:8} pair {pair + 1} round {index + 1} {side:8} {measured.rps:9.1f} req/s "
+                        f"  {framework:8} pair {pair + 1} round {index + 1} {side:11} {measured.rps:9.1f} req/s "
                         f"{measured.cpu_per_request:7.1f} us CPU/req",
                         file=sys.stderr,
                         flush=True,
@@ -529,9 +598,10 @@ def versions() -> str:
 
 
 def markdown(results: list[Result], args: argparse.Namespace, generator: str) -> str:
+    base, measured = COMPARISONS[args.compare]
     lines = [
-        "| app | server | bare req/s (median) | guarded req/s (median) | overhead (of medians) "
-        "| overhead (median of rounds) | server CPU µs/req bare | guarded | CPU overhead |",
+        f"| app | server | {base} req/s (median) | {measured} req/s (median) | overhead (of medians) "
+        f"| overhead (median of rounds) | server CPU µs/req {base} | {measured} | CPU overhead |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     servers = {
@@ -541,17 +611,18 @@ def markdown(results: list[Result], args: argparse.Namespace, generator: str) ->
     }
     for result in results:
         lines.append(
-            f"| {result.framework} | {servers[result.framework]} | {result.median('bare'):.0f} | "
-            f"{result.median('guarded'):.0f} | {result.overhead:+.1f} % | {result.paired_overhead:+.1f} % | "
-            f"{result.cpu('bare'):.0f} | {result.cpu('guarded'):.0f} | {result.cpu_overhead:+.1f} % |"
+            f"| {result.framework} | {servers[result.framework]} | {result.median(base):.0f} | "
+            f"{result.median(measured):.0f} | {result.overhead:+.1f} % | {result.paired_overhead:+.1f} % | "
+            f"{result.cpu(base):.0f} | {result.cpu(measured):.0f} | {result.cpu_overhead:+.1f} % |"
         )
     lines.append("")
     for result in results:
-        for side in SIDES:
+        for side in (base, measured):
             rounds = ", ".join(f"{r.rps:.0f}" for r in result.rounds[side])
             lines.append(f"- {result.framework} {side} rounds (req/s): {rounds}")
     lines.append("")
     lines.append(
+        f"Setup: {args.setup}; compared: {args.compare} ({base} vs {measured}). "
         f"Load: {generator}, {args.concurrency} connections; {args.pairs} fresh server pairs x {args.rounds} rounds "
         f"x {args.duration:g} s per side (after {args.warmup:g} s warm-up), alternating. {versions()}. "
         f"{os.cpu_count()} CPUs."
@@ -616,7 +687,7 @@ def profile_worker(framework: str, side: str, directory: Path, requests: int) ->
         many(requests)
         timings.append((time.perf_counter() - began) / requests * 1e6)
     print(f"{framework} {side}: {statistics.median(timings):.1f} us/request (median of 5 x {requests})", flush=True)
-    if side != "guarded":
+    if side == "bare":
         return
     profiler = cProfile.Profile()
     profiler.enable()
@@ -627,12 +698,13 @@ def profile_worker(framework: str, side: str, directory: Path, requests: int) ->
     stats.sort_stats("tottime").print_stats(20)
 
 
-def run_profiles(frameworks: list[str], requests: int) -> None:
+def run_profiles(frameworks: list[str], args: argparse.Namespace) -> None:
+    requests = args.profile_requests
     with tempfile.TemporaryDirectory(prefix="poolguard-apps-profile-") as tmp:
         directory = Path(tmp)
-        write_apps(directory)
+        write_apps(directory, args.setup)
         for framework in frameworks:
-            for side in SIDES:
+            for side in COMPARISONS[args.compare]:
                 subprocess.run(
                     [sys.executable, __file__, PROFILE_WORKER, framework, side, str(directory), str(requests)],
                     env=server_env(),
@@ -656,12 +728,25 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="also write the raw rounds here")
     parser.add_argument("--profile", action="store_true", help="profile in-process through the test clients instead")
     parser.add_argument("--profile-requests", type=int, default=2000)
+    parser.add_argument(
+        "--setup",
+        choices=("minimal", "example"),
+        default="minimal",
+        help="minimal: the cheapest route each framework allows; example: Django as examples/django_project sets it",
+    )
+    parser.add_argument(
+        "--compare",
+        choices=tuple(COMPARISONS),
+        default="poolguard",
+        help="poolguard: bare vs guarded; telemetry: poolguard's telemetry off vs on, SDK installed and unsampled "
+        "on both; sdk: guarded without vs with the SDK",
+    )
     args = parser.parse_args()
     frameworks = [name.strip() for name in args.frameworks.split(",") if name.strip()]
     if unknown := sorted(set(frameworks) - set(FRAMEWORKS)):
         parser.error(f"unknown framework(s) {unknown}; choose from {FRAMEWORKS}")
     if args.profile:
-        run_profiles(frameworks, args.profile_requests)
+        run_profiles(frameworks, args)
         return 0
     generator = args.generator
     if generator == "auto":
@@ -674,7 +759,7 @@ def main() -> int:
     results: list[Result] = []
     with tempfile.TemporaryDirectory(prefix="poolguard-apps-bench-") as tmp:
         directory = Path(tmp)
-        write_apps(directory)
+        write_apps(directory, args.setup)
         for framework in frameworks:
             results.append(run_framework(framework, directory, args, generator))
     print(f"Run started {started:%Y-%m-%d %H:%M} UTC.")
@@ -682,11 +767,22 @@ def main() -> int:
     if args.json is not None:
         raw = {
             r.framework: {
-                side: [{"requests": x.requests, "seconds": x.seconds} for x in r.rounds[side]] for side in SIDES
+                side: [{"requests": x.requests, "seconds": x.seconds, "server_cpu": x.server_cpu} for x in rounds]
+                for side, rounds in r.rounds.items()
             }
             for r in results
         }
-        args.json.write_text(json.dumps({"started": started.isoformat(), "generator": generator, "results": raw}))
+        args.json.write_text(
+            json.dumps(
+                {
+                    "started": started.isoformat(),
+                    "generator": generator,
+                    "setup": args.setup,
+                    "compare": args.compare,
+                    "results": raw,
+                }
+            )
+        )
     return 0
 
 
