@@ -1,6 +1,7 @@
 """Instructions per request of the benchmark apps, with and without poolguard: a deterministic figure.
 
-    .venv/bin/python benchmarks/apps_instructions.py [--frameworks flask,django] [--requests 300] [--setup minimal]
+    .venv/bin/python benchmarks/apps_instructions.py [--frameworks flask,fastapi,django] [--requests 300]
+        [--setup minimal|example] [--telemetry none|sdk]
 
 Requests per second on this 2-core machine swing by several per cent from run to run (the server,
 the load generator and PostgreSQL share the cores, and each server process keeps a speed bias of its
@@ -8,7 +9,8 @@ own), which is as large as the overhead being measured. This benchmark counts wh
 instead: the same generated apps as ``apps_overhead.py`` (one ``GET /select1`` doing ``SELECT 1`` on
 the real PostgreSQL server, both sides on the same pool settings), called in process the way a WSGI
 server calls them (``app(environ, start_response)``, body iterated, ``close()``, so Django returns
-its connection to the pool as under gunicorn), run under ``valgrind --tool=callgrind``, which counts
+its connection to the pool as under gunicorn) or, for FastAPI, an ASGI server (``await app(scope,
+receive, send)``, one request after another on one event loop), run under ``valgrind --tool=callgrind``, which counts
 the CPU instructions executed. Each side runs twice, with ``--requests`` more requests the second
 time; the difference divided by ``--requests`` is the count per request, free of start-up and
 warm-up. ``PYTHONHASHSEED=0`` fixes dict layouts: on a quiet machine Flask's figures repeat to 0.05 %,
@@ -23,6 +25,7 @@ issue 3's overhead target is about); ``sdk`` also runs the guarded Flask app wit
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import re
 import shutil
@@ -30,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -41,9 +45,7 @@ _COLLECTED = re.compile(r"Collected : (\d+)")
 
 
 def worker(framework: str, side: str, directory: Path, requests: int) -> None:
-    """Runs ``requests`` requests (plus a fixed warm-up) through the app, as a WSGI server would."""
-    from wsgiref.util import setup_testing_defaults  # noqa: PLC0415
-
+    """Runs ``requests`` requests (plus a fixed warm-up) through the app, as a WSGI or ASGI server would."""
     sys.path.insert(0, str(directory))
     module = "guarded" if side == "guarded-sdk-unsampled" else side
     parent = None
@@ -62,16 +64,26 @@ def worker(framework: str, side: str, directory: Path, requests: int) -> None:
         app = __import__(f"bench_django_{module}").application
     else:
         app = __import__(f"bench_{framework}_{module}").app
+    if parent is not None:
+        parent.__enter__()
+    if framework == "fastapi":
+        asyncio.run(_asgi_requests(app, 100 + requests, f"{framework}/{side}"))
+    else:
+        _wsgi_requests(app, 100 + requests, f"{framework}/{side}")
+
+
+def _wsgi_requests(app: Any, count: int, label: str) -> None:
+    """``count`` requests as a WSGI server makes them: the body iterated, then closed."""
+    from wsgiref.util import setup_testing_defaults  # noqa: PLC0415
 
     def start_response(status: str, headers: object, exc_info: object = None) -> None:
         if not status.startswith("200"):
-            raise RuntimeError(f"{framework}/{side}: {status}")
+            raise RuntimeError(f"{label}: {status}")
 
     environ: dict[str, object] = {}
     setup_testing_defaults(environ)
     environ["PATH_INFO"] = apps_overhead.ROUTE
-
-    def one() -> None:
+    for _ in range(count):
         body = app(dict(environ), start_response)
         for _ in body:
             pass
@@ -79,10 +91,39 @@ def worker(framework: str, side: str, directory: Path, requests: int) -> None:
         if close is not None:
             close()
 
-    if parent is not None:
-        parent.__enter__()
-    for _ in range(100 + requests):
-        one()
+
+async def _asgi_requests(app: Any, count: int, label: str) -> None:
+    """``count`` requests as an ASGI server makes them, one after another on one event loop."""
+    path = apps_overhead.ROUTE
+    scope = {
+        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "GET",
+        "scheme": "http", "path": path, "raw_path": path.encode(), "root_path": "", "query_string": b"",
+        "headers": [(b"host", b"bench")], "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", 80),
+    }  # fmt: skip
+    for _ in range(count):
+        statuses = await _asgi_request(app, dict(scope))
+        if statuses != [200]:
+            raise RuntimeError(f"{label}: {statuses}")
+
+
+async def _asgi_request(app: Any, scope: dict[str, Any]) -> list[int]:
+    """One request: an empty body, then a disconnect if asked again; the response statuses sent."""
+    requested = False
+    statuses: list[int] = []
+
+    async def receive() -> dict[str, Any]:
+        nonlocal requested
+        if requested:
+            return {"type": "http.disconnect"}
+        requested = True
+        return {"type": "http.request", "body": b"", "more_body": False}
+
+    async def send(message: dict[str, Any]) -> None:
+        if message["type"] == "http.response.start":
+            statuses.append(message["status"])
+
+    await app(scope, receive, send)
+    return statuses
 
 
 def instructions(framework: str, side: str, directory: Path, requests: int) -> int:
@@ -112,7 +153,7 @@ def main() -> int:
         worker(sys.argv[2], sys.argv[3], Path(sys.argv[4]), int(sys.argv[5]))
         return 0
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--frameworks", default="flask,django")
+    parser.add_argument("--frameworks", default=",".join(apps_overhead.FRAMEWORKS))
     parser.add_argument("--requests", type=int, default=300)
     parser.add_argument("--telemetry", choices=("none", "sdk"), default="sdk")
     parser.add_argument("--setup", choices=("minimal", "example"), default="minimal", help="as apps_overhead.py")
@@ -120,8 +161,8 @@ def main() -> int:
     if shutil.which("valgrind") is None:
         parser.error("valgrind is not on PATH (Debian package 'valgrind')")
     frameworks = [name.strip() for name in args.frameworks.split(",") if name.strip()]
-    if unknown := sorted(set(frameworks) - {"flask", "django"}):
-        parser.error(f"unknown framework(s) {unknown}; this benchmark drives WSGI apps: flask, django")
+    if unknown := sorted(set(frameworks) - set(apps_overhead.FRAMEWORKS)):
+        parser.error(f"unknown framework(s) {unknown}; choose from {apps_overhead.FRAMEWORKS}")
     print("| app | side | instructions per request | over bare |")
     print("|---|---|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="poolguard-instructions-") as tmp:
