@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 
 import pytest
+from opentelemetry import metrics, trace
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -210,3 +211,24 @@ async def test_async_engine(async_guard_on: GuardFactory, registry: CollectorReg
     assert scrape.value("db_client_connection_timeouts_total", pool_name="primary") == results.count("saturated") >= 3
     assert scrape.value("db_client_connection_wait_time_seconds_count", pool_name="primary") == results.count("ok")
     assert scrape.value("db_client_connection_create_time_seconds_count", pool_name="primary") >= 1
+
+
+def test_opentelemetry_turned_off_leaves_prometheus_counting(
+    guard_on: GuardFactory, registry: CollectorRegistry, otel: Otel
+):
+    """The no-op providers switch off poolguard's OpenTelemetry output only: Prometheus still sees every event."""
+    guard = guard_on(tracer_provider=trace.NoOpTracerProvider(), meter_provider=metrics.NoOpMeterProvider())
+    poolguard.prometheus.register(guard, registry)
+    with otel.tracer.start_as_current_span("GET /orders/{id}"):  # a sampled request span: still no checkout span
+        for _ in range(3):
+            with guard.request_scope(route="/orders/{id}") as scope:
+                scope.session.execute(text("SELECT 1"))
+    scrape = Scrape(registry)
+    pool = {"pool_name": "primary"}
+    assert scrape.value("db_client_connection_wait_time_seconds_count", **pool) == 3
+    assert scrape.value("db_client_connection_use_time_seconds_count", pool_name="primary", route="/orders/{id}") == 3
+    assert scrape.value("db_client_connection_count", state="idle", **pool) == 1
+    assert [s.name for s in otel.spans()] == ["GET /orders/{id}"]
+    data = otel.reader.get_metrics_data()
+    exported = [m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics] if data else []
+    assert exported == []
