@@ -125,13 +125,6 @@ class LeakTracker:
         self._sweep_lock = threading.Lock()
         self.reported_total = 0
 
-    def checked_out(self, key: Hashable, holder: Holder) -> None:
-        self.by_key[key] = holder
-
-    def checked_in(self, key: Hashable) -> Holder | None:
-        """Forgets the holder and returns it (so the caller can compute the use time)."""
-        return self.by_key.pop(key, None)
-
     def held_by(self, scope: object) -> list[tuple[Hashable, Holder]]:
         """The connections a request scope still holds (called only when it still holds some)."""
         return [(key, holder) for key, holder in list(self.by_key.items()) if holder.scope is scope]

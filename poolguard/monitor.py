@@ -130,8 +130,9 @@ class PoolMonitor:
     ) -> T:
         """Runs the pool's own checkout, gated when inside a scope of this guard, and accounts for it.
 
-        With ``key_of``, the connection is also registered as held (``on_checkout`` in the same
-        step, under ``key_of(connection)``), which saves the pool adapter a second context lookup.
+        With ``key_of``, the connection is also registered as held, under ``key_of(connection)``:
+        who took it, from which route, since when (what leak detection and use times start from).
+        The pool adapter reports its return with :meth:`on_checkin` and the same key.
         This is the per-checkout hot path: its common case (breaker closed, a slot free) makes as
         few Python calls as it can.
         """
@@ -188,7 +189,6 @@ class PoolMonitor:
         for observer in self.observers:
             observer.record_wait(wait)
         if key_of is not None:
-            # _hold written out: this runs on every checkout.
             holder = Holder(now, scope, connection, parent, get_ident())
             if scope is not None:
                 scope.held += 1
@@ -245,22 +245,6 @@ class PoolMonitor:
     def _on_leak(self, holder: Holder) -> None:
         if self.telemetry is not None:
             self.telemetry.leak_suspected(holder, self.clock() - holder.since)
-
-    def on_checkout(self, key: Hashable, handle: Any) -> None:
-        """A connection left the pool outside :meth:`checkout`'s ``key_of``: who took it, from which route."""
-        now = self.clock()
-        if now >= self._next_sweep:
-            self._periodic(now)
-        tracing = self.telemetry is not None and self.telemetry.tracing
-        self._hold(key, handle, self.scope_var.get(), get_current_span() if tracing else INVALID_SPAN, now)
-
-    def _hold(self, key: Hashable, handle: Any, scope: GuardedScope | None, span: Any, now: float) -> None:
-        holder = Holder(now, scope, handle, span, get_ident())
-        if scope is not None:
-            scope.held += 1
-        if self.capture_stacks:
-            holder.stack = capture_stack()
-        self._holders[key] = holder
 
     def _periodic(self, now: float) -> None:
         """At most once per sweep interval, on a checkout: overdue holders reported, providers rechecked."""

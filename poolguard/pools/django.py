@@ -213,12 +213,17 @@ class DjangoPool:
                 raise
             return
         scope.checked_out = True  # before connecting: connect() itself calls ensure_connection again
+
+        def connect() -> Any:
+            real()
+            return connection  # the holder's handle: what a leak report or a reclaim acts on
+
         try:
-            monitor.checkout(real)
+            # Keyed by the request's scope: RequestWork.close checks it in under the same key.
+            monitor.checkout(connect, None, lambda _connection: id(scope))
         except BaseException:
             scope.checked_out = False
             raise
-        monitor.on_checkout(id(scope), connection)
 
     def _watch_pool(self, connection: Any) -> None:
         pool = connection.pool

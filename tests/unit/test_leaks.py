@@ -68,35 +68,35 @@ def leak_records(caplog: pytest.LogCaptureFixture, level: int = logging.WARNING)
 def test_holders_are_returned_oldest_first(clock: FakeClock) -> None:
     tracker = make(clock)
     first = holder(clock, "/a")
-    tracker.checked_out("k1", first)
+    tracker.by_key["k1"] = first
     clock.advance(10)
     second = holder(clock, "/b")
-    tracker.checked_out("k2", second)
+    tracker.by_key["k2"] = second
     clock.advance(10)
     third = holder(clock, "/c")
-    tracker.checked_out("k3", third)
+    tracker.by_key["k3"] = third
     assert tracker.holders() == [first, second, third]
 
     clock.advance(15)  # k1 (35 s) and k2 (25 s): only k1 is suspected now
     tracker.sweep()
     fourth = holder(clock, "/d")
-    tracker.checked_out("k4", fourth)
-    assert tracker.checked_in("k2") is second
+    tracker.by_key["k4"] = fourth
+    assert tracker.by_key.pop("k2", None) is second
     assert [h.route for h in tracker.holders()] == ["/a", "/c", "/d"]
 
 
-def test_checked_in_returns_and_forgets_the_holder(clock: FakeClock) -> None:
+def test_a_returned_holder_is_forgotten(clock: FakeClock) -> None:
     tracker = make(clock)
     taken = holder(clock)
-    tracker.checked_out("k", taken)
-    assert tracker.checked_in("k") is taken
+    tracker.by_key["k"] = taken
+    assert tracker.by_key.pop("k", None) is taken
     assert tracker.holders() == []
-    assert tracker.checked_in("k") is None
+    assert tracker.by_key.pop("k", None) is None
 
 
 def test_holders_returns_a_copy(clock: FakeClock) -> None:
     tracker = make(clock)
-    tracker.checked_out("k", holder(clock))
+    tracker.by_key["k"] = holder(clock)
     tracker.holders().clear()
     assert len(tracker.holders()) == 1
 
@@ -106,17 +106,17 @@ def test_held_by_lists_only_the_connections_of_that_scope(clock: FakeClock) -> N
     mine, other = object(), object()
     a = holder(clock, scope=mine)
     b = holder(clock, scope=other)
-    tracker.checked_out("a", a)
-    tracker.checked_out("b", b)
+    tracker.by_key["a"] = a
+    tracker.by_key["b"] = b
     clock.advance(THRESHOLD + 5)
     tracker.sweep()  # "a" and "b" are now suspected; held_by must still find them
     c = holder(clock, scope=mine)
-    tracker.checked_out("c", c)
+    tracker.by_key["c"] = c
 
     assert dict(tracker.held_by(mine)) == {"a": a, "c": c}
     assert tracker.held_by(other) == [("b", b)]
     assert tracker.held_by(object()) == []
-    tracker.checked_in("a")
+    tracker.by_key.pop("a", None)
     assert tracker.held_by(mine) == [("c", c)]
 
 
@@ -130,10 +130,10 @@ def test_sweep_reports_only_holders_past_the_threshold(
     reported: list[Holder] = []
     tracker = make(clock, reported)
     old = holder(clock, "/reports/{id}", thread_id=named_thread("worker-7"))
-    tracker.checked_out("old", old)
+    tracker.by_key["old"] = old
     clock.advance(20)
     young = holder(clock, "/orders/{id}", thread_id=named_thread("worker-8"))
-    tracker.checked_out("young", young)
+    tracker.by_key["young"] = young
 
     clock.advance(THRESHOLD - 20 + 1)  # old: 31 s, young: 11 s
     tracker.sweep()
@@ -154,7 +154,7 @@ def test_sweep_reports_only_holders_past_the_threshold(
 def test_nothing_is_reported_under_the_threshold(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.DEBUG, logger="poolguard.leaks")
     tracker = make(clock)
-    tracker.checked_out("k", holder(clock))
+    tracker.by_key["k"] = holder(clock)
     clock.advance(THRESHOLD - 0.5)
     tracker.sweep()
     assert tracker.suspected == 0
@@ -166,7 +166,7 @@ def test_each_holder_is_reported_once(clock: FakeClock, caplog: pytest.LogCaptur
     caplog.set_level(logging.WARNING, logger="poolguard.leaks")
     reported: list[Holder] = []
     tracker = make(clock, reported)
-    tracker.checked_out("k", holder(clock))
+    tracker.by_key["k"] = holder(clock)
     clock.advance(THRESHOLD + 1)
     for _ in range(5):
         tracker.sweep()
@@ -179,10 +179,10 @@ def test_each_holder_is_reported_once(clock: FakeClock, caplog: pytest.LogCaptur
 
 def test_suspected_counts_holders_over_the_threshold_without_an_explicit_sweep(clock: FakeClock) -> None:
     tracker = make(clock)
-    tracker.checked_out("a", holder(clock))
-    tracker.checked_out("b", holder(clock))
+    tracker.by_key["a"] = holder(clock)
+    tracker.by_key["b"] = holder(clock)
     clock.advance(5)
-    tracker.checked_out("c", holder(clock))
+    tracker.by_key["c"] = holder(clock)
     clock.advance(THRESHOLD - 2)  # a, b: 33 s; c: 28 s
     assert tracker.suspected == 2
     clock.advance(3)
@@ -192,11 +192,11 @@ def test_suspected_counts_holders_over_the_threshold_without_an_explicit_sweep(c
 def test_checking_in_a_reported_holder_clears_the_suspicion(clock: FakeClock) -> None:
     tracker = make(clock)
     leaked = holder(clock)
-    tracker.checked_out("k", leaked)
+    tracker.by_key["k"] = leaked
     clock.advance(THRESHOLD + 1)
     assert tracker.suspected == 1
 
-    assert tracker.checked_in("k") is leaked
+    assert tracker.by_key.pop("k", None) is leaked
     assert tracker.suspected == 0
     assert tracker.holders() == []
     assert tracker.held_by(None) == []
@@ -207,7 +207,7 @@ def test_a_report_without_a_request_names_that(
 ) -> None:
     caplog.set_level(logging.WARNING, logger="poolguard.leaks")
     tracker = make(clock)
-    tracker.checked_out("k", holder(clock, route=None, thread_id=named_thread("cron")))
+    tracker.by_key["k"] = holder(clock, route=None, thread_id=named_thread("cron"))
     clock.advance(THRESHOLD + 1)
     tracker.sweep()
     message = leak_records(caplog)[0].getMessage()
@@ -222,7 +222,7 @@ def test_a_thread_that_has_ended_is_named_by_its_ident(clock: FakeClock, caplog:
     ended.join()
     assert ended.ident is not None
     tracker = make(clock)
-    tracker.checked_out("k", holder(clock, thread_id=ended.ident))
+    tracker.by_key["k"] = holder(clock, thread_id=ended.ident)
     clock.advance(THRESHOLD + 1)
     tracker.sweep()
     message = leak_records(caplog)[0].getMessage()
@@ -236,8 +236,8 @@ def test_a_report_names_the_trace_the_connection_was_taken_in(
     caplog.set_level(logging.WARNING, logger="poolguard.leaks")
     context = SpanContext(trace_id=0x4BF92F3577B34DA6A3CE929D0E0E4736, span_id=0x00F067AA0BA902B7, is_remote=False)
     tracker = make(clock)
-    tracker.checked_out("k", Holder(clock(), None, None, NonRecordingSpan(context), threading.get_ident()))
-    tracker.checked_out("untraced", Holder(clock(), None, None, INVALID_SPAN, threading.get_ident()))
+    tracker.by_key["k"] = Holder(clock(), None, None, NonRecordingSpan(context), threading.get_ident())
+    tracker.by_key["untraced"] = Holder(clock(), None, None, INVALID_SPAN, threading.get_ident())
     clock.advance(THRESHOLD + 1)
     tracker.sweep()
     first, second = (record.getMessage() for record in leak_records(caplog))
@@ -287,7 +287,7 @@ def test_warning_names_the_checkout_site_on_one_line_and_the_stack_goes_to_debug
     caplog.set_level(logging.DEBUG, logger="poolguard.leaks")
     tracker = make(clock)
     stack = capture_stack()
-    tracker.checked_out("k", holder(clock, stack=stack))
+    tracker.by_key["k"] = holder(clock, stack=stack)
     clock.advance(THRESHOLD + 1)
     tracker.sweep()
 
@@ -308,7 +308,7 @@ def test_warning_names_the_checkout_site_on_one_line_and_the_stack_goes_to_debug
 def test_no_stack_is_formatted_when_debug_is_off(clock: FakeClock, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING, logger="poolguard.leaks")
     tracker = make(clock)
-    tracker.checked_out("k", holder(clock, stack=capture_stack()))
+    tracker.by_key["k"] = holder(clock, stack=capture_stack())
     clock.advance(THRESHOLD + 1)
     tracker.sweep()
     records = [r for r in caplog.records if r.name == "poolguard.leaks"]

@@ -47,6 +47,11 @@ def scope_of(monitor: PoolMonitor, route: str | None = ROUTE, waited: float = 0.
         monitor.scope_var.reset(token)
 
 
+def keyed(key: str) -> Callable[[object], str]:
+    """A ``key_of`` for :meth:`PoolMonitor.checkout`: every connection it sees is held under ``key``."""
+    return lambda _connection: key
+
+
 def trip(breaker: Breaker) -> None:
     for _ in range(100):
         if breaker.state is BreakerState.OPEN:
@@ -246,8 +251,7 @@ def test_pending_counts_checkouts_in_progress(clock: FakeClock) -> None:
 def test_checkout_checkin_pair_records_use_time_and_releases_the_slot(clock: FakeClock) -> None:
     monitor = make(clock, capacity=1)
     with scope_of(monitor) as scope:
-        connection = monitor.checkout(RealCheckout(clock))
-        monitor.on_checkout("key-1", connection)
+        monitor.checkout(RealCheckout(clock), None, keyed("key-1"))
         assert scope.held == 1
         assert monitor.admission.in_use == 1
         clock.advance(0.25)
@@ -264,7 +268,7 @@ def test_checkout_checkin_pair_records_use_time_and_releases_the_slot(clock: Fak
 def test_holder_records_route_and_thread(clock: FakeClock) -> None:
     monitor = make(clock)
     with scope_of(monitor, route="/reports"):
-        monitor.on_checkout("key-1", "handle")
+        monitor.checkout(lambda: "handle", None, keyed("key-1"))
     (holder,) = monitor.leaks.holders()
     assert holder.route == "/reports"
     assert holder.thread == threading.current_thread().name
@@ -275,8 +279,8 @@ def test_holder_records_route_and_thread(clock: FakeClock) -> None:
 def test_checkin_of_an_unguarded_connection_does_not_free_a_guarded_slot(clock: FakeClock) -> None:
     monitor = make(clock, capacity=1)
     with scope_of(monitor):
-        monitor.on_checkout("guarded", monitor.checkout(RealCheckout(clock)))
-    monitor.on_checkout("unguarded", monitor.checkout(RealCheckout(clock)))
+        monitor.checkout(RealCheckout(clock), None, keyed("guarded"))
+    monitor.checkout(RealCheckout(clock), None, keyed("unguarded"))
     clock.advance(0.1)
     monitor.on_checkin("unguarded")
     monitor.on_checkin("unknown")
@@ -288,7 +292,7 @@ def test_checkin_of_an_unguarded_connection_does_not_free_a_guarded_slot(clock: 
 def test_suspected_leaks_show_in_the_snapshot(clock: FakeClock) -> None:
     monitor = make(clock)
     with scope_of(monitor):
-        monitor.on_checkout("key-1", monitor.checkout(RealCheckout(clock)))
+        monitor.checkout(RealCheckout(clock), None, keyed("key-1"))
     clock.advance(31)
     assert monitor.snapshot(COUNTS, "postgresql").suspected_leaks == 1
     monitor.on_checkin("key-1")
@@ -326,7 +330,7 @@ def test_the_budget_shrinks_with_what_the_scope_already_waited(clock: FakeClock)
     monitor = make(clock, capacity=1)
     monitor.mean_use.add(0.5)  # a slot frees in ~0.5 s
     with scope_of(monitor):
-        monitor.on_checkout("first", monitor.checkout(RealCheckout(clock)))
+        monitor.checkout(RealCheckout(clock), None, keyed("first"))
     real = RealCheckout(clock)
 
     # 0.8 s of the 1.0 s budget already spent: 0.2 s left, under the 0.5 s predicted wait. Shed at once
