@@ -242,7 +242,8 @@ metrics.set_meter_provider(
     MeterProvider(
         metric_readers=[
             PeriodicExportingMetricReader(
-                ConsoleMetricExporter(out=open(os.devnull, "w")), export_interval_millis=60_000
+                ConsoleMetricExporter(out=open(os.devnull, "w")),
+                export_interval_millis=float(os.environ.get("BENCH_EXPORT_INTERVAL_MS", "60000")),
             )
         ]
     )

@@ -37,7 +37,7 @@ class Holder:
     current span object); the thread's name and the trace id are worked out when a report needs them.
     """
 
-    __slots__ = ("handle", "reported", "route", "scope", "since", "span", "stack", "thread_id")
+    __slots__ = ("handle", "reported", "route", "sampled", "scope", "since", "span", "stack", "thread_id")
 
     def __init__(
         self,
@@ -56,6 +56,8 @@ class Holder:
         self.handle = handle
         self.span = span
         self.thread_id = thread_id
+        self.sampled = False
+        """Whether the checkout made a span (its request is sampled): the use time then gets an exemplar."""
         self.stack = stack
         self.reported = False
 

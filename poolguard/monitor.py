@@ -183,13 +183,15 @@ class PoolMonitor:
                 self.breaker.record_success(wait)
         if telemetry is not None:
             if telemetry.metering:
-                telemetry.record_wait(wait, context)
+                telemetry.record_wait(wait, span, context)
             if span is not None:
                 telemetry.end_checkout(span, "acquired")
         for observer in self.observers:
             observer.record_wait(wait)
         if key_of is not None:
             holder = Holder(now, scope, connection, parent, get_ident())
+            if span is not None:
+                holder.sampled = True
             if scope is not None:
                 scope.held += 1
             if self.capture_stacks:
@@ -265,7 +267,7 @@ class PoolMonitor:
         scope = holder.scope
         route = holder.current_route
         if self.telemetry is not None and self.telemetry.metering:
-            self.telemetry.record_use(use, route)
+            self.telemetry.record_use(use, route, holder.sampled)
         for observer in self.observers:
             observer.record_use(use, route)
         if scope is not None:

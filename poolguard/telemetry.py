@@ -6,7 +6,13 @@ per-checkout path stays cheap. Costs are kept where they belong:
 - counts (connections by state, limits, pending requests, timeouts, shed requests, leaks) are
   *observable* instruments read at collection time from numbers the monitor keeps anyway, so
   they cost nothing per checkout;
-- wait, use and create times are histograms recorded per event with attribute dicts built once;
+- wait, use and create times are histograms, one sample per event, with attribute dicts built once.
+  The SDK's ``Histogram.record`` is the dearest call on the path (about 30 Python calls; 15-20 µs
+  each when a whole request runs between two of them and its code has gone cold, against 6 µs in a
+  tight loop). So a checkout of an unsampled request queues its samples (a C ``deque.append``) and
+  every ``FLUSH_AT`` samples, and at each collection, they are recorded in one loop: every sample
+  still reaches the SDK before the collection that should see it, at about half the CPU. A sampled
+  request's samples are recorded at once, in its context, so they keep their exemplars;
 - a ``checkout <pool>`` span is started only when the current span is sampled (a span costs tens
   of microseconds; an unsampled request pays one context lookup).
 
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
@@ -65,6 +72,9 @@ DURATION_BUCKETS = (
 )
 """Seconds: from a warm checkout (~100 µs) to SQLAlchemy's default 30 s pool timeout."""
 
+FLUSH_AT = 32
+"""Samples an unsampled checkout queues before they are recorded in one loop (16 checkouts' worth)."""
+
 _ROUTE_CACHE_LIMIT = 1024
 _POOLS_ATTRIBUTE = "_poolguard_pools"
 
@@ -100,6 +110,7 @@ class PoolTelemetry:
         self._span_attributes = {POOL_NAME: pool_name, DB_SYSTEM: db_system}
         self._pool_attributes = {POOL_NAME: pool_name}
         self._route_attributes: dict[str, dict[str, str]] = {}
+        self._queued: deque[tuple[metrics.Histogram, float, dict[str, str]]] = deque()
         self._wait_time = meter.create_histogram(
             "db.client.connection.wait_time",
             unit="s",
@@ -146,11 +157,39 @@ class PoolTelemetry:
             span.set_status(Status(StatusCode.ERROR, outcome))
         span.end()
 
-    def record_wait(self, seconds: float, context: Context | None = None) -> None:
-        self._wait_time.record(seconds, self._pool_attributes, context)
+    def record_wait(self, seconds: float, span: trace.Span | None, context: Context | None = None) -> None:
+        """``span`` is the checkout's own span: there is one only when the request is sampled."""
+        if span is None:
+            queued = self._queued
+            queued.append((self._wait_time, seconds, self._pool_attributes))
+            if len(queued) >= FLUSH_AT:
+                self.flush()
+        else:
+            self._wait_time.record(seconds, self._pool_attributes, context)
 
-    def record_use(self, seconds: float, route: str | None) -> None:
-        self._use_time.record(seconds, self._pool_attributes if route is None else self._with_route(route))
+    def record_use(self, seconds: float, route: str | None, sampled: bool) -> None:
+        """``sampled``: the checkout had a span of its own (its request is sampled)."""
+        if route is None:
+            attributes = self._pool_attributes
+        else:
+            attributes = self._route_attributes.get(route) or self._with_route(route)
+        if sampled:
+            self._use_time.record(seconds, attributes)
+        else:
+            queued = self._queued
+            queued.append((self._use_time, seconds, attributes))
+            if len(queued) >= FLUSH_AT:
+                self.flush()
+
+    def flush(self) -> None:
+        """Records the queued samples. Safe from any thread: each sample is taken off the queue once."""
+        queued = self._queued
+        while queued:
+            try:
+                histogram, seconds, attributes = queued.popleft()
+            except IndexError:  # another thread took the last one
+                return
+            histogram.record(seconds, attributes)
 
     def record_create(self, seconds: float) -> None:
         self._create_time.record(seconds, self._pool_attributes)
@@ -250,6 +289,11 @@ class _PoolRegistry:
         def observe(_options: CallbackOptions) -> Iterable[Observation]:
             with self._lock:
                 pools = list(self._pools)
+            # The SDK runs every observable callback before it reads the histograms: queued samples
+            # recorded here are in this very collection.
+            for pool in pools:
+                if pool._queued:
+                    pool.flush()
             return [
                 Observation(value, attributes)
                 for pool in pools
@@ -304,7 +348,8 @@ def _register_pool(meter: metrics.Meter, provider: object, pool: PoolTelemetry) 
 
 
 def unregister(pool: PoolTelemetry) -> None:
-    """Stops reporting a closed guard's pool."""
+    """Stops reporting a closed guard's pool (its queued samples recorded first)."""
+    pool.flush()
     if pool._registry is not None:
         pool._registry.discard(pool)
         pool._registry = None
