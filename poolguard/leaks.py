@@ -51,7 +51,8 @@ class Holder:
         stack: traceback.StackSummary | None = None,
     ) -> None:
         self.since = since
-        self.route = route if route is not None or scope is None else scope.route
+        self.route = route
+        """A route given outright; else :attr:`current_route` asks the scope (whose route may come later)."""
         self.scope = scope
         self.handle = handle
         self.span = span

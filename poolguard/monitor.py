@@ -30,7 +30,7 @@ from poolguard.breaker import Breaker
 from poolguard.errors import CircuitOpen, PoolSaturated, Unavailable
 from poolguard.leaks import Holder, LeakTracker, capture_stack
 from poolguard.pools import PoolCounts
-from poolguard.stats import Ewma, PoolStats, SlidingWindow
+from poolguard.stats import PoolStats, SlidingWindow
 from poolguard.telemetry import PoolTelemetry
 
 logger = logging.getLogger("poolguard")
@@ -56,6 +56,10 @@ class CheckoutObserver(Protocol):
     def record_use(self, seconds: float, route: str | None) -> None: ...
 
     def record_create(self, seconds: float) -> None: ...
+
+
+MEAN_USE_SAMPLES = 16
+"""Use times admission averages to predict a wait: enough to smooth one slow query, few enough to follow a change."""
 
 
 class GuardedScope:
@@ -94,7 +98,6 @@ class PoolMonitor:
         self.wait_times = SlidingWindow()
         self.use_times = SlidingWindow()
         self.create_times = SlidingWindow(size=256)
-        self.mean_use = Ewma()
         self.admission = Admission(capacity, pool_name=name, mean_use=self._mean_use, clock=clock)
         self.leaks = LeakTracker(
             pool_name=name, threshold=leak_threshold, clock=clock, on_leak=self._on_leak if telemetry else None
@@ -120,7 +123,8 @@ class PoolMonitor:
         self.observers = (*self.observers, observer)
 
     def _mean_use(self) -> float:
-        return self.mean_use.value
+        """How long a held connection is expected to take still: the mean of the last few use times."""
+        return self.use_times.mean_of_last(MEAN_USE_SAMPLES)
 
     def checkout(
         self,
@@ -263,13 +267,14 @@ class PoolMonitor:
         now = self.clock()
         use = now - holder.since
         self.use_times.append((use, now))
-        self.mean_use.add(use)
         scope = holder.scope
-        route = holder.current_route
-        if self.telemetry is not None and self.telemetry.metering:
-            self.telemetry.record_use(use, route, holder.sampled)
-        for observer in self.observers:
-            observer.record_use(use, route)
+        telemetry = self.telemetry if self.telemetry is not None and self.telemetry.metering else None
+        if telemetry is not None or self.observers:
+            route = holder.current_route  # only asked for when something records it (Django's is lazy)
+            if telemetry is not None:
+                telemetry.record_use(use, route, holder.sampled)
+            for observer in self.observers:
+                observer.record_use(use, route)
         if scope is not None:
             scope.held -= 1
             self.admission.release()

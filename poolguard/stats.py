@@ -37,6 +37,15 @@ class SlidingWindow(deque[tuple[float, float]]):
         # tuple(self) copies in one C call, so a concurrent append cannot break the iteration.
         return [value for value, taken in tuple(self) if taken >= oldest]
 
+    def mean_of_last(self, count: int) -> float:
+        """The mean of the newest ``count`` samples, however old (0.0 with none): a live estimate.
+
+        Worked out when asked, from samples recorded anyway, instead of a running average kept up
+        to date on every sample; its one caller (admission's predicted wait) asks only when the pool is full.
+        """
+        recent = tuple(self)[-count:]
+        return sum(value for value, _ in recent) / len(recent) if recent else 0.0
+
     def quantiles(self, now: float, *fractions: float) -> tuple[float, ...] | None:
         """Nearest-rank quantiles of the recent samples, or None when there are none."""
         samples = sorted(self.recent(now))
@@ -44,24 +53,6 @@ class SlidingWindow(deque[tuple[float, float]]):
             return None
         last = len(samples) - 1
         return tuple(samples[min(last, max(0, math.ceil(q * len(samples)) - 1))] for q in fractions)
-
-
-class Ewma:
-    """An exponentially weighted moving average: a cheap live estimate for admission decisions."""
-
-    __slots__ = ("_alpha", "_seeded", "value")
-
-    def __init__(self, alpha: float = 0.2) -> None:
-        self._alpha = alpha
-        self._seeded = False
-        self.value = 0.0
-
-    def add(self, sample: float) -> None:
-        if self._seeded:
-            self.value += self._alpha * (sample - self.value)
-        else:
-            self.value = sample
-            self._seeded = True
 
 
 @dataclass(frozen=True, slots=True)

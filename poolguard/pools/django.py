@@ -46,20 +46,32 @@ _HOOKED = "_poolguard_hooked"
 class AliasScope(GuardedScope):
     """One request's use of one alias; ``checked_out`` once its first use went through the gate.
 
-    The route is named lazily, at the first checkout, from the request's ``resolver_match``: the
-    middleware runs before URL resolution, and a ``process_view`` hook only to learn the route
-    would cost every request, including those that never touch the database.
+    The route is named lazily, when something first asks for it (a use time per route, a leak
+    report), from the request's ``resolver_match``: the middleware runs before URL resolution, and
+    a ``process_view`` hook only to learn the route would cost every request, including those that
+    never touch the database; a request nobody asks about never computes it.
     """
 
-    __slots__ = ("checked_out", "request")
+    __slots__ = ("_route", "checked_out", "request")
 
     def __init__(self, request: Any = None) -> None:
         # GuardedScope's fields set here rather than through super(): one call less on every request.
-        self.route: str | None = None
+        self._route: str | None = None
         self.waited = 0.0
         self.held = 0
         self.checked_out = False
         self.request = request
+
+    @property
+    def route(self) -> str | None:
+        route = self._route
+        if route is None and self.request is not None:
+            route = self._route = route_of(self.request)
+        return route
+
+    @route.setter
+    def route(self, value: str | None) -> None:
+        self._route = value
 
 
 def route_of(request: Any) -> str | None:
@@ -199,8 +211,6 @@ class DjangoPool:
         if not isinstance(scope, AliasScope):
             real()
             return
-        if scope.route is None:
-            scope.route = route_of(scope.request)
         if scope.checked_out:
             if not connecting:
                 real()
@@ -353,8 +363,6 @@ def _hook_pool(pool: Any, registry: dict[str, DjangoPool], alias: str) -> None:
         scope = monitor.scope_var.get()
         if scope is None:
             return monitor.checkout(functools.partial(real_getconn, timeout), None, id)
-        if isinstance(scope, AliasScope) and scope.route is None:
-            scope.route = route_of(scope.request)
         start = monitor.clock()
 
         def bounded() -> Any:

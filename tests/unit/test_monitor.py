@@ -259,7 +259,7 @@ def test_checkout_checkin_pair_records_use_time_and_releases_the_slot(clock: Fak
 
     assert scope.held == 0
     assert monitor.admission.in_use == 0
-    assert monitor.mean_use.value == pytest.approx(0.25)
+    assert monitor._mean_use() == pytest.approx(0.25)
     snapshot = monitor.snapshot(COUNTS, "postgresql")
     assert snapshot.use_p50 == pytest.approx(0.25)
     assert snapshot.use_p99 == pytest.approx(0.25)
@@ -270,7 +270,7 @@ def test_holder_records_route_and_thread(clock: FakeClock) -> None:
     with scope_of(monitor, route="/reports"):
         monitor.checkout(lambda: "handle", None, keyed("key-1"))
     (holder,) = monitor.leaks.holders()
-    assert holder.route == "/reports"
+    assert holder.current_route == "/reports"
     assert holder.thread == threading.current_thread().name
     assert holder.handle == "handle"
     assert holder.stack is None  # capture_stacks is off
@@ -328,7 +328,7 @@ def wait_until(condition: Callable[[], bool], steps: int = 5000) -> None:
 
 def test_the_budget_shrinks_with_what_the_scope_already_waited(clock: FakeClock) -> None:
     monitor = make(clock, capacity=1)
-    monitor.mean_use.add(0.5)  # a slot frees in ~0.5 s
+    monitor.use_times.append((0.5, clock()))  # a slot frees in ~0.5 s
     with scope_of(monitor):
         monitor.checkout(RealCheckout(clock), None, keyed("first"))
     real = RealCheckout(clock)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from poolguard.errors import ConfigError
-from poolguard.stats import Ewma, PoolStats, SlidingWindow
+from poolguard.stats import PoolStats, SlidingWindow
 
 NOW = 1000.0
 
@@ -69,31 +69,23 @@ def test_invalid_max_age_is_a_config_error(max_age: object) -> None:
     assert "SlidingWindow.max_age" in str(caught.value)
 
 
-def test_ewma_starts_at_the_first_sample_then_smooths() -> None:
-    average = Ewma(alpha=0.5)
-    assert average.value == 0.0
-    average.add(4.0)
-    assert average.value == pytest.approx(4.0)
-    average.add(2.0)
-    assert average.value == pytest.approx(3.0)
-    average.add(3.0)
-    assert average.value == pytest.approx(3.0)
+def test_mean_of_last_is_zero_without_samples_then_follows_the_newest() -> None:
+    window = SlidingWindow(size=8)
+    assert window.mean_of_last(3) == 0.0
+    window.add(4.0, 0.0)
+    assert window.mean_of_last(3) == pytest.approx(4.0)
+    for value in (1.0, 2.0, 3.0):
+        window.add(value, 1.0)
+    assert window.mean_of_last(3) == pytest.approx(2.0)  # 4.0 is no longer among the newest three
+    assert window.mean_of_last(10) == pytest.approx(2.5)
 
 
-def test_ewma_default_alpha_moves_a_fifth_of_the_way() -> None:
-    average = Ewma()
-    average.add(1.0)
-    average.add(2.0)
-    assert average.value == pytest.approx(1.2)
-
-
-def test_ewma_treats_a_zero_first_sample_as_a_sample() -> None:
-    # A connection returned within the clock's resolution has a use time of 0.0; that is a real sample,
-    # so the next one must be smoothed against it, not taken as a fresh start.
-    average = Ewma(alpha=0.2)
-    average.add(0.0)
-    average.add(10.0)
-    assert average.value == pytest.approx(2.0)
+def test_mean_of_last_counts_zero_samples_and_ignores_age() -> None:
+    # A connection returned within the clock's resolution has a use time of 0.0: a real sample.
+    window = SlidingWindow(size=8, max_age=1.0)
+    window.add(0.0, 0.0)
+    window.add(10.0, 100.0)  # the first sample is long past max_age: the estimate still uses it
+    assert window.mean_of_last(2) == pytest.approx(5.0)
 
 
 def test_pool_stats_to_dict_has_every_field() -> None:
