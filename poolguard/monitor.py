@@ -150,8 +150,9 @@ class PoolMonitor:
         if telemetry is not None and telemetry.tracing:
             context = get_current()  # once, for the span lookup and the wait-time record (its exemplar)
             parent = get_current_span(context)
-            if parent is not INVALID_SPAN:
-                span = telemetry.start_checkout(parent)
+            # Sampled: a span of its own (the flag is never set on the invalid span context).
+            if parent is not INVALID_SPAN and parent.get_span_context().trace_flags.sampled:
+                span = telemetry.start_checkout()
         else:
             parent = INVALID_SPAN
         try:

@@ -143,11 +143,8 @@ class PoolTelemetry:
 
     # -- per checkout ---------------------------------------------------------------------------
 
-    def start_checkout(self, parent: trace.Span) -> trace.Span | None:
-        """A ``checkout <pool>`` span under ``parent`` (the current span), only when that one is sampled."""
-        context = parent.get_span_context()
-        if not (context.is_valid and context.trace_flags.sampled):
-            return None
+    def start_checkout(self) -> trace.Span:
+        """A ``checkout <pool>`` span under the current span; the caller has seen that one is sampled."""
         return self._tracer.start_span(self._span_name, kind=SpanKind.INTERNAL, attributes=self._span_attributes)
 
     @staticmethod
