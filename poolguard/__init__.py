@@ -6,12 +6,12 @@ The core is framework-free; adapters live in ``poolguard.flask``, ``poolguard.st
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from poolguard._version import __version__ as __version__
 from poolguard.breaker import Breaker as Breaker
 from poolguard.breaker import BreakerState as BreakerState
 from poolguard.config import PoolGuardConfig as PoolGuardConfig
-from poolguard.engine import create_async_engine as create_async_engine
-from poolguard.engine import create_engine as create_engine
 from poolguard.errors import CircuitOpen as CircuitOpen
 from poolguard.errors import ConfigError as ConfigError
 from poolguard.errors import PoolGuardError as PoolGuardError
@@ -24,6 +24,23 @@ from poolguard.health import PoolHealth as PoolHealth
 from poolguard.retry import RetryBudget as RetryBudget
 from poolguard.retry import retry as retry
 from poolguard.stats import PoolStats as PoolStats
+
+if TYPE_CHECKING:
+    from poolguard.engine import create_async_engine as create_async_engine
+    from poolguard.engine import create_engine as create_engine
+
+
+def __getattr__(name: str) -> Any:
+    """``create_engine`` / ``create_async_engine`` load SQLAlchemy on first use, not on ``import poolguard``.
+
+    A Django app that guards only its own connections then never loads SQLAlchemy.
+    """
+    if name in ("create_engine", "create_async_engine"):
+        from poolguard import engine  # noqa: PLC0415
+
+        return getattr(engine, name)
+    raise AttributeError(f"module 'poolguard' has no attribute {name!r}")
+
 
 __all__ = [
     "Breaker",

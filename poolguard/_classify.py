@@ -12,8 +12,11 @@ the servers' documented error classes so the rules hold across drivers:
 from __future__ import annotations
 
 import contextlib
+import sys
+from typing import TYPE_CHECKING, TypeGuard
 
-import sqlalchemy.exc
+if TYPE_CHECKING:
+    import sqlalchemy.exc
 
 _PG_CONNECTION_STATES = frozenset({"53300", "57P01", "57P02", "57P03"})
 _PG_TRANSIENT_STATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
@@ -36,8 +39,21 @@ def _is_pep249_error(exc: BaseException) -> bool:
     return any(cls.__name__ == "Error" and cls.__module__ != "builtins" for cls in type(exc).__mro__)
 
 
+# SQLAlchemy's exception classes are looked up, not imported: a process that never loaded SQLAlchemy
+# (a Django app without POOLGUARD["SQLALCHEMY"]) cannot raise one, and need not pay for loading it.
+
+
+def _sqlalchemy_error(exc: BaseException, name: str) -> bool:
+    errors = sys.modules.get("sqlalchemy.exc")
+    return errors is not None and isinstance(exc, getattr(errors, name))
+
+
+def _is_dbapi_error(exc: BaseException) -> TypeGuard[sqlalchemy.exc.DBAPIError]:
+    return _sqlalchemy_error(exc, "DBAPIError")
+
+
 def _driver_error(exc: BaseException) -> BaseException:
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.orig is not None:
+    if _is_dbapi_error(exc) and exc.orig is not None:
         return exc.orig
     return exc
 
@@ -57,7 +73,7 @@ def _sqlstate(error: BaseException) -> str | None:
 
 def _mysql_errno(exc: BaseException) -> int | None:
     """The server's error number of a MySQL driver error (``args[0]``); None for any other exception."""
-    if isinstance(exc, sqlalchemy.exc.DBAPIError):
+    if _is_dbapi_error(exc):
         error: BaseException | None = exc.orig
     else:
         error = exc if _is_pep249_error(exc) else None
@@ -69,7 +85,9 @@ def _mysql_errno(exc: BaseException) -> int | None:
 
 def is_checkout_timeout(exc: BaseException) -> bool:
     """True when the pool gave up waiting for a free connection (SQLAlchemy's, psycopg_pool's or asyncio's)."""
-    return isinstance(exc, sqlalchemy.exc.TimeoutError | TimeoutError) or type(exc).__name__ == "PoolTimeout"
+    return (
+        isinstance(exc, TimeoutError) or _sqlalchemy_error(exc, "TimeoutError") or type(exc).__name__ == "PoolTimeout"
+    )
 
 
 def is_connection_failure(exc: BaseException, *, during_checkout: bool = False) -> bool:
@@ -79,9 +97,9 @@ def is_connection_failure(exc: BaseException, *, during_checkout: bool = False) 
     pool timeout or an OS-level socket error: nothing application-specific has run yet. During use
     only errors that name a lost, refused or exhausted connection count.
     """
-    if isinstance(exc, sqlalchemy.exc.TimeoutError):
+    if _sqlalchemy_error(exc, "TimeoutError"):
         return True
-    if isinstance(exc, sqlalchemy.exc.DBAPIError) and exc.connection_invalidated:
+    if _is_dbapi_error(exc) and exc.connection_invalidated:
         return True
     if during_checkout and (isinstance(exc, OSError | TimeoutError) or _is_pep249_connection_class(exc)):
         return True
@@ -110,8 +128,10 @@ def is_transient(exc: BaseException) -> bool:
     errno = _mysql_errno(exc)
     if errno is not None:
         return errno in _MYSQL_TRANSIENT_ERRNOS
-    return isinstance(exc, sqlalchemy.exc.OperationalError | sqlalchemy.exc.InterfaceError) or isinstance(
-        error, OSError
+    return (
+        _sqlalchemy_error(exc, "OperationalError")
+        or _sqlalchemy_error(exc, "InterfaceError")
+        or isinstance(error, OSError)
     )
 
 

@@ -11,6 +11,7 @@ a DEBUG line: stack traces never reach INFO or above), and a count in health.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import threading
@@ -18,15 +19,16 @@ import traceback
 from collections.abc import Callable, Hashable
 from typing import Any
 
-import sqlalchemy
-
 from poolguard._types import Clock
 
 logger = logging.getLogger("poolguard.leaks")
 
 _STACK_LIMIT = 30
+_SQLALCHEMY_SPEC = importlib.util.find_spec("sqlalchemy")  # found, not imported: Django alone never loads it
 _LIBRARY_DIRS = tuple(
-    os.path.dirname(module_file) + os.sep for module_file in (__file__, sqlalchemy.__file__) if module_file
+    os.path.dirname(module_file) + os.sep
+    for module_file in (__file__, _SQLALCHEMY_SPEC.origin if _SQLALCHEMY_SPEC else None)
+    if module_file
 )
 
 

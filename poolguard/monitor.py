@@ -188,7 +188,7 @@ class PoolMonitor:
                 self.breaker.record_success(wait)
         if telemetry is not None:
             if telemetry.metering:
-                telemetry.record_wait(wait, span, context)
+                telemetry.record_wait(wait, span is not None, context)
             if span is not None:
                 telemetry.end_checkout(span, "acquired")
         for observer in self.observers:

@@ -154,18 +154,20 @@ class PoolTelemetry:
             span.set_status(Status(StatusCode.ERROR, outcome))
         span.end()
 
-    def record_wait(self, seconds: float, span: trace.Span | None, context: Context | None = None) -> None:
-        """``span`` is the checkout's own span: there is one only when the request is sampled."""
-        if span is None:
+    # record_wait and record_use queue inline rather than through a shared helper: a call less per sample.
+
+    def record_wait(self, seconds: float, sampled: bool, context: Context | None = None) -> None:
+        """``sampled``: the checkout made a span of its own (its request is sampled)."""
+        if sampled:
+            self._wait_time.record(seconds, self._pool_attributes, context)
+        else:
             queued = self._queued
             queued.append((self._wait_time, seconds, self._pool_attributes))
             if len(queued) >= FLUSH_AT:
                 self.flush()
-        else:
-            self._wait_time.record(seconds, self._pool_attributes, context)
 
     def record_use(self, seconds: float, route: str | None, sampled: bool) -> None:
-        """``sampled``: the checkout had a span of its own (its request is sampled)."""
+        """``sampled``: as for :meth:`record_wait`, at the checkout this use began with."""
         if route is None:
             attributes = self._pool_attributes
         else:

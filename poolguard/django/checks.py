@@ -23,7 +23,6 @@ from django.conf import settings  # type: ignore[import-untyped]
 from django.core.checks import CheckMessage, Error, Tags, register  # type: ignore[import-untyped]
 from django.core.checks import Warning as CheckWarning
 from django.db import connections  # type: ignore[import-untyped]
-from sqlalchemy.engine import make_url
 
 from poolguard.django.conf import DjangoSettings, configure_settings
 from poolguard.errors import ConfigError
@@ -132,6 +131,8 @@ def connection_budget(loaded: DjangoSettings, alias: str) -> int:
 
 def _same_server(url: str, database: dict[str, Any]) -> bool:
     """Whether the SQLAlchemy URL points at the alias's server (host and port; SQLAlchemy's defaults if unset)."""
+    from sqlalchemy.engine import make_url  # noqa: PLC0415 (only with POOLGUARD["SQLALCHEMY"] set)
+
     parsed = make_url(url)
     host = database.get("HOST") or "localhost"
     port = str(database.get("PORT") or "")

@@ -15,11 +15,9 @@ from dataclasses import dataclass
 from typing import Any, cast
 
 from django.conf import settings  # type: ignore[import-untyped]
-from sqlalchemy import Engine
 
 from poolguard._validate import positive_int
 from poolguard.config import PoolGuardConfig
-from poolguard.engine import create_engine
 from poolguard.errors import ConfigError, Unavailable
 from poolguard.guard import Guard, RequestScope
 from poolguard.health import HealthReport
@@ -125,6 +123,8 @@ class PoolGuardState:
         self.guards.clear()
         self.alias_monitors = ()
         if self.guard is not None:
+            from sqlalchemy import Engine  # noqa: PLC0415 (only imported when POOLGUARD["SQLALCHEMY"] is set)
+
             self.guard.close()
             engine = self.guard.engine
             if isinstance(engine, Engine):
@@ -161,6 +161,9 @@ class PoolGuardState:
 
 
 def _make_guard(config: PoolGuardConfig) -> Guard:
+    """The Guard of ``POOLGUARD["SQLALCHEMY"]``: SQLAlchemy is loaded here, only for apps that ask for it."""
+    from poolguard.engine import create_engine  # noqa: PLC0415
+
     options = config.sqlalchemy or {}
     kwargs: dict[str, Any] = {}
     if options.get("pool_size") is not None:

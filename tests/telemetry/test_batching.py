@@ -62,7 +62,7 @@ def test_every_queued_sample_is_in_the_next_collection(
 ) -> None:
     telemetry, reader = sdk
     for i in range(samples):
-        telemetry.record_wait(0.001 * (i + 1), None)
+        telemetry.record_wait(0.001 * (i + 1), False)
         telemetry.record_use(0.002, "/orders/{id}" if i % 2 else None, False)
         assert len(telemetry._queued) < FLUSH_AT  # never more than one batch waits
 
@@ -90,7 +90,7 @@ def test_threads_recording_while_collections_run_lose_no_sample(
     def record() -> None:
         start.wait()
         for _ in range(per_thread):
-            telemetry.record_wait(0.001, None)
+            telemetry.record_wait(0.001, False)
             telemetry.record_use(0.001, None, False)
 
     workers = [threading.Thread(target=record) for _ in range(threads)]

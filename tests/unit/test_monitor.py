@@ -425,7 +425,7 @@ def test_an_injected_sdk_provider_records_at_once() -> None:
     try:
         assert telemetry.tracing
         assert telemetry.metering
-        telemetry.record_wait(0.002, None)
+        telemetry.record_wait(0.002, False)
         data = reader.get_metrics_data()
         assert data is not None
         names = [m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
