@@ -269,6 +269,9 @@ class PoolMonitor:
         use = now - holder.since
         self.use_times.append((use, now))
         scope = holder.scope
+        if scope is not None:  # the slot first: a waiter need not wait for the records (or a batch of them)
+            scope.held -= 1
+            self.admission.release()
         telemetry = self.telemetry if self.telemetry is not None and self.telemetry.metering else None
         if telemetry is not None or self.observers:
             route = holder.current_route  # only asked for when something records it (Django's is lazy)
@@ -276,9 +279,6 @@ class PoolMonitor:
                 telemetry.record_use(use, route, holder.sampled)
             for observer in self.observers:
                 observer.record_use(use, route)
-        if scope is not None:
-            scope.held -= 1
-            self.admission.release()
 
     def on_connection_created(self, seconds: float) -> None:
         with self._counter_lock:

@@ -68,7 +68,7 @@ print(json.dumps({
 
 def test_a_django_app_without_the_sqlalchemy_option_never_imports_sqlalchemy() -> None:
     completed = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(APP)],
+        [sys.executable, "-W", "error", "-c", textwrap.dedent(APP)],
         capture_output=True,
         text=True,
         cwd=PROJECT_ROOT,
