@@ -1,4 +1,4 @@
-"""Instructions per request of the benchmark apps, with and without poolguard: a deterministic figure.
+"""Instructions per request of the benchmark apps, with and without poolguard: a steadier figure than time.
 
     .venv/bin/python benchmarks/apps_instructions.py [--frameworks flask,fastapi,django] [--requests 300]
         [--setup minimal|example] [--telemetry none|sdk]
@@ -13,8 +13,11 @@ its connection to the pool as under gunicorn) or, for FastAPI, an ASGI server (`
 receive, send)``, one request after another on one event loop), run under ``valgrind --tool=callgrind``, which counts
 the CPU instructions executed. Each side runs twice, with ``--requests`` more requests the second
 time; the difference divided by ``--requests`` is the count per request, free of start-up and
-warm-up. ``PYTHONHASHSEED=0`` fixes dict layouts: on a quiet machine Flask's figures repeat to 0.05 %,
-Django's to about 1 % (psycopg_pool's background threads do time-dependent work).
+warm-up. ``PYTHONHASHSEED=0`` fixes dict layouts. The figures still move between runs: psycopg's
+wait loops run as often as the server's answers make them, psycopg_pool's background threads do
+time-dependent work, and a full garbage collection falls inside the measured requests or not. On
+2026-11-30 a side's count repeated to 0.5-1 % (5,000-12,000 instructions): run it two or three
+times and compare sides of the same run.
 
 Modes (``--telemetry``): ``none`` compares bare and guarded apps with no OpenTelemetry SDK (what
 issue 3's overhead target is about); ``sdk`` (the default) also runs the two guarded apps of

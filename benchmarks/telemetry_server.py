@@ -1,10 +1,14 @@
 """Poolguard's telemetry per request under gunicorn, on and off in one server process, requests alternating.
 
-    .venv/bin/python benchmarks/telemetry_server.py [--duration 30] [--runs 3]
+    .venv/bin/python benchmarks/telemetry_server.py [--framework flask|django] [--duration 30] [--runs 3]
 
-The two Flask apps of ``telemetry_requests.py`` (two engines, two guards, the OpenTelemetry SDK
-installed and sampling nothing; **on** uses it, **off** is given the API's no-op providers) are served
-by **one** gunicorn process (gthread, 1 worker x 4 threads), ``/on/select1`` and ``/off/select1``.
+Flask: the two apps of ``telemetry_requests.py`` (two engines, two guards, the OpenTelemetry SDK
+installed and sampling nothing; **on** uses it, **off** is given the API's no-op providers). Django: one
+project with two aliases on Django's psycopg pool (min = max = 4 each), both guarded by
+``poolguard.django``, the SDK installed and sampling nothing; a Django process has one POOLGUARD, so
+the **off** alias's guard has its telemetry switched off after start-up, as the no-op providers do
+(its ``tracing``/``metering`` flags cleared, for good). Either way **one** gunicorn process (gthread,
+1 worker x 4 threads) serves ``/on/select1`` and ``/off/select1``, each one ``SELECT 1``.
 ``wrk`` (1 thread, 16 connections) alternates the two paths request by request, so both sides run
 interleaved under the same load, threads, GIL and CPU sharing. A small WSGI wrapper in the worker
 measures each request's thread CPU time (``time.thread_time_ns``: user and system time of the thread
@@ -36,6 +40,75 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import apps_overhead
 import telemetry_requests
 
+DJANGO_SETTINGS = f"""
+import os
+
+from opentelemetry import metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
+
+trace.set_tracer_provider(TracerProvider(sampler=ALWAYS_OFF))
+metrics.set_meter_provider(
+    MeterProvider(
+        metric_readers=[
+            PeriodicExportingMetricReader(
+                ConsoleMetricExporter(out=open(os.devnull, "w")), export_interval_millis=60_000
+            )
+        ]
+    )
+)
+
+SECRET_KEY = "benchmark-only"
+DEBUG = False
+ALLOWED_HOSTS = ["*"]
+ROOT_URLCONF = "bench_telemetry_pair"
+USE_TZ = True
+LOGGING_CONFIG = None
+_DATABASE = {{
+    "ENGINE": "django.db.backends.postgresql",
+    "HOST": "{apps_overhead.PG_HOST}", "PORT": "{apps_overhead.PG_PORT}", "NAME": "{apps_overhead.PG_DB}",
+    "USER": "{apps_overhead.PG_USER}", "CONN_MAX_AGE": 0,
+    "OPTIONS": {{"pool": {{"min_size": 4, "max_size": 4, "timeout": 10}}}},
+}}
+DATABASES = {{"default": dict(_DATABASE), "off": dict(_DATABASE)}}
+INSTALLED_APPS = ["poolguard.django"]
+MIDDLEWARE = ["poolguard.django.PoolGuardMiddleware"]
+POOLGUARD = {{"DATABASES": ["default", "off"], "THREADS": 4}}
+"""
+
+DJANGO_APP = """
+import os
+
+os.environ["DJANGO_SETTINGS_MODULE"] = "bench_telemetry_settings"
+
+from django.apps import apps as django_apps
+from django.core.wsgi import get_wsgi_application
+from django.db import connections
+from django.http import JsonResponse
+from django.urls import path
+
+
+def select1(alias):
+    def view(request):
+        with connections[alias].cursor() as cursor:
+            cursor.execute("SELECT 1")
+            return JsonResponse({"one": cursor.fetchone()[0]})
+
+    return view
+
+
+urlpatterns = [path("on/select1", select1("default")), path("off/select1", select1("off"))]
+
+application = get_wsgi_application()
+# What the API's no-op providers do to a guard, for the one alias (POOLGUARD has one set per project).
+telemetry = django_apps.get_app_config("poolguard").state.guards["off"].telemetry
+telemetry._follows_global_tracing = telemetry._follows_global_metering = False
+telemetry.tracing = telemetry.metering = False
+apps = {"on": application, "off": application}
+"""
+
 WRAPPER = """
 import atexit
 import json
@@ -46,6 +119,7 @@ from bench_telemetry_pair import apps
 
 _cpu = {"on": [], "off": []}
 _thread_cpu = time.thread_time_ns
+STRIP_SIDE = os.environ["BENCH_FRAMEWORK"] == "flask"  # Django routes both paths itself
 
 
 def app(environ, start_response):
@@ -56,7 +130,8 @@ def app(environ, start_response):
         start_response("200 OK", [("Content-Type", "text/plain")])
         return [b"reset"]
     side = "on" if path.startswith("/on/") else "off"
-    environ["PATH_INFO"] = path[len(side) + 1:]
+    if STRIP_SIDE:
+        environ["PATH_INFO"] = path[len(side) + 1:]
     start = _thread_cpu()
     result = apps[side](environ, start_response)
     try:
@@ -112,10 +187,10 @@ def wrk(url: str, script: Path, seconds: int) -> int:
     return int(found.group(1))
 
 
-def one_run(directory: Path, duration: int) -> dict[str, float]:
+def one_run(directory: Path, duration: int, framework: str) -> dict[str, float]:
     port = apps_overhead.free_port()
     cpu_file = directory / "cpu.json"
-    env = {**apps_overhead.server_env(), "BENCH_CPU_FILE": str(cpu_file)}
+    env = {**apps_overhead.server_env(), "BENCH_CPU_FILE": str(cpu_file), "BENCH_FRAMEWORK": framework}
     command = [
         sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1", "--threads", "4",
         "--bind", f"{apps_overhead.PG_HOST}:{port}", "--chdir", str(directory), "--log-level", "warning",
@@ -158,6 +233,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--duration", type=int, default=30, help="seconds of measured load per run")
     parser.add_argument("--runs", type=int, default=3, help="runs, each with a fresh server")
+    parser.add_argument("--framework", choices=("flask", "django"), default="flask")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         parser.error("wrk is not on PATH (Debian package 'wrk'): it alternates the two paths per request")
@@ -168,11 +244,13 @@ def main() -> int:
     print("|---|---:|---:|---:|---:|---:|---:|")
     with tempfile.TemporaryDirectory(prefix="poolguard-telemetry-server-") as tmp:
         directory = Path(tmp)
-        (directory / "bench_telemetry_pair.py").write_text(textwrap.dedent(telemetry_requests.APP).lstrip())
+        pair = telemetry_requests.APP if args.framework == "flask" else DJANGO_APP
+        (directory / "bench_telemetry_pair.py").write_text(textwrap.dedent(pair).lstrip())
+        (directory / "bench_telemetry_settings.py").write_text(textwrap.dedent(DJANGO_SETTINGS).lstrip())
         (directory / "bench_telemetry_server.py").write_text(textwrap.dedent(WRAPPER).lstrip())
         (directory / "alternate.lua").write_text(textwrap.dedent(ALTERNATE).lstrip())
         for number in range(1, args.runs + 1):
-            run = one_run(directory, args.duration)
+            run = one_run(directory, args.duration, args.framework)
             extra = run["on_mean_us"] - run["off_mean_us"]
             print(
                 f"| {number} | {run['requests']:,} | {run['server_cpu_us']:.0f} "
