@@ -42,6 +42,11 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module 'poolguard' has no attribute {name!r}")
 
 
+def __dir__() -> list[str]:
+    """The lazily loaded names too, for ``dir()`` and completion."""
+    return sorted({*globals(), *__all__})
+
+
 __all__ = [
     "Breaker",
     "BreakerState",

@@ -55,3 +55,7 @@ def test_error_hierarchy_is_exported_as_documented() -> None:
     assert issubclass(poolguard.PoolSaturated, poolguard.Unavailable)
     assert issubclass(poolguard.ConfigError, poolguard.PoolGuardError)
     assert issubclass(poolguard.ConfigError, ValueError)
+
+
+def test_dir_lists_every_exported_name_including_the_lazily_loaded_ones() -> None:
+    assert set(EXPECTED) <= set(dir(poolguard))
