@@ -35,31 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import apps_overhead
 
-APP = f"""
-import os
-
+APP = (
+    "import os\n"
+    + apps_overhead.SDK_UNSAMPLED  # the SDK sampling nothing, and TELEMETRY_OFF: as the server benchmarks have it
+    + f"""
 import sqlalchemy as sa
 from flask import Flask
-from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 
 import poolguard
 from poolguard.flask import PoolGuard, db
 
-trace.set_tracer_provider(TracerProvider(sampler=ALWAYS_OFF))
-metrics.set_meter_provider(
-    MeterProvider(
-        metric_readers=[
-            PeriodicExportingMetricReader(
-                ConsoleMetricExporter(out=open(os.devnull, "w")), export_interval_millis=60_000
-            )
-        ]
-    )
-)
-TELEMETRY_OFF = {{"tracer_provider": trace.NoOpTracerProvider(), "meter_provider": metrics.NoOpMeterProvider()}}
 SELECT_1 = sa.text("SELECT 1")
 
 
@@ -82,6 +67,7 @@ def make(name, **options):
 
 apps = {{"on": make("on"), "off": make("off", **TELEMETRY_OFF)}}
 """
+)
 
 
 def run(apps: dict[str, Any], requests: int) -> dict[str, list[int]]:

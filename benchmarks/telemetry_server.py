@@ -40,26 +40,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import apps_overhead
 import telemetry_requests
 
-DJANGO_SETTINGS = f"""
-import os
-
-from opentelemetry import metrics, trace
-from opentelemetry.sdk.metrics import MeterProvider
-from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader
-from opentelemetry.sdk.trace import TracerProvider
-from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
-
-trace.set_tracer_provider(TracerProvider(sampler=ALWAYS_OFF))
-metrics.set_meter_provider(
-    MeterProvider(
-        metric_readers=[
-            PeriodicExportingMetricReader(
-                ConsoleMetricExporter(out=open(os.devnull, "w")), export_interval_millis=60_000
-            )
-        ]
-    )
-)
-
+DJANGO_SETTINGS = (
+    "import os\n"
+    + apps_overhead.SDK_UNSAMPLED
+    + f"""
 SECRET_KEY = "benchmark-only"
 DEBUG = False
 ALLOWED_HOSTS = ["*"]
@@ -77,6 +61,7 @@ INSTALLED_APPS = ["poolguard.django"]
 MIDDLEWARE = ["poolguard.django.PoolGuardMiddleware"]
 POOLGUARD = {{"DATABASES": ["default", "off"], "THREADS": 4}}
 """
+)
 
 DJANGO_APP = """
 import os
