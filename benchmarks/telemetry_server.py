@@ -26,7 +26,6 @@ import os
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -203,14 +202,15 @@ def one_run(directory: Path, duration: int, framework: str) -> dict[str, float]:
         os.killpg(server.pid, signal.SIGTERM)
         server.wait(timeout=30)
     samples: dict[str, list[int]] = json.loads(cpu_file.read_text())
-    on, off = samples["on"], samples["off"]
+    off_mean, off_median = telemetry_requests.mean_and_median_us(samples["off"])
+    on_mean, on_median = telemetry_requests.mean_and_median_us(samples["on"])
     return {
         "requests": requests,
         "server_cpu_us": (cpu_after - cpu_before) / requests * 1e6,
-        "off_mean_us": statistics.fmean(off) / 1e3,
-        "on_mean_us": statistics.fmean(on) / 1e3,
-        "off_median_us": statistics.median(off) / 1e3,
-        "on_median_us": statistics.median(on) / 1e3,
+        "off_mean_us": off_mean,
+        "on_mean_us": on_mean,
+        "off_median_us": off_median,
+        "on_median_us": on_median,
     }
 
 
