@@ -10,27 +10,30 @@ Configured by environment variables only:
 - ``DATABASE_URL``: an SQLAlchemy URL with an asyncio driver, default
   ``sqlite+aiosqlite:///poolguard-example.db``;
 - ``ITEMS_TABLE``: the table it keeps its items in, default ``poolguard_example_items``;
+- ``DB_POOL_SIZE``: a fixed pool size, no overflow (default: poolguard's sizing for 5 concurrent requests);
 - ``POOLGUARD_*``: poolguard's options, e.g. ``POOLGUARD_MAX_WAIT=0.5``,
   ``POOLGUARD_BREAKER_CONSECUTIVE_FAILURES=3``, ``POOLGUARD_HEALTH_DETAIL=when-authorized`` with
   ``POOLGUARD_HEALTH_TOKEN=...``.
 
 Routes: ``GET /`` never touches the database (it keeps answering during an outage), ``GET /items``
 reads, ``POST /items`` with ``{"name": ...}`` writes (committed when the view returns),
-``POST /items/fail`` writes then raises (rolled back), ``GET /health/db`` is poolguard's health route,
-``GET /metrics`` the pool metrics for Prometheus.
+``POST /items/fail`` writes then raises (rolled back), ``GET /items/slow?seconds=1`` reads and then
+holds its connection (at most 5 s), ``GET /health/db`` is poolguard's health route, ``GET /metrics``
+the pool metrics for Prometheus.
 While the database is down or the pool is full, the database routes answer 503 with ``Retry-After``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Annotated, Any
 
 import sqlalchemy as sa
-from fastapi import FastAPI
+from fastapi import FastAPI, Query
 from prometheus_client import CollectorRegistry, make_asgi_app
 from pydantic import BaseModel, Field
 
@@ -43,6 +46,7 @@ logger = logging.getLogger("fastapi_example")
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite+aiosqlite:///poolguard-example.db")
 ITEMS_TABLE = os.environ.get("ITEMS_TABLE", "poolguard_example_items")
+POOL_SIZE = int(os.environ["DB_POOL_SIZE"]) if os.environ.get("DB_POOL_SIZE") else None
 
 metadata = sa.MetaData()
 items = sa.Table(
@@ -52,7 +56,9 @@ items = sa.Table(
     sa.Column("name", sa.String(200), nullable=False),
 )
 
-engine = poolguard.create_async_engine(DATABASE_URL, service_name="fastapi-example")
+engine = poolguard.create_async_engine(
+    DATABASE_URL, service_name="fastapi-example", pool_size=POOL_SIZE, max_overflow=None if POOL_SIZE is None else 0
+)
 # The same POOLGUARD_* variables that configure the middleware tune the guard (max_wait, breaker, ...).
 guard = poolguard.Guard(engine, **PoolGuardConfig.load().guard_options())
 
@@ -108,3 +114,13 @@ async def create_item(new: NewItem, db: DbSession) -> Item:
 async def create_item_then_fail(new: NewItem, db: DbSession) -> Item:
     await db.execute(items.insert().values(name=new.name))
     raise RuntimeError("failing after the write, on purpose: poolguard rolls it back")
+
+
+@app.get("/items/slow")
+async def hold_connection(db: DbSession, seconds: Annotated[float, Query(gt=0, le=5)] = 1.0) -> dict[str, Any]:
+    # A request that keeps its connection while it waits (on another service, say): send more of
+    # these at once than the pool holds and the database routes answer 503 pool_saturated within
+    # max_wait instead of queueing for SQLAlchemy's pool_timeout.
+    count = (await db.execute(sa.select(sa.func.count()).select_from(items))).scalar_one()
+    await asyncio.sleep(seconds)
+    return {"items": count, "held_seconds": seconds}

@@ -10,14 +10,16 @@ Configured by environment variables only:
 
 - ``DATABASE_URL``: any SQLAlchemy URL, default ``sqlite:///poolguard-example.db``;
 - ``ITEMS_TABLE``: the table it keeps its items in, default ``poolguard_example_items``;
+- ``DB_POOL_SIZE``: a fixed pool size, no overflow (default: sized for gunicorn's 4 threads);
 - ``POOLGUARD_*``: poolguard's options, e.g. ``POOLGUARD_MAX_WAIT=0.5``,
   ``POOLGUARD_BREAKER_CONSECUTIVE_FAILURES=3``, ``POOLGUARD_HEALTH_DETAIL=when-authorized`` with
   ``POOLGUARD_HEALTH_TOKEN=...``.
 
 Routes: ``GET /`` never touches the database (it keeps answering during an outage), ``GET /items``
 reads, ``POST /items`` with ``{"name": ...}`` writes (committed when the view returns),
-``POST /items/fail`` writes then raises (rolled back), ``GET /health/db`` is poolguard's health view,
-``GET /metrics`` the pool metrics for Prometheus.
+``POST /items/fail`` writes then raises (rolled back), ``GET /items/slow?seconds=1`` reads and then
+holds its connection (at most 5 s), ``GET /health/db`` is poolguard's health view, ``GET /metrics``
+the pool metrics for Prometheus.
 While the database is down or the pool is full, the database routes answer 503 with ``Retry-After``.
 """
 
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from typing import Any
 
 import sqlalchemy as sa
@@ -41,6 +44,8 @@ logger = logging.getLogger("flask_example")
 
 DATABASE_URL = os.environ.get("DATABASE_URL", "sqlite:///poolguard-example.db")
 ITEMS_TABLE = os.environ.get("ITEMS_TABLE", "poolguard_example_items")
+POOL_SIZE = int(os.environ["DB_POOL_SIZE"]) if os.environ.get("DB_POOL_SIZE") else None
+MAX_HOLD_SECONDS = 5.0
 
 metadata = sa.MetaData()
 items = sa.Table(
@@ -54,7 +59,13 @@ items = sa.Table(
 def create_app(database_url: str = DATABASE_URL) -> Flask:
     """The app factory: one engine and one guard per process (gunicorn imports this in each worker)."""
     # workers=4: the threads gunicorn runs per process, so one warm connection per thread.
-    engine = poolguard.create_engine(database_url, service_name="flask-example", workers=4)
+    engine = poolguard.create_engine(
+        database_url,
+        service_name="flask-example",
+        workers=4,
+        pool_size=POOL_SIZE,
+        max_overflow=None if POOL_SIZE is None else 0,
+    )
     # The same POOLGUARD_* variables that configure the extension tune the guard (max_wait, breaker, ...).
     guard = poolguard.Guard(engine, **PoolGuardConfig.load().guard_options())
     try:
@@ -90,7 +101,27 @@ def create_app(database_url: str = DATABASE_URL) -> Flask:
         db.execute(items.insert().values(name=_name()))
         raise RuntimeError("failing after the write, on purpose: poolguard rolls it back")
 
+    @app.get("/items/slow")
+    def hold_connection() -> dict[str, Any]:
+        # A request that keeps its connection while it waits (on another service, say): send more of
+        # these at once than the pool holds and the database routes answer 503 pool_saturated
+        # within max_wait instead of queueing for SQLAlchemy's pool_timeout.
+        seconds = _seconds()
+        count = db.execute(sa.select(sa.func.count()).select_from(items)).scalar_one()
+        time.sleep(seconds)
+        return {"items": count, "held_seconds": seconds}
+
     return app
+
+
+def _seconds() -> float:
+    try:
+        seconds = float(request.args.get("seconds", "1"))
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= MAX_HOLD_SECONDS:
+        abort(400, description=f"seconds: a number above 0 and at most {MAX_HOLD_SECONDS:g}")
+    return seconds
 
 
 def _name() -> str:

@@ -1,4 +1,9 @@
-"""examples/django_project under real servers against real PostgreSQL: gunicorn (WSGI, threads) and uvicorn (ASGI)."""
+"""examples/django_project under real servers against real PostgreSQL: gunicorn (WSGI, threads) and uvicorn (ASGI).
+
+Under each: commit, rollback and health; Django's psycopg pool of two connections filled by slow
+requests (503 pool_saturated within the wait budget, health detail only for the token, every
+connection handed back); an unreachable database (503 circuit_open while the DB-free route answers).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +19,8 @@ from pathlib import Path
 import httpx
 import psycopg
 import pytest
+
+from tests.e2e.saturation import TOKEN, check_full_pool_is_shed
 
 pytestmark = pytest.mark.postgres
 
@@ -103,6 +110,18 @@ def server(request: pytest.FixtureRequest, migrated: None) -> Iterator[Server]:
 
 
 @pytest.fixture(params=["gunicorn", "uvicorn"])
+def small_pool_server(request: pytest.FixtureRequest, migrated: None) -> Iterator[Server]:
+    """Django's psycopg pool of at most two connections; the example's POOLGUARD keeps MAX_WAIT at 1 s."""
+    env = _env(**{**PG, "PGPASSWORD": PASSWORD}, DB_POOL_MAX_SIZE="2", HEALTH_TOKEN=TOKEN)
+    running = Server(request.param, env)
+    try:
+        running.wait_ready()
+        yield running
+    finally:
+        running.stop()
+
+
+@pytest.fixture(params=["gunicorn", "uvicorn"])
 def down_server(request: pytest.FixtureRequest) -> Iterator[Server]:
     env = _env(**{**PG, "PGPORT": "1", "PGPASSWORD": PASSWORD}, POOLGUARD_BREAKER_CONSECUTIVE_FAILURES="1")
     running = Server(request.param, env)
@@ -154,3 +173,7 @@ def test_unreachable_database_gives_503_while_the_db_free_route_answers(down_ser
         for answer in (first, response, health):
             assert PASSWORD not in answer.text
             assert PASSWORD not in str(answer.headers)
+
+
+def test_full_pool_sheds_with_503_pool_saturated(small_pool_server: Server) -> None:
+    check_full_pool_is_shed(small_pool_server.url, capacity=2, max_wait=1.0, password=PASSWORD)

@@ -1,4 +1,9 @@
-"""examples/fastapi_app.py under a real uvicorn process, configured by environment variables only."""
+"""examples/fastapi_app.py under a real uvicorn process, configured by environment variables only.
+
+Commit, rollback and health on the real database; a two-connection pool filled by slow requests
+(503 pool_saturated within the wait budget, health detail only for the token, every connection
+handed back); an unreachable database (503 circuit_open while the DB-free route answers).
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ import pytest
 import sqlalchemy
 from sqlalchemy import text
 from sqlalchemy.pool import NullPool
+
+from tests.e2e.saturation import TOKEN, check_full_pool_is_shed
 
 pytestmark = pytest.mark.postgres
 
@@ -147,6 +154,20 @@ def test_example_app_commits_rolls_back_and_reports_health(
     assert 'db_client_connection_use_time_seconds_count{pool_name="primary",route="/items"}' in scraped.text
     assert stored_names(observer, items_table) == ["kept"]
     assert idle_in_transaction(observer) == 0
+
+
+def test_example_app_with_a_full_pool(serve: Callable[[dict[str, str]], Server], items_table: str):
+    server = serve(
+        {
+            "DATABASE_URL": f"postgresql+asyncpg://root:{SECRET}@127.0.0.1:5432/test",
+            "ITEMS_TABLE": items_table,
+            "DB_POOL_SIZE": "2",
+            "POOLGUARD_MAX_WAIT": "0.5",
+            "POOLGUARD_HEALTH_DETAIL": "when-authorized",
+            "POOLGUARD_HEALTH_TOKEN": TOKEN,
+        }
+    )
+    check_full_pool_is_shed(server.url, capacity=2, max_wait=0.5, password=SECRET)
 
 
 def test_example_app_during_an_outage(serve: Callable[[dict[str, str]], Server], items_table: str):

@@ -1,7 +1,9 @@
 """examples/flask_app.py under gunicorn (gthread), end to end over HTTP, against real PostgreSQL.
 
-One server on the real database (commit, rollback, health), then one on an unreachable database
-with a breaker that opens on the first failure (503 circuit_open while the DB-free route answers).
+One server on the real database (commit, rollback, health), one whose two-connection pool is filled
+by slow requests (503 pool_saturated within the wait budget, health detail only for the token, every
+connection handed back), then one on an unreachable database with a breaker that opens on the first
+failure (503 circuit_open while the DB-free route answers).
 Each server is configured by environment variables only, as in production, and always terminated.
 """
 
@@ -22,6 +24,8 @@ import pytest
 import sqlalchemy
 from sqlalchemy import text
 from sqlalchemy.pool import NullPool
+
+from tests.e2e.saturation import TOKEN, check_full_pool_is_shed
 
 pytestmark = pytest.mark.postgres
 
@@ -153,6 +157,21 @@ def test_commit_rollback_and_health(start_server: Callable[[dict[str, str]], str
             )
         ).scalar_one()
     assert stuck == 0, "a connection of the example sits idle in a transaction after the requests"
+
+
+def test_full_pool_sheds_with_503_pool_saturated(
+    start_server: Callable[[dict[str, str]], str], observer: sqlalchemy.Engine
+) -> None:
+    base = start_server(
+        {
+            "DATABASE_URL": f"postgresql+psycopg://root:{PASSWORD}@127.0.0.1:5432/test",
+            "DB_POOL_SIZE": "2",
+            "POOLGUARD_MAX_WAIT": "0.5",
+            "POOLGUARD_HEALTH_DETAIL": "when-authorized",
+            "POOLGUARD_HEALTH_TOKEN": TOKEN,
+        }
+    )
+    check_full_pool_is_shed(base, capacity=2, max_wait=0.5, password=PASSWORD)
 
 
 def test_outage_sheds_with_503_while_db_free_route_answers(start_server: Callable[[dict[str, str]], str]) -> None:

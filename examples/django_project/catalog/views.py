@@ -1,4 +1,4 @@
-"""The example's routes: one without a database, a read, a write, and a write that fails.
+"""The example's routes: one without a database, a read, a write, a write that fails, and a slow read.
 
 ``ATOMIC_REQUESTS`` wraps the sync views in a transaction, so ``/items/fail`` leaves no row behind.
 ``/`` opts out of it (and is async): it never touches the database, so it keeps answering 200 while
@@ -6,9 +6,10 @@ the database is down and poolguard answers the other routes with a fast 503.
 """
 
 import json
+import time
 
 from django.db import transaction
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, HttpResponseBadRequest, JsonResponse
 from django.views.decorators.http import require_POST
 
 from catalog.models import Item
@@ -47,3 +48,24 @@ class SimulatedFailure(Exception):
 def fail(request: HttpRequest) -> HttpResponse:
     Item.objects.create(name=_name(request))
     raise SimulatedFailure("the write above is rolled back by ATOMIC_REQUESTS")
+
+
+MAX_HOLD_SECONDS = 5.0
+
+
+def slow(request: HttpRequest) -> HttpResponse:
+    """Reads, then keeps its connection (in the request's transaction) for ``?seconds=`` (at most 5).
+
+    A request that waits on another service inside its transaction does this: send more of them at
+    once than the pool holds and the database routes answer 503 ``pool_saturated`` within
+    ``MAX_WAIT`` instead of queueing for the pool's own timeout.
+    """
+    try:
+        seconds = float(request.GET.get("seconds", "1"))
+    except ValueError:
+        seconds = -1.0
+    if not 0 < seconds <= MAX_HOLD_SECONDS:
+        return HttpResponseBadRequest(f"seconds: a number above 0 and at most {MAX_HOLD_SECONDS:g}")
+    count = Item.objects.count()
+    time.sleep(seconds)
+    return JsonResponse({"items": count, "held_seconds": seconds})

@@ -6,4 +6,5 @@ urlpatterns = [
     path("items", views.items),
     path("items/create", views.create),
     path("items/fail", views.fail),
+    path("items/slow", views.slow),
 ]
