@@ -7,6 +7,7 @@ connection handed back); an unreachable database (503 circuit_open while the DB-
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -99,37 +100,35 @@ def migrated() -> None:
     )
 
 
-@pytest.fixture(params=["gunicorn", "uvicorn"])
-def server(request: pytest.FixtureRequest, migrated: None) -> Iterator[Server]:
-    running = Server(request.param, _env(**PG))
+@contextlib.contextmanager
+def _running(server: str, env: dict[str, str]) -> Iterator[Server]:
+    running = Server(server, env)
     try:
         running.wait_ready()
         yield running
     finally:
         running.stop()
+
+
+@pytest.fixture(params=["gunicorn", "uvicorn"])
+def server(request: pytest.FixtureRequest, migrated: None) -> Iterator[Server]:
+    with _running(request.param, _env(**PG)) as running:
+        yield running
 
 
 @pytest.fixture(params=["gunicorn", "uvicorn"])
 def small_pool_server(request: pytest.FixtureRequest, migrated: None) -> Iterator[Server]:
     """Django's psycopg pool of at most two connections; the example's POOLGUARD keeps MAX_WAIT at 1 s."""
     env = _env(**{**PG, "PGPASSWORD": PASSWORD}, DB_POOL_MAX_SIZE="2", HEALTH_TOKEN=TOKEN)
-    running = Server(request.param, env)
-    try:
-        running.wait_ready()
+    with _running(request.param, env) as running:
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(params=["gunicorn", "uvicorn"])
 def down_server(request: pytest.FixtureRequest) -> Iterator[Server]:
     env = _env(**{**PG, "PGPORT": "1", "PGPASSWORD": PASSWORD}, POOLGUARD_BREAKER_CONSECUTIVE_FAILURES="1")
-    running = Server(request.param, env)
-    try:
-        running.wait_ready()
+    with _running(request.param, env) as running:
         yield running
-    finally:
-        running.stop()
 
 
 def _row_exists(name: str) -> bool:
