@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
-from opentelemetry.context import Context
+from opentelemetry.context import Context, create_key, set_value
 from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
@@ -74,6 +74,11 @@ DURATION_BUCKETS = (
 
 FLUSH_AT = 32
 """Samples an unsampled checkout queues before they are recorded in one loop (16 checkouts' worth)."""
+
+QUEUED_SAMPLE_CONTEXT = set_value(create_key("poolguard-queued-sample"), True, Context())
+"""The context queued samples are recorded in: it holds no span, so a sample never takes an exemplar
+from whichever request or thread happens to flush the queue, and the SDK's exemplar filter rejects it
+at once. Not empty: the SDK looks up the current context in place of an empty (falsy) one."""
 
 _ROUTE_CACHE_LIMIT = 1024
 _POOLS_ATTRIBUTE = "_poolguard_pools"
@@ -188,7 +193,7 @@ class PoolTelemetry:
                 histogram, seconds, attributes = queued.popleft()
             except IndexError:  # another thread took the last one
                 return
-            histogram.record(seconds, attributes)
+            histogram.record(seconds, attributes, QUEUED_SAMPLE_CONTEXT)
 
     def record_create(self, seconds: float) -> None:
         self._create_time.record(seconds, self._pool_attributes)

@@ -10,7 +10,7 @@ import threading
 from collections.abc import Callable, Iterator
 
 import pytest
-from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics import AlwaysOnExemplarFilter, MeterProvider
 from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
@@ -147,3 +147,32 @@ def test_an_unsampled_request_is_queued_and_counted(guard_on: GuardFactory, otel
     assert point(metrics[WAIT], {POOL_NAME: "primary"}).count == 3
     assert point(metrics[USE], {POOL_NAME: "primary", "http.route": "/orders/{id}"}).count == 3
     assert not point(metrics[WAIT], {POOL_NAME: "primary"}).exemplars
+
+
+def test_queued_samples_take_no_exemplar_from_the_request_that_flushes_them() -> None:
+    """Even with exemplars for every measurement, a queued sample is not tied to a trace it was not in."""
+    reader = InMemoryMetricReader()
+    meter_provider = MeterProvider(metric_readers=[reader], exemplar_filter=AlwaysOnExemplarFilter())
+    tracer_provider = TracerProvider()
+    telemetry = PoolTelemetry(
+        pool_name="primary",
+        db_system="postgresql",
+        counts=lambda: COUNTS,
+        tracer_provider=tracer_provider,
+        meter_provider=meter_provider,
+    )
+    try:
+        for _ in range(FLUSH_AT - 1):
+            telemetry.record_wait(0.001, False)
+        with tracer_provider.get_tracer("test").start_as_current_span("a sampled request"):
+            telemetry.record_wait(0.001, False)  # the 32nd sample: this request flushes the batch
+        assert not telemetry._queued
+
+        [wait] = histograms(reader)[WAIT]
+        assert wait.count == FLUSH_AT
+        assert wait.exemplars  # the filter let them through: the point is what they point at
+        assert all(exemplar.trace_id is None and exemplar.span_id is None for exemplar in wait.exemplars)
+    finally:
+        unregister(telemetry)
+        meter_provider.shutdown()
+        tracer_provider.shutdown()
