@@ -77,8 +77,9 @@ FLUSH_AT = 32
 
 QUEUED_SAMPLE_CONTEXT = set_value(create_key("poolguard-queued-sample"), True, Context())
 """The context queued samples are recorded in: it holds no span, so a sample never takes an exemplar
-from whichever request or thread happens to flush the queue, and the SDK's exemplar filter rejects it
-at once. Not empty: the SDK looks up the current context in place of an empty (falsy) one."""
+from whichever request or thread happens to flush the queue, and the SDK's default (trace-based)
+exemplar filter rejects it at once. Not empty: the SDK looks up the current context in place of an
+empty (falsy) one."""
 
 _ROUTE_CACHE_LIMIT = 1024
 _POOLS_ATTRIBUTE = "_poolguard_pools"

@@ -14,6 +14,8 @@ from django.views.decorators.http import require_POST
 
 from catalog.models import Item
 
+MAX_HOLD_SECONDS = 5.0
+
 
 @transaction.non_atomic_requests
 async def index(request: HttpRequest) -> HttpResponse:
@@ -48,9 +50,6 @@ class SimulatedFailure(Exception):
 def fail(request: HttpRequest) -> HttpResponse:
     Item.objects.create(name=_name(request))
     raise SimulatedFailure("the write above is rolled back by ATOMIC_REQUESTS")
-
-
-MAX_HOLD_SECONDS = 5.0
 
 
 def slow(request: HttpRequest) -> HttpResponse:
