@@ -466,9 +466,11 @@ def group_cpu_seconds(group: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def load_wrk(url: str, concurrency: int, duration: float) -> Round:
+def load_wrk(url: str, concurrency: int, duration: float, script: Path | None = None) -> Round:
+    """One wrk run; ``script``: a Lua script that picks each request (``one_server.py`` alternates paths)."""
+    options = ["-s", str(script)] if script is not None else []
     output = subprocess.run(
-        ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{duration:g}s", "--timeout", "5s", url],
+        ["wrk", "-t", "1", "-c", str(concurrency), "-d", f"{duration:g}s", "--timeout", "5s", *options, url],
         capture_output=True,
         text=True,
         timeout=duration + 30,

@@ -37,7 +37,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -350,29 +349,12 @@ def write_pair(directory: Path, compare: str, framework: str, setup: str, *, tra
     (directory / "alternate.lua").write_text(textwrap.dedent(ALTERNATE.format(first=first, second=second)).lstrip())
 
 
-def server_cpu_seconds(pid: int) -> float:
-    """User + system CPU of the server process and its children (gunicorn's worker)."""
-    children = subprocess.run(["pgrep", "-P", str(pid)], capture_output=True, text=True, check=False).stdout.split()
-    total = 0
-    for process in [pid, *map(int, children)]:
-        fields = Path(f"/proc/{process}/stat").read_text().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])
-    return total / os.sysconf("SC_CLK_TCK")
-
-
 def wrk(url: str, script: Path, seconds: int, connections: int) -> int:
-    output = subprocess.run(
-        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "-s", str(script), url],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    if "Non-2xx" in output or "Socket errors" in output:
-        raise RuntimeError(f"wrk saw errors:\n{output}")
-    found = re.search(r"(\d+) requests in", output)
-    if found is None:
-        raise RuntimeError(f"no request count in wrk's output:\n{output}")
-    return int(found.group(1))
+    """Requests wrk made in ``seconds``; any error or non-2xx answer fails the run rather than count."""
+    result = apps_overhead.load_wrk(url, connections, seconds, script)
+    if result.errors:
+        raise RuntimeError(f"wrk saw {result.errors} errors or non-2xx answers")
+    return result.requests
 
 
 def server_command(framework: str, directory: Path, port: int) -> list[str]:
@@ -411,9 +393,9 @@ def one_run(directory: Path, duration: int, framework: str, compare: str) -> dic
                 time.sleep(0.2)
         wrk(base + "/", script, 3, connections)  # warm-up
         urllib.request.urlopen(f"{base}/reset", timeout=5).read()
-        cpu_before = server_cpu_seconds(server.pid)
+        cpu_before = apps_overhead.group_cpu_seconds(server.pid)  # its own session: group = pid
         requests = wrk(base + "/", script, duration, connections)
-        cpu_after = server_cpu_seconds(server.pid)
+        cpu_after = apps_overhead.group_cpu_seconds(server.pid)
         urllib.request.urlopen(f"{base}/dump", timeout=5).read()
     finally:
         os.killpg(server.pid, signal.SIGTERM)

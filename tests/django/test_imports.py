@@ -8,13 +8,9 @@ PostgreSQL server through the guarded ORM connection, and a health request.
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import textwrap
-from pathlib import Path
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
+from tests.support.child import run_python
 
 APP = """
 import json
@@ -67,16 +63,7 @@ print(json.dumps({
 
 
 def test_a_django_app_without_the_sqlalchemy_option_never_imports_sqlalchemy() -> None:
-    completed = subprocess.run(
-        [sys.executable, "-W", "error", "-c", textwrap.dedent(APP)],
-        capture_output=True,
-        text=True,
-        cwd=PROJECT_ROOT,
-        timeout=120,
-        check=False,
-    )
-    assert completed.returncode == 0, completed.stderr
-    result = json.loads(completed.stdout.strip().splitlines()[-1])
+    result = run_python("-c", textwrap.dedent(APP))
     assert result["status"] == 200
     assert result["body"] == {"one": 1}
     assert result["health"] == 200

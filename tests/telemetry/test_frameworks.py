@@ -10,11 +10,7 @@ Guards from settings and so uses the global providers, which only a child proces
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from collections.abc import AsyncIterator, Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import flask
@@ -32,12 +28,12 @@ from sqlalchemy import text
 from poolguard import Breaker, Guard
 from poolguard.fastapi import DbSession, PoolGuardMiddleware
 from poolguard.flask import PoolGuard, db
+from tests.support.child import run_python
 from tests.telemetry.conftest import POOL_NAME, Otel, points
 
 pytestmark = pytest.mark.postgres
 
 GuardFactory = Callable[..., Guard]
-ROOT = Path(__file__).resolve().parents[2]
 PASSWORD = "Pw-5be07c-never-export"
 PARAMETER = "param-91c3e4-never-export"
 SECRET_URL = f"postgresql+psycopg://root:{PASSWORD}@127.0.0.1:5432/test"  # trust auth: the password is ignored
@@ -478,16 +474,8 @@ async def test_fastapi_password_and_parameters_are_never_exported(
 
 @pytest.fixture(scope="module")
 def django_run() -> dict[str, Any]:
-    result = subprocess.run(
-        [sys.executable, "-W", "error", "-m", "tests.telemetry.django_otel_check", PASSWORD, PARAMETER],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    return json.loads(result.stdout)
+    result: dict[str, Any] = run_python("-m", "tests.telemetry.django_otel_check", PASSWORD, PARAMETER)
+    return result
 
 
 def test_django_checkouts_are_children_of_the_instrumentations_request_span(django_run: dict[str, Any]):
