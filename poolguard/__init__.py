@@ -18,12 +18,12 @@ from poolguard.errors import PoolGuardError as PoolGuardError
 from poolguard.errors import PoolSaturated as PoolSaturated
 from poolguard.errors import Unavailable as Unavailable
 from poolguard.guard import Guard as Guard
-from poolguard.guard import RequestScope as RequestScope
 from poolguard.health import HealthReport as HealthReport
 from poolguard.health import PoolHealth as PoolHealth
 from poolguard.retry import RetryBudget as RetryBudget
 from poolguard.retry import retry as retry
 from poolguard.stats import PoolStats as PoolStats
+from poolguard.work import RequestScope as RequestScope
 
 if TYPE_CHECKING:
     from poolguard.engine import create_async_engine as create_async_engine

@@ -73,7 +73,6 @@ class Admission:
         self._lock = threading.Lock()
         self._waiters: deque[_Waiter] = deque()
         self.in_use = 0
-        self.shed = 0
 
     @property
     def waiting(self) -> int:
@@ -92,7 +91,6 @@ class Admission:
                 return None
             predicted = self.predicted_wait(len(self._waiters))
             if budget <= 0 or predicted > budget:
-                self.shed += 1
                 raise self._saturated(budget, predicted)
             waiter = _Waiter(loop)
             self._waiters.append(waiter)
@@ -104,7 +102,6 @@ class Admission:
             if waiter.granted:
                 return True
             self._waiters.remove(waiter)
-            self.shed += 1
         raise self._saturated(budget, self.predicted_wait(len(self._waiters)))
 
     def acquire(self, budget: float, await_in_greenlet: Callable[[Awaitable[None]], object] | None = None) -> None:

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable
 
 from poolguard._types import Clock
-from poolguard._validate import fraction, non_negative_int, positive_float, positive_int
+from poolguard.config import BreakerOptions
 from poolguard.errors import CircuitOpen, ConfigError
 
 __all__ = ["Breaker", "BreakerState"]
@@ -51,6 +51,7 @@ class BreakerState(enum.Enum):
 
 
 _METRIC_VALUES = {BreakerState.CLOSED: 0, BreakerState.HALF_OPEN: 1, BreakerState.OPEN: 2}
+_DEFAULTS = BreakerOptions()
 
 _Transition = tuple[BreakerState, BreakerState]
 
@@ -88,40 +89,41 @@ class Breaker:
     def __init__(
         self,
         *,
-        failure_rate: float = 0.5,
-        consecutive_failures: int = 5,
-        slow_call_rate: float = 1.0,
-        slow_call_duration: float = 5.0,
-        window_size: int = 20,
-        minimum_calls: int = 10,
-        open_for: float = 30.0,
-        max_open_for: float = 300.0,
-        open_for_multiplier: float = 2.0,
-        half_open_calls: int = 3,
+        failure_rate: float = _DEFAULTS.failure_rate,
+        consecutive_failures: int = _DEFAULTS.consecutive_failures,
+        slow_call_rate: float = _DEFAULTS.slow_call_rate,
+        slow_call_duration: float = _DEFAULTS.slow_call_duration,
+        window_size: int = _DEFAULTS.window_size,
+        minimum_calls: int = _DEFAULTS.minimum_calls,
+        open_for: float = _DEFAULTS.open_for,
+        max_open_for: float = _DEFAULTS.max_open_for,
+        open_for_multiplier: float = _DEFAULTS.open_for_multiplier,
+        half_open_calls: int = _DEFAULTS.half_open_calls,
         clock: Clock | None = None,
     ) -> None:
-        self._failure_rate = fraction("Breaker.failure_rate", failure_rate)
-        self._consecutive_limit = non_negative_int("Breaker.consecutive_failures", consecutive_failures)
-        self._slow_call_rate = fraction("Breaker.slow_call_rate", slow_call_rate)
-        self._slow_call_duration = positive_float("Breaker.slow_call_duration", slow_call_duration)
-        self._window_size = positive_int("Breaker.window_size", window_size)
-        self._minimum_calls = positive_int("Breaker.minimum_calls", minimum_calls)
-        self._open_for = positive_float("Breaker.open_for", open_for)
-        self._max_open_for = positive_float("Breaker.max_open_for", max_open_for)
-        self._multiplier = positive_float("Breaker.open_for_multiplier", open_for_multiplier)
-        self._half_open_calls = positive_int("Breaker.half_open_calls", half_open_calls)
-        if self._multiplier < 1:
-            raise ConfigError("Breaker.open_for_multiplier", open_for_multiplier, "a number of at least 1")
-        if self._max_open_for < self._open_for:
-            raise ConfigError(
-                "Breaker.max_open_for", max_open_for, f"a number of seconds of at least open_for ({open_for!r})"
-            )
-        if self._minimum_calls > self._window_size:
-            raise ConfigError(
-                "Breaker.minimum_calls",
-                minimum_calls,
-                f"a whole number from 1 to window_size ({window_size!r})",
-            )
+        self.options = options = BreakerOptions(
+            failure_rate=failure_rate,
+            consecutive_failures=consecutive_failures,
+            slow_call_rate=slow_call_rate,
+            slow_call_duration=slow_call_duration,
+            window_size=window_size,
+            minimum_calls=minimum_calls,
+            open_for=open_for,
+            max_open_for=max_open_for,
+            open_for_multiplier=open_for_multiplier,
+            half_open_calls=half_open_calls,
+        )
+        """The validated settings (what ``poolguard.config`` builds from a framework's settings)."""
+        self._failure_rate = options.failure_rate
+        self._consecutive_limit = options.consecutive_failures
+        self._slow_call_rate = options.slow_call_rate
+        self._slow_call_duration = options.slow_call_duration
+        self._window_size = options.window_size
+        self._minimum_calls = options.minimum_calls
+        self._open_for = options.open_for
+        self._max_open_for = options.max_open_for
+        self._multiplier = options.open_for_multiplier
+        self._half_open_calls = options.half_open_calls
         self._clock: Clock = _check_clock(clock) if clock is not None else time.monotonic
 
         self._lock = threading.Lock()

@@ -1,10 +1,18 @@
-"""One validated, frozen configuration shared by every adapter.
+"""Options: validated, frozen objects, and one loader for every place they come from.
 
-The same options arrive four ways: keyword arguments, Flask config (``POOLGUARD_*`` keys), Django's
-``POOLGUARD`` dict, and ``POOLGUARD_*`` environment variables. :meth:`PoolGuardConfig.load` reads
-them in that order of precedence (keyword arguments win, the environment fills gaps) and validates
-everything at startup: an unknown or invalid option raises ConfigError naming it, never a surprise
-on the first request.
+Three objects, one per concern, each validated when it is built so a bad value fails at startup:
+
+- :class:`BreakerOptions`: the circuit breaker's settings (a :class:`~poolguard.Breaker` is built from them);
+- :class:`GuardOptions`: what a :class:`~poolguard.Guard` decides (wait budget, leaks, ping, breaker, providers);
+- :class:`HttpOptions`: what an adapter answers on the HTTP side (the health route and who sees its detail).
+
+:class:`PoolGuardConfig` holds one of each plus the settings only some adapters read (Django's
+``databases``, an engine to build from ``sqlalchemy``). :meth:`PoolGuardConfig.load` reads the same
+options from keyword arguments, a framework's settings (Flask's ``POOLGUARD_*`` keys, Django's
+``POOLGUARD`` dict) and ``POOLGUARD_*`` environment variables, in that order of precedence, through
+one path: an unknown or invalid option raises ConfigError naming it.
+
+This is the bottom layer: it imports nothing of poolguard but the errors and the validators.
 """
 
 from __future__ import annotations
@@ -16,44 +24,131 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from poolguard import _validate
-from poolguard.breaker import Breaker
 from poolguard.errors import ConfigError
-from poolguard.http import HEALTH_DETAIL_MODES, HealthToken
 
 ENV_PREFIX = "POOLGUARD_"
+_BREAKER_PREFIX = "BREAKER_"
 
-_BREAKER_OPTIONS = (
-    "failure_rate",
-    "consecutive_failures",
-    "slow_call_rate",
-    "slow_call_duration",
-    "window_size",
-    "minimum_calls",
-    "open_for",
-    "max_open_for",
-    "open_for_multiplier",
-    "half_open_calls",
+HEALTH_DETAIL_MODES = ("never", "when-authorized", "always")
+
+HealthToken = str | Callable[[Any], bool] | None
+"""A bearer token compared in constant time, or a callable deciding from the framework's request."""
+
+ENGINE_OPTIONS = (
+    "url",
+    "service_name",
+    "workers",
+    "pool_size",
+    "max_overflow",
+    "pool_timeout",
+    "pool_recycle",
+    "pool_pre_ping",
+    "connect_timeout",
+    "statement_timeout",
+    "hide_parameters",
+    "pgbouncer",
 )
-_BREAKER_INTEGERS = frozenset({"consecutive_failures", "window_size", "minimum_calls", "half_open_calls"})
+"""The keys of the ``sqlalchemy`` option: the URL and :func:`poolguard.create_engine`'s own keywords."""
 
 
-@dataclass(frozen=True, slots=True)
-class PoolGuardConfig:
-    """Adapter and guard options; see docs/configuration.md for each one."""
+@dataclass(frozen=True, kw_only=True)
+class BreakerOptions:
+    """The circuit breaker's settings; see :class:`poolguard.Breaker` for what each one does.
 
-    health_path: str | None = "/health/db"
-    health_detail: str = "never"
-    health_token: HealthToken = None
+    Not slotted, so the class attributes are the defaults :class:`~poolguard.Breaker`'s signature shows.
+    """
+
+    failure_rate: float = 0.5
+    consecutive_failures: int = 5
+    slow_call_rate: float = 1.0
+    slow_call_duration: float = 5.0
+    window_size: int = 20
+    minimum_calls: int = 10
+    open_for: float = 30.0
+    max_open_for: float = 300.0
+    open_for_multiplier: float = 2.0
+    half_open_calls: int = 3
+
+    def __post_init__(self) -> None:
+        checks: dict[str, Callable[[str, object], float]] = {
+            "failure_rate": _validate.fraction,
+            "consecutive_failures": _validate.non_negative_int,
+            "slow_call_rate": _validate.fraction,
+            "slow_call_duration": _validate.positive_float,
+            "window_size": _validate.positive_int,
+            "minimum_calls": _validate.positive_int,
+            "open_for": _validate.positive_float,
+            "max_open_for": _validate.positive_float,
+            "open_for_multiplier": _validate.positive_float,
+            "half_open_calls": _validate.positive_int,
+        }
+        for name, check in checks.items():
+            object.__setattr__(self, name, check(f"Breaker.{name}", getattr(self, name)))
+        if self.open_for_multiplier < 1:
+            raise ConfigError("Breaker.open_for_multiplier", self.open_for_multiplier, "a number of at least 1")
+        if self.max_open_for < self.open_for:
+            raise ConfigError(
+                "Breaker.max_open_for",
+                self.max_open_for,
+                f"a number of seconds of at least open_for ({self.open_for!r})",
+            )
+        if self.minimum_calls > self.window_size:
+            raise ConfigError(
+                "Breaker.minimum_calls",
+                self.minimum_calls,
+                f"a whole number from 1 to window_size ({self.window_size!r})",
+            )
+
+    @classmethod
+    def names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class GuardOptions:
+    """What a Guard built from settings is given; ``breaker`` None means no breaker."""
+
     max_wait: float = 1.0
     leak_threshold: float = 30.0
     capture_stacks: bool = False
     ping_timeout: float = 1.0
-    breaker: Mapping[str, Any] | bool = True
-    databases: tuple[str, ...] = ("default",)
-    sqlalchemy: Mapping[str, Any] | None = None
+    breaker: BreakerOptions | None = field(default_factory=BreakerOptions)
     tracer_provider: Any = None
     meter_provider: Any = None
-    _sources: tuple[str, ...] = field(default=(), repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate.non_negative_float("max_wait", self.max_wait)
+        _validate.positive_float("leak_threshold", self.leak_threshold)
+        _validate.positive_float("ping_timeout", self.ping_timeout)
+        if not isinstance(self.capture_stacks, bool):
+            raise ConfigError("capture_stacks", self.capture_stacks, "True or False")
+        for name, provider, method in (
+            ("tracer_provider", self.tracer_provider, "get_tracer"),
+            ("meter_provider", self.meter_provider, "get_meter"),
+        ):
+            if provider is not None and not callable(getattr(provider, method, None)):
+                raise ConfigError(name, type(provider).__name__, f"an OpenTelemetry {name} (with {method}()) or None")
+
+    def guard_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments for ``Guard(...)``: ``breaker`` as BreakerOptions, or False for none."""
+        return {
+            "max_wait": self.max_wait,
+            "leak_threshold": self.leak_threshold,
+            "capture_stacks": self.capture_stacks,
+            "ping_timeout": self.ping_timeout,
+            "breaker": self.breaker if self.breaker is not None else False,
+            "tracer_provider": self.tracer_provider,
+            "meter_provider": self.meter_provider,
+        }
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class HttpOptions:
+    """What an adapter answers on the HTTP side: the health route and who may see its detail."""
+
+    health_path: str | None = "/health/db"
+    health_detail: str = "never"
+    health_token: HealthToken = None
 
     def __post_init__(self) -> None:
         if self.health_path is not None and (
@@ -62,55 +157,59 @@ class PoolGuardConfig:
             raise ConfigError("health_path", self.health_path, "a URL path starting with '/', or None to turn it off")
         if self.health_detail not in HEALTH_DETAIL_MODES:
             raise ConfigError.choice("health_detail", self.health_detail, HEALTH_DETAIL_MODES)
-        if self.health_token is not None and not (isinstance(self.health_token, str) or callable(self.health_token)):
+        token = self.health_token
+        if token is not None and not (isinstance(token, str) or callable(token)):
             raise ConfigError(
                 "health_token", "<hidden>", "a string bearer token, a callable taking the request, or None"
             )
-        if isinstance(self.health_token, str) and not self.health_token:
+        if isinstance(token, str) and not token:
             raise ConfigError("health_token", "<empty>", "a non-empty string bearer token, a callable, or None")
-        if self.health_detail == "when-authorized" and self.health_token is None:
+        if self.health_detail == "when-authorized" and token is None:
             raise ConfigError("health_token", None, "a token or a callable when health_detail is 'when-authorized'")
-        _validate.non_negative_float("max_wait", self.max_wait)
-        _validate.positive_float("leak_threshold", self.leak_threshold)
-        _validate.positive_float("ping_timeout", self.ping_timeout)
-        if not isinstance(self.capture_stacks, bool):
-            raise ConfigError("capture_stacks", self.capture_stacks, "True or False")
-        if not isinstance(self.breaker, bool):
-            unknown = sorted(set(self.breaker) - set(_BREAKER_OPTIONS))
-            if unknown:
-                raise ConfigError("breaker", unknown[0], "breaker options: " + ", ".join(_BREAKER_OPTIONS))
-            self.make_breaker()
-        for name, provider, method in (
-            ("tracer_provider", self.tracer_provider, "get_tracer"),
-            ("meter_provider", self.meter_provider, "get_meter"),
-        ):
-            if provider is not None and not callable(getattr(provider, method, None)):
-                raise ConfigError(name, type(provider).__name__, f"an OpenTelemetry {name} (with {method}()) or None")
+
+
+GUARD_OPTION_NAMES = tuple(f.name for f in fields(GuardOptions))
+HTTP_OPTION_NAMES = tuple(f.name for f in fields(HttpOptions))
+OPTION_NAMES = (*HTTP_OPTION_NAMES, *GUARD_OPTION_NAMES, "databases", "sqlalchemy")
+"""Every option an adapter takes, in the order the docs list them."""
+
+
+@dataclass(frozen=True, slots=True)
+class PoolGuardConfig:
+    """Every option, grouped: the guard's, the HTTP side's, and the ones only some adapters read.
+
+    ``databases``: the Django aliases to guard. ``sqlalchemy``: an engine to build (``url`` and
+    :func:`poolguard.create_engine` keywords, lower-cased) when the adapter builds its guard.
+    """
+
+    guard: GuardOptions = field(default_factory=GuardOptions)
+    http: HttpOptions = field(default_factory=HttpOptions)
+    databases: tuple[str, ...] = ("default",)
+    sqlalchemy: Mapping[str, Any] | None = None
+    source: str = field(default="settings", compare=False)
+    """Where the settings came from, for error messages (``Flask config``, ``settings.POOLGUARD``)."""
+
+    def __post_init__(self) -> None:
         if not self.databases or not all(isinstance(alias, str) and alias for alias in self.databases):
             raise ConfigError("databases", self.databases, "a non-empty list of database aliases")
+        if self.sqlalchemy is not None:
+            _check_engine_options(self.sqlalchemy, self.setting("sqlalchemy"))
 
-    def make_breaker(self, clock: Callable[[], float] | None = None) -> Breaker | bool:
-        """A new Breaker from the options (False when turned off)."""
-        if self.breaker is False:
-            return False
-        options = {} if self.breaker is True else dict(self.breaker)
-        return Breaker(clock=clock, **options)
+    def setting(self, name: str) -> str:
+        """How the user spelled option ``name`` where it came from, for error messages."""
+        if self.source == "Flask config":
+            return ENV_PREFIX + name.upper()
+        if self.source == "settings":
+            return name
+        return f"{self.source}['{name.upper()}']"
 
     def guard_options(self) -> dict[str, Any]:
         """The keyword arguments for ``Guard(...)`` that this configuration decides."""
-        return {
-            "max_wait": self.max_wait,
-            "leak_threshold": self.leak_threshold,
-            "capture_stacks": self.capture_stacks,
-            "ping_timeout": self.ping_timeout,
-            "breaker": self.make_breaker(),
-            "tracer_provider": self.tracer_provider,
-            "meter_provider": self.meter_provider,
-        }
+        return self.guard.guard_kwargs()
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
-        return tuple(f.name for f in fields(cls) if not f.name.startswith("_"))
+        return OPTION_NAMES
 
     @classmethod
     def load(
@@ -120,68 +219,131 @@ class PoolGuardConfig:
         settings: Mapping[str, Any] | None = None,
         environ: Mapping[str, str] | None = None,
         source: str = "settings",
+        prefix: str = "",
     ) -> PoolGuardConfig:
-        """Merges keyword arguments over ``settings`` (UPPER_CASE keys) over ``POOLGUARD_*`` variables.
+        """Merges keyword arguments over ``settings`` over ``POOLGUARD_*`` environment variables.
 
-        ``environ`` defaults to ``os.environ``; pass ``{}`` to ignore the environment.
+        ``settings`` has UPPER_CASE keys (Django's ``POOLGUARD`` dict); with ``prefix`` only the keys
+        that start with it are read, and every one of them must be an option (Flask's config, prefix
+        ``POOLGUARD_``). In both, and in the environment, flat ``BREAKER_<OPTION>`` keys join the
+        ``BREAKER`` dict. ``environ`` defaults to ``os.environ``; pass ``{}`` to ignore it.
         """
-        names = cls.option_names()
-        values: dict[str, Any] = {}
-        env = os.environ if environ is None else environ
-        values.update(_from_environment(env, names))
-        for key, value in (settings or {}).items():
-            name = _option_name(key, names, source)
-            values[name] = _normalise(name, value)
+        values = _from_environment(os.environ if environ is None else environ)
+        values.update(_from_settings(settings or {}, source, prefix))
         for key, value in (kwargs or {}).items():
-            if key not in names:
-                raise ConfigError(key, value, "one of the options " + ", ".join(names))
-            values[key] = _normalise(key, value)
-        return cls(**values)
+            if key not in OPTION_NAMES:
+                raise ConfigError(key, value, "one of the options " + ", ".join(OPTION_NAMES))
+            values[key] = value
+        guard = {name: values[name] for name in GUARD_OPTION_NAMES if name in values}
+        if "breaker" in guard:
+            guard["breaker"] = _breaker_options(guard["breaker"])
+        rest: dict[str, Any] = {}
+        if "databases" in values:
+            databases = values["databases"]
+            rest["databases"] = tuple(databases) if isinstance(databases, list | tuple) else databases
+        if values.get("sqlalchemy") is not None:
+            engine = values["sqlalchemy"]
+            rest["sqlalchemy"] = _lower_keys(engine) if isinstance(engine, Mapping) else engine
+        return cls(
+            guard=GuardOptions(**guard),
+            http=HttpOptions(**{name: values[name] for name in HTTP_OPTION_NAMES if name in values}),
+            source=source,
+            **rest,
+        )
 
 
-def _option_name(key: str, names: tuple[str, ...], source: str) -> str:
-    name = key.lower()
-    if name not in names:
-        raise ConfigError(f"{source}: {key}", "(unknown option)", "one of " + ", ".join(n.upper() for n in names))
-    return name
+def _lower_keys(mapping: Mapping[Any, Any]) -> dict[str, Any]:
+    return {str(key).lower(): value for key, value in mapping.items()}
 
 
-def _normalise(name: str, value: Any) -> Any:
-    if name == "breaker" and isinstance(value, Mapping):
-        return {str(k).lower(): v for k, v in value.items()}
-    if name == "databases" and isinstance(value, list | tuple):
-        return tuple(value)
-    if name == "sqlalchemy" and isinstance(value, Mapping):
-        return {str(k).lower(): v for k, v in value.items()}
-    return value
+def _breaker_options(value: object) -> BreakerOptions | None:
+    if value is True:
+        return BreakerOptions()
+    if value is False or value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ConfigError("breaker", value, "True, False, or a dict of breaker options")
+    options = _lower_keys(value)
+    unknown = sorted(set(options) - set(BreakerOptions.names()))
+    if unknown:
+        raise ConfigError("breaker", unknown[0], "breaker options: " + ", ".join(BreakerOptions.names()))
+    return BreakerOptions(**options)
 
 
-def _from_environment(environ: Mapping[str, str], names: tuple[str, ...]) -> dict[str, Any]:
+def _check_engine_options(options: object, setting: str) -> None:
+    if not isinstance(options, Mapping):
+        raise ConfigError(setting, options, "a dict with 'URL' and poolguard.create_engine options")
+    unknown = sorted(str(key).upper() for key in options if key not in ENGINE_OPTIONS)
+    if unknown:
+        accepted = ", ".join(name.upper() for name in ENGINE_OPTIONS)
+        raise ConfigError(f"{setting}['{unknown[0]}']", "(unknown option)", "one of " + accepted)
+    url = options.get("url")
+    if not isinstance(url, str) or "://" not in url:
+        raise ConfigError(
+            f"{setting}['URL']", "<hidden>" if url else url, "a SQLAlchemy URL such as postgresql+psycopg://..."
+        )
+    if options.get("pool_size") is not None:
+        _validate.positive_int(f"{setting}['POOL_SIZE']", options["pool_size"])
+    if options.get("max_overflow") is not None:
+        _validate.non_negative_int(f"{setting}['MAX_OVERFLOW']", options["max_overflow"])
+
+
+def _nest_breaker(flat: dict[str, Any], breaker: dict[str, Any], setting: str) -> None:
+    """Merges flat ``BREAKER_<OPTION>`` values into the ``breaker`` option (a dict, or True)."""
+    if not breaker:
+        return
+    nested = flat.get("breaker", True)
+    if nested is False:
+        raise ConfigError(setting, False, "True or a dict of options when breaker options are set one by one")
+    flat["breaker"] = {**(_lower_keys(nested) if isinstance(nested, Mapping) else {}), **breaker}
+
+
+def _from_settings(settings: Mapping[str, Any], source: str, prefix: str) -> dict[str, Any]:
+    """A framework's settings by option name; an unknown key raises (the user wrote it for poolguard)."""
+    values: dict[str, Any] = {}
+    breaker: dict[str, Any] = {}
+    for key, value in settings.items():
+        if prefix and not str(key).startswith(prefix):
+            continue
+        name = str(key)[len(prefix) :].lower()
+        if name.startswith(_BREAKER_PREFIX.lower()) and name[len(_BREAKER_PREFIX) :] in BreakerOptions.names():
+            breaker[name[len(_BREAKER_PREFIX) :]] = value
+        elif name in OPTION_NAMES:
+            values[name] = value
+        else:
+            accepted = ", ".join(prefix + option.upper() for option in OPTION_NAMES)
+            raise ConfigError(f"{source}: {key}", "(unknown option)", "one of " + accepted)
+    _nest_breaker(values, breaker, f"{source}: {prefix}BREAKER")
+    return values
+
+
+_ENV_INTEGERS = frozenset({"consecutive_failures", "window_size", "minimum_calls", "half_open_calls"})
+
+
+def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
+    """``POOLGUARD_<OPTION>`` variables, parsed; unknown ``POOLGUARD_*`` names are someone else's."""
     values: dict[str, Any] = {}
     breaker: dict[str, Any] = {}
     for key, raw in environ.items():
         if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX) :].lower()
-        if name.startswith("breaker_") and name[len("breaker_") :] in _BREAKER_OPTIONS:
-            option = name[len("breaker_") :]
-            breaker[option] = _parse_number(key, raw, integer=option in _BREAKER_INTEGERS)
-        elif name == "breaker":
-            values["breaker"] = _parse_bool(key, raw)
+        option = name[len(_BREAKER_PREFIX) :]
+        if name.startswith(_BREAKER_PREFIX.lower()) and option in BreakerOptions.names():
+            breaker[option] = _parse_number(key, raw, integer=option in _ENV_INTEGERS)
+        elif name in ("breaker", "capture_stacks"):
+            values[name] = _parse_bool(key, raw)
         elif name in ("health_path", "health_token"):
             values[name] = raw or None
         elif name == "health_detail":
             values[name] = raw
         elif name in ("max_wait", "leak_threshold", "ping_timeout"):
             values[name] = _parse_number(key, raw, integer=False)
-        elif name == "capture_stacks":
-            values[name] = _parse_bool(key, raw)
         elif name == "databases":
             values[name] = tuple(alias.strip() for alias in raw.split(",") if alias.strip())
-        elif name in names:
+        elif name in OPTION_NAMES:
             raise ConfigError(key, raw, "this option cannot be set from the environment")
-    if breaker and values.get("breaker", True) is not False:
-        values["breaker"] = breaker
+    _nest_breaker(values, breaker, ENV_PREFIX + "BREAKER")
     return values
 
 

@@ -18,7 +18,6 @@ tests can run a shorter version of exactly what users see.
 
 from __future__ import annotations
 
-import math
 import shutil
 import tempfile
 import threading
@@ -35,8 +34,10 @@ from sqlalchemy.engine import URL, Engine, make_url
 from sqlalchemy.orm import Session
 from sqlalchemy.pool import Pool
 
+from poolguard._types import Clock
 from poolguard.breaker import Breaker, BreakerState
 from poolguard.guard import Guard
+from poolguard.stats import quantile, rounded
 
 __all__ = [
     "DemoReport",
@@ -58,7 +59,6 @@ __all__ = [
 
 OK, SHED, ERROR = 200, 503, 500
 SIDES = ("plain", "guarded")
-Clock = Callable[[], float]
 Progress = Callable[[str], None]
 
 
@@ -157,26 +157,18 @@ class Summary:
             "shed": self.shed,
             "errors": self.errors,
             "late": self.late,
-            "p50": _round(self.p50),
-            "p99": _round(self.p99),
-            "p50_completed": _round(self.p50_completed),
-            "p99_completed": _round(self.p99_completed),
+            "p50": rounded(self.p50, 5),
+            "p99": rounded(self.p99, 5),
+            "p50_completed": rounded(self.p50_completed, 5),
+            "p99_completed": rounded(self.p99_completed, 5),
             "goodput": round(self.goodput, 2),
             "shed_reasons": dict(self.shed_reasons),
             "error_types": dict(self.error_types),
         }
 
 
-def _round(value: float | None) -> float | None:
-    return None if value is None else round(value, 5)
-
-
 def _quantile(sorted_values: list[float], q: float) -> float | None:
-    """Nearest-rank quantile: an observed value, never an interpolation between two."""
-    if not sorted_values:
-        return None
-    index = max(0, math.ceil(q * len(sorted_values)) - 1)
-    return sorted_values[index]
+    return quantile(sorted_values, q) if sorted_values else None
 
 
 def summarize(records: list[Record], *, deadline: float, window: float) -> Summary:

@@ -29,8 +29,8 @@ from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from poolguard.guard import RequestScope
 from poolguard.starlette import STATE_KEY, PoolGuardMiddleware, get_session, poolguard_lifespan
+from poolguard.work import RequestScope
 
 __all__ = ["DbSession", "PoolGuardMiddleware", "SyncDbSession", "get_session", "poolguard_lifespan"]
 

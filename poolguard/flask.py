@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Callable, Mapping
-from contextvars import ContextVar, Token
+from contextvars import ContextVar
 from typing import Any, Final, cast
 
 from flask import Flask, Response, current_app, has_app_context, has_request_context, request
@@ -31,10 +31,10 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.local import LocalProxy
 
 from poolguard.config import PoolGuardConfig
-from poolguard.engine import create_engine
 from poolguard.errors import ConfigError, Unavailable
-from poolguard.guard import Guard, RequestScope
+from poolguard.guard import Guard, build_guard
 from poolguard.http import HttpResponse, detail_allowed, health_response, unavailable_response
+from poolguard.work import RequestScope
 
 __all__ = ["PoolGuard", "db", "get_guard"]
 
@@ -45,27 +45,16 @@ HEALTH_ENDPOINT: Final = "poolguard_health"
 """The endpoint name of the health view (for ``url_for``)."""
 
 _CONFIG_PREFIX: Final = "POOLGUARD_"
-_BREAKER_PREFIX: Final = "BREAKER_"
 
 logger = logging.getLogger("poolguard")
 
 
-class _RequestState:
-    """The unit of work of one request (which remembers the exception its view raised, handled or not).
+_current: ContextVar[tuple[RequestScope, Any] | None] = ContextVar("poolguard_flask_request", default=None)
+"""The unit of work of the Flask request being handled, paired with the value it replaced (restored
+at its end, so a request handled inside another one, e.g. through a test client, leaves the outer intact).
+A contextvar rather than ``flask.g``: every ``g`` access goes through a LocalProxy, and ``db`` is
+used several times per request."""
 
-    Kept in a contextvar rather than ``flask.g``: every ``g`` access goes through a LocalProxy, and
-    a request touches this state five times or more (the per-request path is the hot path).
-    """
-
-    __slots__ = ("app_state", "scope", "token")
-
-    def __init__(self, app_state: _AppState, scope: RequestScope) -> None:
-        self.app_state = app_state
-        self.scope = scope
-        self.token: Token[_RequestState | None] | None = None
-
-
-_current_request: ContextVar[_RequestState | None] = ContextVar("poolguard_flask_request", default=None)
 _NO_EXCEPTION_GIVEN: Any = object()
 
 
@@ -79,9 +68,10 @@ class _AppState:
         self.guard = guard
         self.config = config
 
-    def _state(self) -> _RequestState | None:
-        state = _current_request.get()
-        return state if state is not None and state.app_state is self else None
+    def _scope(self) -> RequestScope | None:
+        """This app's unit of work in the current request (None in the health view or outside a request)."""
+        current = _current.get()
+        return current[0] if current is not None and current[0].gate is self.guard.gate else None
 
     def dispatch(self, full_dispatch_request: Callable[[], Response]) -> Response:
         """Runs Flask's dispatch inside the request's unit of work, then commits (or rolls back).
@@ -95,9 +85,8 @@ class _AppState:
         rule = request._get_current_object().url_rule  # type: ignore[attr-defined]
         if rule is not None and rule.endpoint == HEALTH_ENDPOINT:
             return full_dispatch_request()
-        scope = RequestScope(self.guard, rule.rule if rule is not None else None).open()
-        state = _RequestState(self, scope)
-        state.token = _current_request.set(state)
+        scope = self.guard.request_scope(rule.rule if rule is not None else None).open()
+        _current.set((scope, _current.get()))
         response = full_dispatch_request()
         try:
             scope.finish()
@@ -114,35 +103,32 @@ class _AppState:
 
     def close_scope(self, exc: BaseException | None) -> None:
         """Runs even when the request failed: the connection always goes back to the pool."""
-        state = self._state()
-        if state is None:
+        current = _current.get()
+        if current is None or current[0].gate is not self.guard.gate:
             return
-        if state.token is not None:
-            try:
-                _current_request.reset(state.token)
-            except ValueError:  # ended in another context (a streamed body): just forget it
-                _current_request.set(None)
+        scope, replaced = current
+        _current.set(replaced)
         try:
-            state.scope.close(exc)
+            scope.close(exc)
         except Exception as error:
             # Teardown must not raise; reached only when ``db`` was used after the response was made
             # (inside a streamed body). The class name only: messages may carry SQL parameters.
             logger.error(
                 "poolguard: ending the session of route %s failed (%s); its work was rolled back",
-                state.scope.route or "(unmatched)",
+                scope.route or "(unmatched)",
                 type(error).__name__,
             )
 
     def record_error(self, error: BaseException) -> None:
-        state = self._state()
-        if state is not None:
-            state.scope.fail(error)
+        scope = self._scope()
+        if scope is not None:
+            scope.fail(error)
 
     def health(self) -> Response:
-        config = self.config
+        http = self.config.http
         detail = detail_allowed(
-            config.health_detail,
-            config.health_token,
+            http.health_detail,
+            http.health_token,
             request._get_current_object(),  # type: ignore[attr-defined]
             request.headers.get("Authorization"),
         )
@@ -207,15 +193,15 @@ class PoolGuard:
                 "A 'PoolGuard' instance has already been registered on this Flask app. "
                 "Import and use that instance (or get_guard(app)) instead of creating another one."
             )
-        config = PoolGuardConfig.load(self.options, settings=_flask_settings(app.config), source="Flask config")
+        config = PoolGuardConfig.load(self.options, settings=app.config, source="Flask config", prefix=_CONFIG_PREFIX)
         state = _AppState(self, self._guard_for(config), config)
         app.extensions[EXTENSION_KEY] = state
 
         _wrap_request_handling(app, state)
         app.register_error_handler(Unavailable, _unavailable)
         _watch_view_errors(app, state)
-        if config.health_path is not None:
-            app.add_url_rule(config.health_path, HEALTH_ENDPOINT, state.health, methods=["GET"])
+        if config.http.health_path is not None:
+            app.add_url_rule(config.http.health_path, HEALTH_ENDPOINT, state.health, methods=["GET"])
 
     def _guard_for(self, config: PoolGuardConfig) -> Guard:
         if self.guard is not None:
@@ -227,7 +213,7 @@ class PoolGuard:
                 )
             guard = self.guard
         else:
-            guard = _build_guard(config)
+            guard = build_guard(config)
         if guard.is_async:
             raise ConfigError(
                 "PoolGuard(guard)",
@@ -235,47 +221,6 @@ class PoolGuard:
                 "a Guard on a synchronous Engine: Flask runs views synchronously",
             )
         return guard
-
-
-def _flask_settings(flask_config: Mapping[str, Any]) -> dict[str, Any]:
-    """The app's ``POOLGUARD_*`` keys without the prefix; flat ``POOLGUARD_BREAKER_<OPTION>`` keys,
-    spelled as the environment variables are, join the ``POOLGUARD_BREAKER`` dict."""
-    settings: dict[str, Any] = {}
-    breaker: dict[str, Any] = {}
-    for key, value in flask_config.items():
-        if not key.startswith(_CONFIG_PREFIX):
-            continue
-        name = key[len(_CONFIG_PREFIX) :]
-        if name.startswith(_BREAKER_PREFIX):
-            breaker[name[len(_BREAKER_PREFIX) :]] = value
-        elif name.lower() in PoolGuardConfig.option_names():
-            settings[name] = value
-        else:
-            # Named here with its prefix, as the user wrote it in the Flask config.
-            accepted = ", ".join(_CONFIG_PREFIX + option.upper() for option in PoolGuardConfig.option_names())
-            raise ConfigError(f"Flask config {key}", "(unknown option)", "one of " + accepted)
-    if breaker:
-        nested = settings.get("BREAKER", True)
-        if nested is False:
-            raise ConfigError(
-                "POOLGUARD_BREAKER", False, "True or a dict of options when POOLGUARD_BREAKER_* keys are set"
-            )
-        settings["BREAKER"] = {**(nested if isinstance(nested, Mapping) else {}), **breaker}
-    return settings
-
-
-def _build_guard(config: PoolGuardConfig) -> Guard:
-    if config.sqlalchemy is None:
-        raise ConfigError(
-            "PoolGuard(guard)",
-            None,
-            "a poolguard.Guard (PoolGuard(app, guard)), or POOLGUARD_SQLALCHEMY = {'URL': ...} in the Flask config",
-        )
-    options = dict(config.sqlalchemy)
-    url = options.pop("url", None)
-    if not url:
-        raise ConfigError("POOLGUARD_SQLALCHEMY", "(no URL)", "a dict with a 'URL' key and create_engine options")
-    return Guard(create_engine(url, **options), **config.guard_options())
 
 
 def _wrap_request_handling(app: Flask, state: _AppState) -> None:
@@ -351,9 +296,9 @@ def get_guard(app: Flask | None = None) -> Guard:
 
 
 def _current_session() -> Session:
-    state = _current_request.get()
-    if state is not None:
-        return cast(Session, state.scope.session)
+    current = _current.get()
+    if current is not None:
+        return cast(Session, current[0].session)
     if not has_request_context():
         raise RuntimeError(
             "poolguard.flask.db is the session of the current request, and no request is being handled here. "

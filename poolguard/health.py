@@ -13,7 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from poolguard.stats import PoolStats
+from poolguard.stats import PoolStats, rounded
 
 Status = Literal["ok", "degraded", "unavailable"]
 
@@ -65,20 +65,16 @@ class PoolHealth:
             "overflow": stats.overflow,
             "pending": stats.pending,
             "utilization": round(stats.utilization, 2),
-            "wait_seconds": {"p50": _round(stats.wait_p50), "p99": _round(stats.wait_p99)},
+            "wait_seconds": {"p50": rounded(stats.wait_p50, 6), "p99": rounded(stats.wait_p99, 6)},
             "timeouts": stats.timeouts,
             "suspected_leaks": stats.suspected_leaks,
-            "ping_seconds": _round(self.ping.seconds) if self.ping is not None else None,
+            "ping_seconds": rounded(self.ping.seconds, 6) if self.ping is not None else None,
             "breaker": {
                 "state": stats.breaker_state,
                 "failure_rate": self.breaker_failure_rate,
                 "retry_after": self.breaker_retry_after,
             },
         }
-
-
-def _round(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds, 6)
 
 
 @dataclass(frozen=True, slots=True)

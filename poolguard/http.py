@@ -11,15 +11,14 @@ from __future__ import annotations
 import hmac
 import json
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from poolguard.config import HealthToken
 from poolguard.errors import Unavailable
 from poolguard.health import HealthReport
 
 JSON_CONTENT_TYPE = "application/json"
-HEALTH_DETAIL_MODES = ("never", "when-authorized", "always")
 HEALTH_METHODS = ("GET", "HEAD")
 """The methods the health route answers; any other method on its path goes on to the app."""
 
@@ -66,10 +65,6 @@ def health_response(report: HealthReport, *, detail: bool) -> HttpResponse:
     if report.http_status == 503:
         headers = (*headers, ("Retry-After", "1"))
     return HttpResponse(status=report.http_status, headers=headers, body=_encode(payload))
-
-
-HealthToken = str | Callable[[Any], bool] | None
-"""A bearer token compared in constant time, or a callable deciding from the framework's request."""
 
 
 def detail_allowed(mode: str, token: HealthToken, request: Any, authorization: str | None) -> bool:

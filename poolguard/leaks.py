@@ -39,12 +39,12 @@ class Holder:
     current span object); the thread's name and the trace id are worked out when a report needs them.
     """
 
-    __slots__ = ("handle", "reported", "route", "sampled", "scope", "since", "span", "stack", "thread_id")
+    __slots__ = ("_route", "handle", "reported", "sampled", "since", "span", "stack", "thread_id", "unit")
 
     def __init__(
         self,
         since: float,
-        scope: Any = None,
+        unit: Any = None,
         handle: Any = None,
         span: Any = None,
         thread_id: int | None = None,
@@ -53,9 +53,9 @@ class Holder:
         stack: traceback.StackSummary | None = None,
     ) -> None:
         self.since = since
-        self.route = route
-        """A route given outright; else :attr:`current_route` asks the scope (whose route may come later)."""
-        self.scope = scope
+        self._route = route
+        self.unit = unit
+        """The unit of work that checked the connection out (None outside one)."""
         self.handle = handle
         self.span = span
         self.thread_id = thread_id
@@ -65,9 +65,9 @@ class Holder:
         self.reported = False
 
     @property
-    def current_route(self) -> str | None:
-        """The route at checkout, or the one its request learned later (Django resolves it after middleware)."""
-        return self.route or getattr(self.scope, "route", None)
+    def route(self) -> str | None:
+        """The route given outright, else its unit's, which may be learned after the checkout (Django's is)."""
+        return self._route or getattr(self.unit, "route", None)
 
     @property
     def thread(self) -> str:
@@ -88,7 +88,7 @@ class Holder:
         return format(context.trace_id, "032x") if context.is_valid else None
 
     def __repr__(self) -> str:
-        return f"<Holder route={self.current_route!r} since={self.since:.3f} reported={self.reported}>"
+        return f"<Holder route={self.route!r} since={self.since:.3f} reported={self.reported}>"
 
 
 def capture_stack() -> traceback.StackSummary:
@@ -130,20 +130,19 @@ class LeakTracker:
         self._sweep_lock = threading.Lock()
         self.reported_total = 0
 
-    def held_by(self, scope: object) -> list[tuple[Hashable, Holder]]:
-        """The connections a request scope still holds (called only when it still holds some)."""
-        return [(key, holder) for key, holder in list(self.by_key.items()) if holder.scope is scope]
+    def held_by(self, unit: object) -> list[tuple[Hashable, Holder]]:
+        """The connections a unit of work still holds (called only when it still holds some)."""
+        return [(key, holder) for key, holder in list(self.by_key.items()) if holder.unit is unit]
 
     @property
     def suspected(self) -> int:
-        """How many connections are currently held longer than the threshold."""
-        self.sweep()
-        return sum(1 for holder in list(self.by_key.values()) if holder.reported)
+        """How many connections are currently held longer than the threshold.
 
-    @property
-    def held(self) -> int:
-        """How many connections are checked out now (a count, without copying the holders)."""
-        return len(self.by_key)
+        A read with no side effect (reading stats or collecting metrics reports nothing): the
+        reports come from :meth:`sweep`, which checkouts run at most once per sweep interval.
+        """
+        deadline = self._clock() - self._threshold
+        return sum(1 for holder in list(self.by_key.values()) if holder.since <= deadline)
 
     def holders(self) -> list[Holder]:
         """A copy of every current holder, oldest first."""
@@ -172,7 +171,7 @@ class LeakTracker:
             self._pool_name,
             held_for,
             self._threshold,
-            holder.current_route or "(no request)",
+            holder.route or "(no request)",
             holder.thread,
             f", trace {trace_id}" if trace_id is not None else "",
             f", checked out at {checkout_site(holder.stack)}" if holder.stack is not None else "",

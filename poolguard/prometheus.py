@@ -14,11 +14,11 @@ attributes become labels ``pool_name``, ``state``, ``reason`` and ``route``. So 
 the dashboard in ``integrations/`` work whether the numbers come from here or from an
 OpenTelemetry Collector's Prometheus exporter.
 
-Counts, limits, timeouts, sheds, leaks and the breaker state are read at scrape time from the
-numbers the guard keeps anyway (``PoolTelemetry.observe()``): nothing is paid per checkout.
-The three histograms need every event: they observe the guard's monitor (``add_observer``), a
-bisect and an increment per event. Events before :func:`register` are not in the histograms:
-register right after creating the guard.
+The metrics are those of :mod:`poolguard.metrics`, the list OpenTelemetry exports too. Counts,
+limits, timeouts, sheds, leaks and the breaker state are read at scrape time from the gate's snapshot:
+nothing is paid per checkout. The three histograms need every event: they observe the guard's gate
+(``add_observer``), a bisect and an increment per event. Events before :func:`register` are not in
+the histograms: register right after creating the guard.
 """
 
 from __future__ import annotations
@@ -33,85 +33,30 @@ from prometheus_client.registry import REGISTRY, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 from poolguard.errors import ConfigError
-from poolguard.telemetry import CONNECTION_STATE, DURATION_BUCKETS, POOL_NAME, REASON
+from poolguard.metrics import (
+    BY_NAME,
+    CONNECTION_STATE,
+    CREATE_TIME,
+    DURATION_BUCKETS,
+    HTTP_ROUTE,
+    METRICS,
+    POOL_NAME,
+    REASON,
+    USE_TIME,
+    WAIT_TIME,
+    observations,
+)
 
 if TYPE_CHECKING:
     from poolguard.guard import Guard
 
 __all__ = ["PoolGuardCollector", "register", "unregister"]
 
-LABELS = {POOL_NAME: "pool_name", CONNECTION_STATE: "state", REASON: "reason"}
+LABELS = {POOL_NAME: "pool_name", CONNECTION_STATE: "state", REASON: "reason", HTTP_ROUTE: "route"}
 """OpenTelemetry attribute -> Prometheus label."""
 
 ROUTE_LIMIT = 1024
 """Distinct ``route`` label values per pool; later routes are folded into ``route="other"``."""
-
-_GAUGE = "gauge"
-_COUNTER = "counter"
-
-# OpenTelemetry instrument -> (Prometheus family name, type, label names, help)
-_OBSERVED: dict[str, tuple[str, str, tuple[str, ...], str]] = {
-    "db.client.connection.count": (
-        "db_client_connection_count",
-        _GAUGE,
-        ("pool_name", "state"),
-        "The number of connections in the state given by the state label (idle or used).",
-    ),
-    "db.client.connection.max": (
-        "db_client_connection_max",
-        _GAUGE,
-        ("pool_name",),
-        "The maximum number of open connections allowed.",
-    ),
-    "db.client.connection.idle.max": (
-        "db_client_connection_idle_max",
-        _GAUGE,
-        ("pool_name",),
-        "The maximum number of idle open connections allowed.",
-    ),
-    "db.client.connection.idle.min": (
-        "db_client_connection_idle_min",
-        _GAUGE,
-        ("pool_name",),
-        "The minimum number of idle open connections allowed.",
-    ),
-    "db.client.connection.pending_requests": (
-        "db_client_connection_pending_requests",
-        _GAUGE,
-        ("pool_name",),
-        "Pending requests for an open connection.",
-    ),
-    "db.client.connection.timeouts": (
-        "db_client_connection_timeouts",
-        _COUNTER,
-        ("pool_name",),
-        "Timeouts trying to obtain a connection from the pool.",
-    ),
-    "poolguard.requests.shed": (
-        "poolguard_requests_shed",
-        _COUNTER,
-        ("pool_name", "reason"),
-        "Requests refused with 503 instead of waiting or failing, by reason.",
-    ),
-    "poolguard.connection.leaks": (
-        "poolguard_connection_leaks",
-        _COUNTER,
-        ("pool_name",),
-        "Connections held past the leak threshold.",
-    ),
-    "poolguard.breaker.state": (
-        "poolguard_breaker_state",
-        _GAUGE,
-        ("pool_name",),
-        "Circuit breaker state: 0 closed, 1 half-open, 2 open.",
-    ),
-}
-
-_HISTOGRAMS: tuple[tuple[str, str, str], ...] = (
-    ("wait", "db_client_connection_wait_time_seconds", "The time it took to obtain an open connection from the pool."),
-    ("use", "db_client_connection_use_time_seconds", "The time between borrowing a connection and returning it."),
-    ("create", "db_client_connection_create_time_seconds", "The time it took to create a new connection."),
-)
 
 _TAP_ATTRIBUTE = "_poolguard_prometheus_tap"
 _COLLECTOR_ATTRIBUTE = "_poolguard_collector"
@@ -163,12 +108,13 @@ class _Histogram:
 
 
 class _Tap:
-    """One per guard: its histograms, fed as an observer of the guard's monitor."""
+    """One per guard: its histograms, fed as an observer of the guard's gate."""
 
     def __init__(self) -> None:
         self.wait = _Histogram()
         self.use = _Histogram()
         self.create = _Histogram()
+        self.by_metric = {WAIT_TIME.name: self.wait, USE_TIME.name: self.use, CREATE_TIME.name: self.create}
 
     def record_wait(self, seconds: float) -> None:
         self.wait.observe(seconds)
@@ -181,16 +127,12 @@ class _Tap:
 
     @classmethod
     def of(cls, guard: Guard) -> _Tap:
-        tap: _Tap | None = getattr(guard.telemetry, _TAP_ATTRIBUTE, None)
+        tap: _Tap | None = getattr(guard.gate, _TAP_ATTRIBUTE, None)
         if tap is None:
             tap = cls()
-            setattr(guard.telemetry, _TAP_ATTRIBUTE, tap)
-            guard.monitor.add_observer(tap)
+            setattr(guard.gate, _TAP_ATTRIBUTE, tap)
+            guard.gate.add_observer(tap)
         return tap
-
-    def histogram(self, kind: str) -> _Histogram:
-        histogram: _Histogram = getattr(self, kind)
-        return histogram
 
 
 class PoolGuardCollector:
@@ -233,50 +175,44 @@ class PoolGuardCollector:
 
     def describe(self) -> list[Metric]:
         """The family names, so a registry can refuse a second collector exporting the same ones."""
-        return [*self._families().values(), *(family for family, _ in self._histogram_families())]
+        return list(_families().values())
 
     def collect(self) -> Iterable[Metric]:
         with self._lock:
             watched = [(guard, tap) for guard, tap in self._guards.values() if not guard.closed]
-        families = self._families()
-        histograms = self._histogram_families()
+        families = _families()
         for guard, tap in watched:
-            for instrument, value, attributes in guard.telemetry.observe():
-                family = families.get(instrument)
-                if family is None:
-                    continue
-                spec = _OBSERVED[instrument]
-                labels = {LABELS[key]: str(v) for key, v in attributes.items() if key in LABELS}
-                family.add_metric([labels[name] for name in spec[2]], value)
-            for histogram, kind in histograms:
-                for route, buckets, total in tap.histogram(kind).snapshot():
-                    label_values = [guard.name, route] if kind == "use" else [guard.name]
-                    histogram.add_metric(label_values, buckets, total)
+            for name, value, attributes in observations(guard.gate.snapshot()):
+                family = families[name]
+                assert isinstance(family, GaugeMetricFamily | CounterMetricFamily)
+                family.add_metric([str(attributes[key]) for key in BY_NAME[name].attributes], value)
+            for metric in METRICS:
+                if metric.kind == "histogram":
+                    family = families[metric.name]
+                    assert isinstance(family, HistogramMetricFamily)
+                    for route, buckets, total in tap.by_metric[metric.name].snapshot():
+                        labels = [guard.name, route] if HTTP_ROUTE in metric.attributes else [guard.name]
+                        family.add_metric(labels, buckets, total)
         yield from families.values()
-        for histogram, _kind in histograms:
-            yield histogram
 
-    @staticmethod
-    def _families() -> dict[str, GaugeMetricFamily | CounterMetricFamily]:
-        families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {}
-        for instrument, (name, kind, labels, help_text) in _OBSERVED.items():
-            factory: Callable[..., GaugeMetricFamily | CounterMetricFamily] = (
-                GaugeMetricFamily if kind == _GAUGE else CounterMetricFamily
-            )
-            families[instrument] = factory(name, help_text, labels=list(labels))
-        return families
 
-    @staticmethod
-    def _histogram_families() -> list[tuple[HistogramMetricFamily, str]]:
-        return [
-            (
-                HistogramMetricFamily(
-                    name, help_text, labels=["pool_name", "route"] if kind == "use" else ["pool_name"], unit="seconds"
-                ),
-                kind,
-            )
-            for kind, name, help_text in _HISTOGRAMS
-        ]
+def _families() -> dict[str, Metric]:
+    """A fresh, empty family per metric, keyed by its OpenTelemetry name."""
+    kinds: dict[str, Callable[..., Metric]] = {
+        "updown": GaugeMetricFamily,
+        "gauge": GaugeMetricFamily,
+        "counter": CounterMetricFamily,
+        "histogram": HistogramMetricFamily,
+    }
+    return {
+        metric.name: kinds[metric.kind](
+            metric.prometheus_name,
+            metric.description,
+            labels=[LABELS[key] for key in metric.attributes],
+            unit="seconds" if metric.unit == "s" else "",
+        )
+        for metric in METRICS
+    }
 
 
 def register(guard: Guard, registry: CollectorRegistry = REGISTRY) -> PoolGuardCollector:

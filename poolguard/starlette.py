@@ -35,23 +35,17 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Final
 
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession
+from sqlalchemy.ext.asyncio import AsyncEngine
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from poolguard.config import PoolGuardConfig
+from poolguard.config import GUARD_OPTION_NAMES, HTTP_OPTION_NAMES, HealthToken, PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
-from poolguard.guard import Guard, RequestScope, has_work
-from poolguard.http import (
-    HEALTH_METHODS,
-    HealthToken,
-    HttpResponse,
-    detail_allowed,
-    health_response,
-    unavailable_response,
-)
+from poolguard.guard import Guard
+from poolguard.http import HEALTH_METHODS, HttpResponse, detail_allowed, health_response, unavailable_response
+from poolguard.work import RequestScope
 
 __all__ = ["STATE_KEY", "PoolGuardMiddleware", "get_session", "poolguard_lifespan"]
 
@@ -60,10 +54,6 @@ logger = logging.getLogger("poolguard")
 STATE_KEY: Final = "poolguard"
 """The key of the request's :class:`RequestScope` in ``scope["state"]`` (``request.state.poolguard``)."""
 
-_ADAPTER_OPTIONS: Final = ("health_path", "health_detail", "health_token")
-_GUARD_OPTIONS: Final = frozenset(
-    {"max_wait", "leak_threshold", "capture_stacks", "ping_timeout", "breaker", "tracer_provider", "meter_provider"}
-)
 _INTERNAL_ERROR: Final = HttpResponse(
     status=500, headers=(("Content-Type", "text/plain; charset=utf-8"),), body=b"Internal Server Error"
 )
@@ -113,22 +103,22 @@ class PoolGuardMiddleware:
             raise ConfigError("PoolGuardMiddleware.guard", f"<{type(guard).__name__}>", "a poolguard.Guard")
         for name in options:
             # Never echo the value: it may be a token or a URL with a password.
-            if name in _GUARD_OPTIONS:
+            if name in GUARD_OPTION_NAMES:
                 raise ConfigError(
                     f"PoolGuardMiddleware.{name}",
                     "(an option of the Guard)",
-                    f"pass {name} to poolguard.Guard(...); the middleware takes " + ", ".join(_ADAPTER_OPTIONS),
+                    f"pass {name} to poolguard.Guard(...); the middleware takes " + ", ".join(HTTP_OPTION_NAMES),
                 )
-            if name not in _ADAPTER_OPTIONS:
+            if name not in HTTP_OPTION_NAMES:
                 raise ConfigError(
-                    f"PoolGuardMiddleware.{name}", "(unknown option)", "one of guard, " + ", ".join(_ADAPTER_OPTIONS)
+                    f"PoolGuardMiddleware.{name}", "(unknown option)", "one of guard, " + ", ".join(HTTP_OPTION_NAMES)
                 )
-        config = PoolGuardConfig.load(options)
+        http = PoolGuardConfig.load(options).http
         self.app = app
         self.guard = guard
-        self.health_path = config.health_path
-        self.health_detail = config.health_detail
-        self.health_token = config.health_token
+        self.health_path = http.health_path
+        self.health_detail = http.health_detail
+        self.health_token = http.health_token
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -138,8 +128,7 @@ class PoolGuardMiddleware:
             await self._health(scope, receive, send)
             return
 
-        request_scope = self.guard.request_scope()
-        request_scope.open()
+        request_scope = self.guard.request_scope().open()
         scope.setdefault("state", {})[STATE_KEY] = request_scope
         started = False
         answered = False  # a commit at response start failed and this middleware sent the response
@@ -152,7 +141,7 @@ class PoolGuardMiddleware:
                 started = True
                 _take_route(request_scope, scope)
                 try:
-                    await _commit(request_scope)
+                    await request_scope.afinish(offload=run_in_threadpool)
                 except Exception as exc:
                     answered = True
                     unavailable = _unavailable(exc, self.guard)
@@ -167,7 +156,7 @@ class PoolGuardMiddleware:
             await self.app(scope, receive, send_after_commit)
         except BaseException as exc:
             _take_route(request_scope, scope)
-            await _close(request_scope, exc)
+            await request_scope.aclose(exc, offload=run_in_threadpool)
             unavailable = _unavailable(exc, self.guard)
             if unavailable is not None and not started:
                 await _answer(send, unavailable_response(unavailable))
@@ -176,7 +165,7 @@ class PoolGuardMiddleware:
                 return  # the 503 went out already; shedding load is not an error to log
             raise
         _take_route(request_scope, scope)
-        await _close(request_scope, None)
+        await request_scope.aclose(offload=run_in_threadpool)
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answers from the guard's health alone: no request scope, so it works while the pool is full."""
@@ -285,47 +274,6 @@ def _unavailable(exc: BaseException, guard: Guard) -> Unavailable | None:
             leaf = leaf.exceptions[0]
         exc = leaf
     return guard.unavailable_for(exc)
-
-
-def _sync_session(request_scope: RequestScope) -> bool:
-    return request_scope.has_session and not isinstance(request_scope.session, AsyncSession)
-
-
-async def _commit(request_scope: RequestScope) -> None:
-    """Ends the work so far (commit, or rollback if the endpoint failed) and returns its connection.
-
-    The session stays usable (:meth:`RequestScope.finish`): a FastAPI dependency may have handed the
-    same object to a background task, whose work :func:`_close` commits at the end of the request.
-    A synchronous Session commits in a worker thread so the event loop never blocks on the database.
-    """
-    if not request_scope.has_session or not has_work(request_scope.session):
-        return
-    try:
-        if _sync_session(request_scope):
-            await run_in_threadpool(request_scope.finish, None)
-        else:
-            await request_scope.afinish(None)
-    except BaseException as exc:
-        await _finish(request_scope, exc)
-        raise
-
-
-async def _finish(request_scope: RequestScope, error: BaseException | None) -> None:
-    """Commit or roll back the session's work, in a worker thread for a synchronous one."""
-    if not request_scope.has_session or not has_work(request_scope.session):
-        return
-    if _sync_session(request_scope):
-        await run_in_threadpool(request_scope.finish, error)
-    else:
-        await request_scope.afinish(error)
-
-
-async def _close(request_scope: RequestScope, error: BaseException | None) -> None:
-    """Ends the request's unit of work: last commit (or rollback), leftovers reclaimed, context left."""
-    try:
-        await _finish(request_scope, error)
-    finally:
-        await request_scope.aclose(error)
 
 
 async def _answer(send: Send, response: HttpResponse, *, body: bool = True) -> None:

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import math
 from collections import deque
-from dataclasses import asdict, dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from poolguard._validate import positive_float, positive_int
@@ -51,8 +52,17 @@ class SlidingWindow(deque[tuple[float, float]]):
         samples = sorted(self.recent(now))
         if not samples:
             return None
-        last = len(samples) - 1
-        return tuple(samples[min(last, max(0, math.ceil(q * len(samples)) - 1))] for q in fractions)
+        return tuple(quantile(samples, q) for q in fractions)
+
+
+def quantile(sorted_values: Sequence[float], q: float) -> float:
+    """Nearest-rank quantile of sorted, non-empty values: an observed value, never an interpolation."""
+    return sorted_values[min(len(sorted_values) - 1, max(0, math.ceil(q * len(sorted_values)) - 1))]
+
+
+def rounded(seconds: float | None, digits: int) -> float | None:
+    """``round`` that passes None through, for optional figures in reports."""
+    return None if seconds is None else round(seconds, digits)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +93,10 @@ class PoolStats:
     suspected_leaks: int
     shed: int
     breaker_state: str
+    shed_by_reason: Mapping[str, int] = field(default_factory=dict)
+    """Requests refused with 503, by reason (``circuit_open``, ``pool_saturated``); ``shed`` is their sum."""
+    leaks_reported: int = 0
+    """Connections ever reported as held past the leak threshold (``suspected_leaks`` counts those held now)."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -4,8 +4,8 @@ Only the OpenTelemetry API is imported: without an SDK every call here is a no-o
 per-checkout path stays cheap. Costs are kept where they belong:
 
 - counts (connections by state, limits, pending requests, timeouts, shed requests, leaks) are
-  *observable* instruments read at collection time from numbers the monitor keeps anyway, so
-  they cost nothing per checkout;
+  *observable* instruments read at collection time from the gate's snapshot, so they cost nothing
+  per checkout (the metrics themselves are defined in :mod:`poolguard.metrics`);
 - wait, use and create times are histograms, one sample per event, with attribute dicts built once.
   The SDK's ``Histogram.record`` is the dearest call on the path (about 30 Python calls; 15-20 µs
   each when a whole request runs between two of them and its code has gone cold, against 6 µs in a
@@ -25,7 +25,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
 from opentelemetry import metrics, trace
@@ -34,43 +34,28 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from poolguard._version import __version__
+from poolguard.metrics import (
+    CREATE_TIME,
+    DB_SYSTEM,
+    DURATION_BUCKETS,
+    HTTP_ROUTE,
+    METRICS,
+    OUTCOME,
+    POOL_NAME,
+    REASON,
+    USE_TIME,
+    WAIT_TIME,
+    Metric,
+    observations,
+)
 
 if TYPE_CHECKING:
     from poolguard.breaker import BreakerState
     from poolguard.leaks import Holder
-    from poolguard.monitor import PoolMonitor
-    from poolguard.pools import PoolCounts
+    from poolguard.stats import PoolStats
 
 INSTRUMENTATION_NAME = "poolguard"
 SCHEMA_URL = "https://opentelemetry.io/schemas/1.26.0"
-
-POOL_NAME = "db.client.connection.pool.name"
-CONNECTION_STATE = "db.client.connection.state"
-DB_SYSTEM = "db.system.name"
-HTTP_ROUTE = "http.route"
-OUTCOME = "poolguard.outcome"
-REASON = "poolguard.reason"
-
-DURATION_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-)
-"""Seconds: from a warm checkout (~100 µs) to SQLAlchemy's default 30 s pool timeout."""
 
 FLUSH_AT = 32
 """Samples an unsampled checkout queues before they are recorded in one loop (16 checkouts' worth)."""
@@ -86,21 +71,20 @@ _POOLS_ATTRIBUTE = "_poolguard_pools"
 
 
 class PoolTelemetry:
-    """The spans and metrics of one pool; owned by its PoolMonitor."""
+    """The spans and metrics of one pool; owned by its gate, whose ``snapshot`` the counts are read from."""
 
     def __init__(
         self,
         *,
         pool_name: str,
         db_system: str,
-        counts: Callable[[], PoolCounts],
+        snapshot: Callable[[], PoolStats],
         tracer_provider: trace.TracerProvider | None = None,
         meter_provider: metrics.MeterProvider | None = None,
     ) -> None:
         version = __version__
         self.pool_name = pool_name
-        self.counts = counts
-        self.monitor: PoolMonitor | None = None
+        self.snapshot = snapshot
         self._registry: _PoolRegistry | None = None
         self._tracer = trace.get_tracer(INSTRUMENTATION_NAME, version, tracer_provider, schema_url=SCHEMA_URL)
         # An injected provider is taken as given for good; only the global ones are looked at again.
@@ -117,24 +101,9 @@ class PoolTelemetry:
         self._pool_attributes = {POOL_NAME: pool_name}
         self._route_attributes: dict[str, dict[str, str]] = {}
         self._queued: deque[tuple[metrics.Histogram, float, dict[str, str]]] = deque()
-        self._wait_time = meter.create_histogram(
-            "db.client.connection.wait_time",
-            unit="s",
-            description="The time it took to obtain an open connection from the pool.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self._use_time = meter.create_histogram(
-            "db.client.connection.use_time",
-            unit="s",
-            description="The time between borrowing a connection and returning it to the pool.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
-        self._create_time = meter.create_histogram(
-            "db.client.connection.create_time",
-            unit="s",
-            description="The time it took to create a new connection.",
-            explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
-        )
+        self._wait_time = _histogram(meter, WAIT_TIME)
+        self._use_time = _histogram(meter, USE_TIME)
+        self._create_time = _histogram(meter, CREATE_TIME)
         _register_pool(meter, provider, self)
 
     def notice_providers(self) -> None:
@@ -159,8 +128,6 @@ class PoolTelemetry:
         if outcome != "acquired":
             span.set_status(Status(StatusCode.ERROR, outcome))
         span.end()
-
-    # record_wait and record_use queue inline rather than through a shared helper: a call less per sample.
 
     def record_wait(self, seconds: float, sampled: bool, context: Context | None = None) -> None:
         """``sampled``: the checkout made a span of its own (its request is sampled)."""
@@ -227,52 +194,26 @@ class PoolTelemetry:
         span = holder.span if holder.span is not None and holder.span.is_recording() else trace.get_current_span()
         if span.is_recording():
             attributes: dict[str, Any] = {POOL_NAME: self.pool_name, "poolguard.held_seconds": round(held_for, 3)}
-            route = holder.current_route
+            route = holder.route
             if route is not None:
                 attributes[HTTP_ROUTE] = route
             span.add_event("poolguard.leak_suspected", attributes)
 
-    # -- observable instruments -----------------------------------------------------------------
-
-    def observe(self) -> Iterator[tuple[str, float, dict[str, str]]]:
-        """(instrument, value, attributes) for every observable instrument of this pool."""
-        monitor = self.monitor
-        if monitor is None:
-            return
-        counts = self.counts()
-        pool = self._pool_attributes
-        yield "db.client.connection.count", counts.idle, {**pool, CONNECTION_STATE: "idle"}
-        yield "db.client.connection.count", counts.checked_out, {**pool, CONNECTION_STATE: "used"}
-        if counts.capacity is not None:
-            yield "db.client.connection.max", counts.capacity, pool
-        if counts.size is not None:
-            yield "db.client.connection.idle.max", counts.size, pool
-            yield "db.client.connection.idle.min", 0, pool
-        yield "db.client.connection.pending_requests", monitor.pending + monitor.admission.waiting, pool
-        yield "db.client.connection.timeouts", monitor.timeouts, pool
-        for reason, count in monitor.shed.items():
-            yield "poolguard.requests.shed", count, {**pool, REASON: reason}
-        yield "poolguard.connection.leaks", monitor.leaks.reported_total, pool
-        if monitor.breaker is not None:
-            yield "poolguard.breaker.state", monitor.breaker.state.metric_value, pool
+    def close(self) -> None:
+        """Stops reporting (a closed guard's pool), its queued samples recorded first."""
+        self.flush()
+        if self._registry is not None:
+            self._registry.discard(self)
+            self._registry = None
 
 
-_OBSERVABLES: tuple[tuple[str, str, str, str], ...] = (
-    (
-        "db.client.connection.count",
-        "updown",
-        "{connection}",
-        "The number of connections in the state given by `state`.",
-    ),
-    ("db.client.connection.max", "updown", "{connection}", "The maximum number of open connections allowed."),
-    ("db.client.connection.idle.max", "updown", "{connection}", "The maximum number of idle open connections allowed."),
-    ("db.client.connection.idle.min", "updown", "{connection}", "The minimum number of idle open connections allowed."),
-    ("db.client.connection.pending_requests", "updown", "{request}", "Pending requests for an open connection."),
-    ("db.client.connection.timeouts", "counter", "{timeout}", "Timeouts trying to obtain a connection from the pool."),
-    ("poolguard.requests.shed", "counter", "{request}", "Requests refused with 503 instead of waiting or failing."),
-    ("poolguard.connection.leaks", "counter", "{connection}", "Connections held past the leak threshold."),
-    ("poolguard.breaker.state", "gauge", "{state}", "Circuit breaker state: 0 closed, 1 half-open, 2 open."),
-)
+def _histogram(meter: metrics.Meter, metric: Metric) -> metrics.Histogram:
+    return meter.create_histogram(
+        metric.name,
+        unit=metric.unit,
+        description=metric.description,
+        explicit_bucket_boundaries_advisory=DURATION_BUCKETS,
+    )
 
 
 class _PoolRegistry:
@@ -302,7 +243,7 @@ class _PoolRegistry:
             return [
                 Observation(value, attributes)
                 for pool in pools
-                for name, value, attributes in pool.observe()
+                for name, value, attributes in observations(pool.snapshot())
                 if name == instrument
             ]
 
@@ -340,21 +281,15 @@ def _register_pool(meter: metrics.Meter, provider: object, pool: PoolTelemetry) 
     if registry is None:
         registry = _PoolRegistry()
         setattr(provider, _POOLS_ATTRIBUTE, registry)
-        for name, kind, unit, description in _OBSERVABLES:
-            callbacks = [registry.callback(name)]
-            if kind == "updown":
-                meter.create_observable_up_down_counter(name, callbacks, unit=unit, description=description)
-            elif kind == "counter":
-                meter.create_observable_counter(name, callbacks, unit=unit, description=description)
-            else:
-                meter.create_observable_gauge(name, callbacks, unit=unit, description=description)
+        create = {
+            "updown": meter.create_observable_up_down_counter,
+            "counter": meter.create_observable_counter,
+            "gauge": meter.create_observable_gauge,
+        }
+        for metric in METRICS:
+            if metric.kind != "histogram":
+                create[metric.kind](
+                    metric.name, [registry.callback(metric.name)], unit=metric.unit, description=metric.description
+                )
     registry.add(pool)
     pool._registry = registry
-
-
-def unregister(pool: PoolTelemetry) -> None:
-    """Stops reporting a closed guard's pool (its queued samples recorded first)."""
-    pool.flush()
-    if pool._registry is not None:
-        pool._registry.discard(pool)
-        pool._registry = None

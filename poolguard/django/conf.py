@@ -3,14 +3,13 @@
 ``settings.POOLGUARD`` is read in one place, :func:`configure_settings`, so a test can swap it with
 ``override_settings`` (the app rebuilds its state on ``setting_changed``) and a bad value fails at
 startup with the ConfigError message instead of on the first request. The state built from it (one
-monitor and breaker per guarded alias, the optional SQLAlchemy Guard) lives on the AppConfig.
+Guard per guarded alias, the optional SQLAlchemy Guard) lives on the AppConfig.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from contextvars import Token
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -19,18 +18,17 @@ from django.conf import settings  # type: ignore[import-untyped]
 from poolguard._validate import positive_int
 from poolguard.config import PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
-from poolguard.guard import Guard, RequestScope
+from poolguard.guard import Guard, build_guard
 from poolguard.health import HealthReport
 from poolguard.http import HttpResponse, detail_allowed, health_response, unavailable_response
-from poolguard.monitor import GuardedScope, PoolMonitor
-from poolguard.pools.django import AliasScope, DjangoPool, route_of
+from poolguard.pools.django import DjangoPool
+from poolguard.work import RequestScope
 
 logger = logging.getLogger("poolguard")
 
 SOURCE = "settings.POOLGUARD"
 DJANGO_ONLY_OPTIONS = ("PROCESSES", "THREADS")
 """Keys only the Django integration reads: the connection budget check (poolguard.W002) uses them."""
-SQLALCHEMY_OPTIONS = ("URL", "POOL_SIZE", "MAX_OVERFLOW")
 SQLALCHEMY_GUARD_NAME = "sqlalchemy"
 
 
@@ -56,31 +54,45 @@ def configure_settings(raw: Mapping[str, Any] | None = None) -> DjangoSettings:
         raise ConfigError(SOURCE, type(raw).__name__, "a dict of poolguard options")
     shared = {key: value for key, value in raw.items() if str(key).upper() not in DJANGO_ONLY_OPTIONS}
     extra = {str(key).upper(): value for key, value in raw.items() if str(key).upper() in DJANGO_ONLY_OPTIONS}
-    config = PoolGuardConfig.load(settings=shared, source=SOURCE)
-    if config.sqlalchemy is not None:
-        _check_sqlalchemy(config.sqlalchemy)
     return DjangoSettings(
-        config=config,
+        config=PoolGuardConfig.load(settings=shared, source=SOURCE),
         processes=positive_int(f"{SOURCE}['PROCESSES']", extra.get("PROCESSES", 1)),
         threads=positive_int(f"{SOURCE}['THREADS']", extra.get("THREADS", 1)),
     )
 
 
-def _check_sqlalchemy(options: Mapping[str, Any]) -> None:
-    setting = f"{SOURCE}['SQLALCHEMY']"
-    if not isinstance(options, Mapping):
-        raise ConfigError(setting, options, "a dict with 'URL' and optionally 'POOL_SIZE', 'MAX_OVERFLOW'")
-    unknown = sorted(str(key).upper() for key in options if str(key).upper() not in SQLALCHEMY_OPTIONS)
-    if unknown:
-        raise ConfigError(f"{setting}['{unknown[0]}']", "(unknown option)", "one of " + ", ".join(SQLALCHEMY_OPTIONS))
-    url = options.get("url")
-    if not isinstance(url, str) or "://" not in url:
-        raise ConfigError(
-            f"{setting}['URL']", "<hidden>" if url else url, "a SQLAlchemy URL such as postgresql+psycopg://..."
-        )
-    for key in ("pool_size", "max_overflow"):
-        if options.get(key) is not None:
-            positive_int(f"{setting}['{key.upper()}']", options[key])
+def route_of(request: Any) -> str | None:
+    """The URL pattern a Django request matched (``/items/<int:pk>/``), or None before resolution."""
+    match = getattr(request, "resolver_match", None)
+    if match is None or not match.route:
+        return None
+    return "/" + str(match.route).lstrip("^")
+
+
+class DjangoRequestScope(RequestScope):
+    """A request scope named after the URL pattern of its Django request, when something first asks.
+
+    The middleware runs before URL resolution, and a ``process_view`` hook only to learn the route
+    would cost every request, including those that never touch the database; the route is needed
+    only when a use time is recorded per route or a leak is reported, so it is read then.
+    """
+
+    __slots__ = ("_named", "request")
+    _named: str | None
+
+    def __init__(self, guard: Guard, request: Any) -> None:
+        self.request = request
+        super().__init__(guard.gate, guard.session_factory)
+
+    @property
+    def route(self) -> str | None:
+        if self._named is None and self.request is not None:
+            self._named = route_of(self.request)
+        return self._named
+
+    @route.setter
+    def route(self, value: str | None) -> None:
+        self._named = value
 
 
 class PoolGuardState:
@@ -93,35 +105,30 @@ class PoolGuardState:
     def __init__(self, loaded: DjangoSettings, *, handler: Any = None) -> None:
         self.settings = loaded
         self.config = config = loaded.config
-        self.health_path: str | None = config.health_path
+        self.health_path: str | None = config.http.health_path
         self.guards: dict[str, Guard] = {}
         self.guard: Guard | None = None
-        self.alias_monitors: tuple[PoolMonitor, ...] = ()
-        """The monitors each request opens a scope on, built once (the per-request path reads them)."""
         try:
             for alias in config.databases:
-                self.guards[alias] = Guard(DjangoPool(alias, handler=handler), name=alias, **config.guard_options())
-            self.alias_monitors = tuple(guard.monitor for guard in self.guards.values())
+                self.guards[alias] = build_guard(config, DjangoPool(alias, handler=handler), name=alias)
             if config.sqlalchemy is not None:
-                self.guard = _make_guard(config)
+                self.guard = build_guard(config, name=SQLALCHEMY_GUARD_NAME)
         except BaseException:
             self.close()
             raise
+        self._alias_guards = tuple(self.guards.values())
+        """What each request opens a scope on, built once (the per-request path reads it)."""
 
     @property
     def pools(self) -> dict[str, DjangoPool]:
         return {alias: cast(DjangoPool, guard.pool) for alias, guard in self.guards.items()}
-
-    @property
-    def monitors(self) -> dict[str, PoolMonitor]:
-        return {alias: guard.monitor for alias, guard in self.guards.items()}
 
     def close(self) -> None:
         """Removes every hook and listener, stops ping threads and disposes the SQLAlchemy engine."""
         for guard in self.guards.values():
             guard.close()
         self.guards.clear()
-        self.alias_monitors = ()
+        self._alias_guards = ()
         if self.guard is not None:
             from sqlalchemy import Engine  # noqa: PLC0415 (only imported when POOLGUARD["SQLALCHEMY"] is set)
 
@@ -132,6 +139,31 @@ class PoolGuardState:
             self.guard = None
 
     # -- requests ------------------------------------------------------------------------------------
+
+    def open_request(self, request: Any) -> list[DjangoRequestScope]:
+        """One request's units of work: one per guarded alias, then the SQLAlchemy one when configured.
+
+        Opening them touches no database. The SQLAlchemy scope opens last, so it is the one ``retry``
+        asks whether a transaction is open.
+        """
+        scopes = [DjangoRequestScope(guard, request).open() for guard in self._alias_guards]
+        if self.guard is not None:
+            scopes.append(DjangoRequestScope(self.guard, request).open())
+        return scopes
+
+    @staticmethod
+    def close_request(scopes: list[DjangoRequestScope]) -> None:
+        """Ends the request's units: the SQLAlchemy one closes (last commit or rollback, session closed);
+        each alias's connection counts as returned, and Django closes or keeps it when it ends the request."""
+        session_scope = sqlalchemy_scope(scopes)
+        try:
+            if session_scope is not None:
+                session_scope.close()
+        finally:
+            for scope in reversed(scopes):
+                if scope is not session_scope:
+                    cast(DjangoPool, scope.gate.pool).end_unit(scope)
+                    scope.leave()
 
     def as_unavailable(self, exc: BaseException) -> Unavailable | None:
         """The Unavailable a view's exception stands for: itself, or a connection failure a breaker counted."""
@@ -148,10 +180,8 @@ class PoolGuardState:
     # -- health --------------------------------------------------------------------------------------
 
     def health_http(self, request: Any) -> HttpResponse:
-        config = self.config
-        detail = detail_allowed(
-            config.health_detail, config.health_token, request, request.headers.get("Authorization")
-        )
+        http = self.config.http
+        detail = detail_allowed(http.health_detail, http.health_token, request, request.headers.get("Authorization"))
         return health_response(self.health(), detail=detail)
 
     def health(self, *, ping: bool = True) -> HealthReport:
@@ -160,77 +190,8 @@ class PoolGuardState:
         return HealthReport.of([pool for guard in guards for pool in guard.health(ping=ping).pools])
 
 
-def _make_guard(config: PoolGuardConfig) -> Guard:
-    """The Guard of ``POOLGUARD["SQLALCHEMY"]``: SQLAlchemy is loaded here, only for apps that ask for it."""
-    from poolguard.engine import create_engine  # noqa: PLC0415
-
-    options = config.sqlalchemy or {}
-    kwargs: dict[str, Any] = {}
-    if options.get("pool_size") is not None:
-        kwargs["pool_size"] = options["pool_size"]
-    if options.get("max_overflow") is not None:
-        kwargs["max_overflow"] = options["max_overflow"]
-    engine = create_engine(options["url"], **kwargs)
-    try:
-        return Guard(engine, name=SQLALCHEMY_GUARD_NAME, **config.guard_options())
-    except BaseException:
-        engine.dispose()
-        raise
-
-
-class RequestWork:
-    """One request's scopes: one per guarded alias, and the SQLAlchemy request scope when configured.
-
-    Opening them touches no database. They learn the request's route (its URL pattern) from
-    ``request`` when they first check a connection out, after Django has resolved the URL.
-    """
-
-    __slots__ = ("_tokens", "request", "sqlalchemy", "state")
-
-    def __init__(self, state: PoolGuardState, request: Any) -> None:
-        self.state = state
-        self.request = request
-        self._tokens: list[tuple[PoolMonitor, AliasScope, Token[GuardedScope | None]]] = []
-        for monitor in state.alias_monitors:
-            scope = AliasScope(request)
-            self._tokens.append((monitor, scope, monitor.scope_var.set(scope)))
-        self.sqlalchemy: RequestScope | None = state.guard.request_scope(None).open() if state.guard else None
-
-    def session(self) -> Any:
-        """The SQLAlchemy session, its scope named after the route (resolved by now: a view is asking)."""
-        scope = self.sqlalchemy
-        assert scope is not None
-        self._name_route(scope)
-        return scope.session
-
-    def _name_route(self, scope: RequestScope) -> None:
-        if scope.route is None and self.request is not None:
-            scope.route = route_of(self.request)
-
-    def fail(self, error: BaseException) -> None:
-        """The view raised: the SQLAlchemy session rolls back (Django's ORM keeps its own rules)."""
-        if self.sqlalchemy is not None:
-            self.sqlalchemy.fail(error)
-
-    def finish_session(self) -> None:
-        """Commits the SQLAlchemy session (rollback when the view raised); blocking, so a thread under ASGI."""
-        if self.sqlalchemy is not None:
-            self.sqlalchemy.finish()
-
-    def close(self) -> None:
-        """Ends the request: the SQLAlchemy scope, then each alias's checkout; leaves the contexts."""
-        try:
-            request_scope = self.sqlalchemy
-            if request_scope is not None:
-                self._name_route(request_scope)  # for what close reports: use times, leftovers
-                request_scope.close()
-        finally:
-            for monitor, scope, token in reversed(self._tokens):
-                if scope.checked_out:
-                    scope.checked_out = False
-                    monitor.on_checkin(id(scope))
-                try:
-                    monitor.scope_var.reset(token)
-                except ValueError:
-                    monitor.scope_var.set(None)
-            self._tokens.clear()
+def sqlalchemy_scope(scopes: list[DjangoRequestScope]) -> DjangoRequestScope | None:
+    """The request's SQLAlchemy scope (opened last), or None without ``POOLGUARD["SQLALCHEMY"]``."""
+    if scopes and not isinstance(scopes[-1].gate.pool, DjangoPool):
+        return scopes[-1]
+    return None

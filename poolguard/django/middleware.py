@@ -18,7 +18,7 @@ from django.apps import apps  # type: ignore[import-untyped]
 from django.core.exceptions import ImproperlyConfigured  # type: ignore[import-untyped]
 from django.http import HttpResponse as DjangoHttpResponse  # type: ignore[import-untyped]
 
-from poolguard.django.conf import PoolGuardState, RequestWork
+from poolguard.django.conf import DjangoRequestScope, PoolGuardState, sqlalchemy_scope
 from poolguard.http import HEALTH_METHODS, HttpResponse
 
 __all__ = ["PoolGuardMiddleware", "get_session"]
@@ -56,17 +56,18 @@ def get_session(request: Any) -> Any:
     """The request's SQLAlchemy Session (``POOLGUARD["SQLALCHEMY"]``): committed when the view returns,
     rolled back when it raises, closed at the end of the request.
     """
-    work: RequestWork | None = getattr(request, _REQUEST_ATTRIBUTE, None)
-    if work is None:
+    scopes: list[DjangoRequestScope] | None = getattr(request, _REQUEST_ATTRIBUTE, None)
+    if scopes is None:
         raise ImproperlyConfigured(
             "poolguard.django.get_session() found no poolguard request: put "
             "'poolguard.django.PoolGuardMiddleware' first in MIDDLEWARE"
         )
-    if work.sqlalchemy is None:
+    scope = sqlalchemy_scope(scopes)
+    if scope is None:
         raise ImproperlyConfigured(
             "poolguard.django.get_session() needs POOLGUARD['SQLALCHEMY'] = {'URL': ..., 'POOL_SIZE': ...} in settings"
         )
-    return work.session()
+    return scope.session
 
 
 class PoolGuardMiddleware:
@@ -94,16 +95,16 @@ class PoolGuardMiddleware:
         state: PoolGuardState = self.app_config.state or self.app_config.require_state()
         if request.path_info == state.health_path and request.method in HEALTH_METHODS:
             return to_django(state.health_http(request))
-        work = RequestWork(state, request)
-        setattr(request, _REQUEST_ATTRIBUTE, work)
+        scopes = state.open_request(request)
+        setattr(request, _REQUEST_ATTRIBUTE, scopes)
         try:
             response = self.get_response(request)
         except BaseException as exc:
-            work.fail(exc)
-            work.close()
+            _fail(scopes, exc)
+            state.close_request(scopes)
             raise
         try:
-            work.close()
+            state.close_request(scopes)
         except Exception as exc:
             return _unavailable_or_raise(state, exc)
         return response
@@ -113,35 +114,44 @@ class PoolGuardMiddleware:
         if request.path_info == state.health_path and request.method in HEALTH_METHODS:
             http = await sync_to_async(state.health_http, thread_sensitive=False)(request)
             return to_django(http)
-        work = RequestWork(state, request)
-        setattr(request, _REQUEST_ATTRIBUTE, work)
+        scopes = state.open_request(request)
+        setattr(request, _REQUEST_ATTRIBUTE, scopes)
         get_response: Callable[[Any], Awaitable[Any]] = self.get_response
         try:
             response = await get_response(request)
         except BaseException as exc:
-            work.fail(exc)
-            await self._aclose(work)
+            _fail(scopes, exc)
+            await _aclose(state, scopes)
             raise
         try:
-            await self._aclose(work)
+            await _aclose(state, scopes)
         except Exception as exc:
             return _unavailable_or_raise(state, exc)
         return response
 
-    @staticmethod
-    async def _aclose(work: RequestWork) -> None:
-        try:
-            if work.sqlalchemy is not None and work.sqlalchemy.has_session:
-                # Commit is blocking I/O: in the request's own thread, like the sync view that used the session.
-                await sync_to_async(work.finish_session, thread_sensitive=True)()
-        finally:
-            work.close()
-
     def process_exception(self, request: Any, exception: Exception) -> Any:
         """A view raised: the SQLAlchemy session will roll back; Unavailable becomes poolguard's 503."""
-        work: RequestWork | None = getattr(request, _REQUEST_ATTRIBUTE, None)
-        if work is None:
+        scopes: list[DjangoRequestScope] | None = getattr(request, _REQUEST_ATTRIBUTE, None)
+        if scopes is None:
             return None
-        work.fail(exception)
-        converted = work.state.unavailable_http(exception)
+        _fail(scopes, exception)
+        converted = self.app_config.require_state().unavailable_http(exception)
         return None if converted is None else to_django(converted)
+
+
+def _fail(scopes: list[DjangoRequestScope], error: BaseException) -> None:
+    """The view raised: the SQLAlchemy session rolls back (Django's ORM keeps its own rules)."""
+    scope = sqlalchemy_scope(scopes)
+    if scope is not None:
+        scope.fail(error)
+
+
+async def _aclose(state: PoolGuardState, scopes: list[DjangoRequestScope]) -> None:
+    """Under ASGI the commit is blocking I/O: it runs in the request's own thread, like the sync view
+    that used the session; the rest of the close is bookkeeping."""
+    scope = sqlalchemy_scope(scopes)
+    try:
+        if scope is not None and scope.has_session:
+            await sync_to_async(scope.finish, thread_sensitive=True)()
+    finally:
+        state.close_request(scopes)

@@ -26,10 +26,9 @@ from django.db.utils import DatabaseError  # type: ignore[import-untyped]
 
 from poolguard._classify import counted_pool, is_connection_failure
 from poolguard.errors import ConfigError, PoolSaturated
-from poolguard.monitor import GuardedScope, PoolMonitor
-from poolguard.pools import PoolCounts
+from poolguard.pools import PoolCounts, PoolEvents, Unit
 
-__all__ = ["AliasScope", "DjangoPool"]
+__all__ = ["DjangoPool"]
 
 PSYCOPG_POOL_DEFAULT_MIN_SIZE = 4
 """psycopg_pool's own default ``min_size`` (and ``max_size`` follows it when unset)."""
@@ -39,47 +38,7 @@ _MIN_GETCONN_WAIT = 0.05
 
 _REGISTRY = "_poolguard_adapters"
 _HOOKED = "_poolguard_hooked"
-
-"""Set in the ping thread: psycopg_pool's ``getconn`` then waits no longer than the ping may take."""
-
-
-class AliasScope(GuardedScope):
-    """One request's use of one alias; ``checked_out`` once its first use went through the gate.
-
-    The route is named lazily, when something first asks for it (a use time per route, a leak
-    report), from the request's ``resolver_match``: the middleware runs before URL resolution, and
-    a ``process_view`` hook only to learn the route would cost every request, including those that
-    never touch the database; a request nobody asks about never computes it.
-    """
-
-    __slots__ = ("_route", "checked_out", "request")
-
-    def __init__(self, request: Any = None) -> None:
-        # GuardedScope's fields set here rather than through super(): one call less on every request.
-        self._route: str | None = None
-        self.waited = 0.0
-        self.held = 0
-        self.checked_out = False
-        self.request = request
-
-    @property
-    def route(self) -> str | None:
-        route = self._route
-        if route is None and self.request is not None:
-            route = self._route = route_of(self.request)
-        return route
-
-    @route.setter
-    def route(self, value: str | None) -> None:
-        self._route = value
-
-
-def route_of(request: Any) -> str | None:
-    """The URL pattern a Django request matched (``/items/<int:pk>/``), or None before resolution."""
-    match = getattr(request, "resolver_match", None)
-    if match is None or not match.route:
-        return None
-    return "/" + str(match.route).lstrip("^")
+_CONNECTING = "_poolguard_connecting"
 
 
 def _pool_option(settings_dict: dict[str, Any]) -> Any:
@@ -129,17 +88,13 @@ class DjangoPool:
         self.max_size: int | None = pool[0] if pool is not None else None
         self.min_size: int | None = pool[1] if pool is not None else None
         self.conn_max_age: float | None = settings_dict.get("CONN_MAX_AGE", 0)
-        self._monitor: PoolMonitor | None = None
+        self._events: PoolEvents | None = None
         self._pool: Any = None
 
     @property
     def capacity(self) -> int | None:
         """Connections the alias can hand out at once: the pool's max_size, None for per-thread connections."""
         return self.max_size
-
-    @property
-    def monitor(self) -> PoolMonitor | None:
-        return self._monitor
 
     def describe(self) -> str:
         """What kind of connection handling the alias uses, for the doctor."""
@@ -153,7 +108,7 @@ class DjangoPool:
 
     # -- the protocol ------------------------------------------------------------------------------
 
-    def attach(self, monitor: PoolMonitor) -> None:
+    def attach(self, events: PoolEvents) -> None:
         registry: dict[str, DjangoPool] = self.handler.__dict__.setdefault(_REGISTRY, {})
         if registry.get(self.alias) is not None:
             raise ConfigError(
@@ -161,7 +116,7 @@ class DjangoPool:
                 self.alias,
                 "an alias no other poolguard state watches (close the old one first)",
             )
-        self._monitor = monitor
+        self._events = events
         registry[self.alias] = self
         _hook_handler(self.handler, registry)
         for connection in self.handler.all(initialized_only=True):
@@ -171,7 +126,7 @@ class DjangoPool:
         registry: dict[str, DjangoPool] = self.handler.__dict__.get(_REGISTRY, {})
         if registry.get(self.alias) is self:
             del registry[self.alias]
-        self._monitor = None
+        self._events = None
 
     def counts(self) -> PoolCounts:
         if self.pooled:
@@ -184,7 +139,7 @@ class DjangoPool:
             return PoolCounts(
                 size=self.max_size, max_overflow=0, checked_out=max(0, opened - available), idle=available, overflow=0
             )
-        held = self._monitor.leaks.held if self._monitor is not None else 0
+        held = self._events.held if self._events is not None else 0
         return PoolCounts(size=None, max_overflow=None, checked_out=held, idle=0, overflow=0)
 
     def ping(self) -> None:
@@ -199,41 +154,52 @@ class DjangoPool:
     async def aping(self) -> None:
         await asyncio.to_thread(self.ping)
 
+    def reclaim(self, handle: Any) -> None:
+        """Nothing to force: Django closes or returns its connections when it ends the request."""
+
+    def end_unit(self, unit: Unit) -> None:
+        """A request ended: its per-thread connection counts as returned (Django keeps or closes it itself)."""
+        if unit.held and self._events is not None and not self.pooled:
+            self._events.checkin(id(unit))
+
     # -- hooks ---------------------------------------------------------------------------------------
 
     def _ensure(self, connection: Any, real: Callable[[], None]) -> None:
-        monitor = self._monitor
-        if monitor is None or self.pooled:  # pooled: the pool's getconn is gated instead
+        """A request's first use of the alias is its checkout: gated, and held until the request ends."""
+        events = self._events
+        if events is None or self.pooled:  # pooled: the pool's getconn is gated instead
             real()
             return
-        scope = monitor.scope_var.get()
-        connecting = connection.connection is None
-        if not isinstance(scope, AliasScope):
+        unit = events.unit_var.get()
+        if unit is None:
             real()
             return
-        if scope.checked_out:
-            if not connecting:
+        if unit.held:
+            if connection.connection is not None:
                 real()
                 return
             try:  # a reconnect within the request: not gated again, but its failure counts
                 real()
             except DatabaseError as exc:
                 if is_connection_failure(exc, during_checkout=True):
-                    monitor.on_connection_lost(exc)
+                    events.lost(exc)
                 raise
             return
-        scope.checked_out = True  # before connecting: connect() itself calls ensure_connection again
+        state = connection.__dict__
+        if state.get(_CONNECTING):  # connect() itself calls ensure_connection again
+            real()
+            return
 
         def connect() -> Any:
             real()
             return connection  # the holder's handle: what a leak report or a reclaim acts on
 
+        state[_CONNECTING] = True
         try:
-            # Keyed by the request's scope: RequestWork.close checks it in under the same key.
-            monitor.checkout(connect, None, lambda _connection: id(scope))
-        except BaseException:
-            scope.checked_out = False
-            raise
+            # Keyed by the request's unit: end_unit checks it in under the same key.
+            events.checkout(connect, None, lambda _connection: id(unit))
+        finally:
+            state[_CONNECTING] = False
 
     def _watch_pool(self, connection: Any) -> None:
         pool = connection.pool
@@ -249,14 +215,14 @@ class DjangoPool:
 
     def _on_query_error(self, exc: BaseException, connection: Any) -> None:
         """A query failed: a lost connection counts on the breaker, an application error does not."""
-        monitor = self._monitor
-        if monitor is None or counted_pool(exc) is not None:
+        events = self._events
+        if events is None or counted_pool(exc) is not None:
             return
         name = type(exc).__name__
         if name not in ("OperationalError", "InterfaceError"):
             return
         if is_connection_failure(exc) or _driver_broken(connection.connection):
-            monitor.on_connection_lost(exc)
+            events.lost(exc)
 
 
 def _driver_broken(raw: Any) -> bool:
@@ -356,19 +322,19 @@ def _hook_pool(pool: Any, registry: dict[str, DjangoPool], alias: str) -> None:
 
     def getconn(timeout: float | None = None) -> Any:
         adapter = registry.get(alias)
-        if adapter is None or adapter._monitor is None:
+        if adapter is None or adapter._events is None:
             return real_getconn(timeout)
-        monitor = adapter._monitor
+        events = adapter._events
         adapter._pool = pool
-        scope = monitor.scope_var.get()
-        if scope is None:
-            return monitor.checkout(functools.partial(real_getconn, timeout), None, id)
-        start = monitor.clock()
+        unit = events.unit_var.get()
+        if unit is None:
+            return events.checkout(functools.partial(real_getconn, timeout), None, id)
+        start = events.clock()
 
         def bounded() -> Any:
             # Admission gave a slot: wait for the connection itself only what is left of the budget,
             # never psycopg_pool's own 30 s timeout.
-            remaining = monitor.max_wait - scope.waited - (monitor.clock() - start)
+            remaining = events.max_wait - unit.waited - (events.clock() - start)
             limit = max(remaining, _MIN_GETCONN_WAIT)
             if timeout is not None:
                 limit = min(limit, timeout)
@@ -384,15 +350,15 @@ def _hook_pool(pool: Any, registry: dict[str, DjangoPool], alias: str) -> None:
                     ) from None
                 raise
 
-        return monitor.checkout(bounded, None, id)
+        return events.checkout(bounded, None, id)
 
     def putconn(connection: Any) -> None:
         try:
             real_putconn(connection)
         finally:
             adapter = registry.get(alias)
-            if adapter is not None and adapter._monitor is not None:
-                adapter._monitor.on_checkin(id(connection))
+            if adapter is not None and adapter._events is not None:
+                adapter._events.checkin(id(connection))
 
     pool.getconn = getconn
     pool.putconn = putconn

@@ -1,8 +1,8 @@
-"""SQLAlchemy Engine and AsyncEngine pools behind the pool protocol.
+"""SQLAlchemy Engine and AsyncEngine pools behind the pool protocols.
 
 SQLAlchemy has events for checkout, checkin and new connections, but none before a checkout
 starts waiting, and that wait is what matters most. So the pool object gets a subclass of its own
-class whose ``connect`` goes through the monitor and whose ``_do_return_conn`` (the template method
+class whose ``connect`` goes through the core's gate and whose ``_do_return_conn`` (the template method
 every return path of a SQLAlchemy pool ends in: checkin, invalidation, detach) reports the checkin
 (see :meth:`SQLAlchemyPool._guard_pool`). Both are on the per-request path, and a method of the
 pool costs a fraction of an event dispatch. New connections and errors use the engine's dialect
@@ -25,11 +25,10 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, Qu
 
 from poolguard._classify import is_connection_failure
 from poolguard.errors import ConfigError
-from poolguard.monitor import PoolMonitor
-from poolguard.pools import PoolCounts
+from poolguard.pools import PoolCounts, PoolEvents
 
 _CONNECT_STARTED = "poolguard.connect_started"
-_MONITOR_ATTRIBUTE = "_poolguard_monitor"
+_EVENTS_ATTRIBUTE = "_poolguard_events"
 
 
 def _record_key(connection: PoolProxiedConnection) -> int:
@@ -48,20 +47,19 @@ class SQLAlchemyPool:
         dialect = self.sync_engine.dialect
         self.db_system = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
         """The OpenTelemetry ``db.system.name`` value."""
-        self._monitor: PoolMonitor | None = None
+        self._events: PoolEvents | None = None
         self._listeners: list[tuple[Any, str, Any]] = []
         self._guarded_class: type[Pool] | None = None
 
-    def attach(self, monitor: PoolMonitor) -> None:
-        if getattr(self.sync_engine, _MONITOR_ATTRIBUTE, None) is not None:
+    def attach(self, events: PoolEvents) -> None:
+        if getattr(self.sync_engine, _EVENTS_ATTRIBUTE, None) is not None:
             raise ConfigError(
                 "Guard(engine)",
                 self.sync_engine.url.render_as_string(hide_password=True),
                 "an engine no other Guard watches; share one Guard per engine (guard.close() releases it)",
             )
-        setattr(self.sync_engine, _MONITOR_ATTRIBUTE, monitor)
-        self._monitor = monitor
-        monitor.reclaim = self._reclaim
+        setattr(self.sync_engine, _EVENTS_ATTRIBUTE, events)
+        self._events = events
         self._listen(self.sync_engine, "do_connect", self._before_connect)
         self._listen(self.sync_engine, "connect", self._after_connect)
         self._listen(self.sync_engine, "handle_error", self._on_error)
@@ -69,7 +67,7 @@ class SQLAlchemyPool:
 
     def detach(self) -> None:
         """Idempotent, and it removes only its own hooks: a newer Guard on the engine stays intact."""
-        if self._monitor is None:
+        if self._events is None:
             return
         for target, name, fn in self._listeners:
             event.remove(target, name, fn)
@@ -77,9 +75,9 @@ class SQLAlchemyPool:
         pool = self.sync_engine.pool
         if type(pool) is self._guarded_class:
             pool.__class__ = pool.__class__.__bases__[0]
-        if getattr(self.sync_engine, _MONITOR_ATTRIBUTE, None) is self._monitor:
-            delattr(self.sync_engine, _MONITOR_ATTRIBUTE)
-        self._monitor = None
+        if getattr(self.sync_engine, _EVENTS_ATTRIBUTE, None) is self._events:
+            delattr(self.sync_engine, _EVENTS_ATTRIBUTE)
+        self._events = None
         self._guarded_class = None
 
     def _listen(self, target: Any, name: str, fn: Any) -> None:
@@ -87,23 +85,23 @@ class SQLAlchemyPool:
         self._listeners.append((target, name, fn))
 
     def _guard_pool(self, pool: Pool) -> None:
-        """Routes the pool's checkouts and returns through the monitor with a subclass of the pool's own class.
+        """Routes the pool's checkouts and returns through the gate with a subclass of the pool's own class.
 
         A subclass, not events: SQLAlchemy has no event before a checkout waits, and an
         ``engine_disposed`` listener would switch every execution on the engine to its slower
         event-dispatching path. ``engine.dispose()`` builds the replacement pool from
         ``self.__class__``, so the replacement is guarded too. The subclass is per guard (it holds
-        this monitor) and adds no state, so :meth:`detach` can hand the pool its class back.
+        these events) and adds no state, so :meth:`detach` can hand the pool its class back.
         Connections are keyed by their pool record, which is what every return path hands back.
         """
-        monitor = self._monitor
-        assert monitor is not None
+        events = self._events
+        assert events is not None
         base = type(pool)
         real_connect = base.connect
         real_return = base._do_return_conn
         await_in_greenlet = sqlalchemy.util.await_only if self.is_async else None
-        checkout = monitor.checkout
-        checkin = monitor.on_checkin
+        checkout = events.checkout
+        checkin = events.checkin
 
         def connect(pool: Pool) -> PoolProxiedConnection:
             connection: PoolProxiedConnection = checkout(MethodType(real_connect, pool), await_in_greenlet, _record_key)
@@ -124,23 +122,23 @@ class SQLAlchemyPool:
         self._guarded_class = guarded
 
     def _before_connect(self, dialect: Any, record: ConnectionPoolEntry, cargs: Any, cparams: Any) -> None:
-        assert self._monitor is not None
-        record.info[_CONNECT_STARTED] = self._monitor.clock()
+        assert self._events is not None
+        record.info[_CONNECT_STARTED] = self._events.clock()
 
     def _after_connect(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
-        monitor = self._monitor
+        events = self._events
         started = record.info.pop(_CONNECT_STARTED, None)
-        if monitor is not None and started is not None:
-            monitor.on_connection_created(monitor.clock() - started)
+        if events is not None and started is not None:
+            events.connected(events.clock() - started)
 
     def _on_error(self, context: ExceptionContext) -> None:
-        if self._monitor is None or context.connection is None or context.is_pre_ping:
+        if self._events is None or context.connection is None or context.is_pre_ping:
             return
         if context.is_disconnect or is_connection_failure(context.original_exception):
-            self._monitor.on_connection_lost(context.sqlalchemy_exception or context.original_exception)
+            self._events.lost(context.sqlalchemy_exception or context.original_exception)
 
     @staticmethod
-    def _reclaim(handle: Any) -> None:
+    def reclaim(handle: Any) -> None:
         """Closes a connection a request forgot: invalidated, so no half-done transaction is reused."""
         if isinstance(handle, PoolProxiedConnection) and handle.is_valid:
             handle.invalidate()
@@ -156,7 +154,7 @@ class SQLAlchemyPool:
                 idle=pool.checkedin(),
                 overflow=max(0, pool.overflow()),
             )
-        held = self._monitor.leaks.held if self._monitor is not None else 0
+        held = self._events.held if self._events is not None else 0
         return PoolCounts(size=None, max_overflow=None, checked_out=held, idle=0, overflow=0)
 
     def ping(self) -> None:

@@ -184,7 +184,7 @@ def register_routes(app: Flask) -> None:
 
     @app.get("/orders/<int:order_id>")
     def order(order_id: int) -> dict[str, Any]:
-        scope = get_guard().monitor.scope_var.get()
+        scope = get_guard().gate.unit_var.get()
         return {"route": scope.route if scope else None, "id": order_id}
 
 
@@ -299,7 +299,7 @@ def test_db_proxies_the_request_session(guard: Guard) -> None:
 
     @app.get("/proxy")
     def proxy() -> str:
-        session = get_guard().monitor.scope_var.get().session  # type: ignore[union-attr]
+        session = get_guard().gate.unit_var.get().session  # type: ignore[union-attr]
         db.info["marker"] = "set through db"  # attribute reads and item writes reach the session
         seen["same info"] = session.info.get("marker")
         seen["isinstance"] = isinstance(db, Session)
@@ -464,7 +464,7 @@ def test_health_from_flask_config_and_no_scope(guard: Guard) -> None:
 
     @app.after_request
     def record(response: flask.Response) -> flask.Response:
-        scopes.append(guard.monitor.scope_var.get())
+        scopes.append(guard.gate.unit_var.get())
         return response
 
     client = app.test_client()

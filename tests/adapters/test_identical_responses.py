@@ -207,7 +207,7 @@ def flask_saturated() -> Answer:
         app = flask_app(guard)
         assert flask_get(app, "/db").status == 200  # the route works while the slot is free
         with guard.connection():
-            assert guard.monitor.admission.in_use == 1
+            assert guard.gate.admission.in_use == 1
             return flask_get(app, "/db")
     finally:
         guard.close()
@@ -264,7 +264,7 @@ async def asgi_saturated(make_app: Callable[[Guard], Any]) -> Answer:
         app = make_app(guard)
         assert (await asgi_get(app, "/db")).status == 200
         async with guard.connection():
-            assert guard.monitor.admission.in_use == 1
+            assert guard.gate.admission.in_use == 1
             return await asgi_get(app, "/db")
     finally:
         guard.close()

@@ -92,7 +92,7 @@ def test_failed_ping_makes_health_unavailable_without_counting_on_the_breaker() 
     response = Client().get("/health/db")
     assert response.status_code == 503
     assert response.content == b'{"status":"unavailable"}'
-    breaker = state().monitors["down"].breaker
+    breaker = state().guards["down"].gate.breaker
     assert breaker is not None
     assert breaker.state.value == "closed"
 

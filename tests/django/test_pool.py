@@ -28,14 +28,14 @@ def _request_in_thread(path: str, results: dict[str, object], key: str) -> threa
 
 @override_settings(POOLGUARD=POOLED)
 def test_saturated_pool_sheds_within_the_wait_budget() -> None:
-    monitor = state().monitors["pooled"]
-    assert monitor.admission.capacity == 1
+    gate = state().guards["pooled"].gate
+    assert gate.admission.capacity == 1
     results: dict[str, object] = {}
     holder = _request_in_thread("/pooled/?sleep=1.5", results, "holder")
     deadline = time.monotonic() + 5
-    while monitor.admission.in_use < 1 and time.monotonic() < deadline:
+    while gate.admission.in_use < 1 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert monitor.admission.in_use == 1
+    assert gate.admission.in_use == 1
 
     started = time.monotonic()
     shed = _request_in_thread("/pooled/", results, "shed")
@@ -43,7 +43,7 @@ def test_saturated_pool_sheds_within_the_wait_budget() -> None:
     elapsed = time.monotonic() - started
     assert_503(results["shed"], "pool_saturated")
     assert elapsed < 0.3 + 0.5, elapsed  # MAX_WAIT, never psycopg_pool's timeout (10 s here)
-    assert monitor.shed["pool_saturated"] == 1
+    assert gate.shed["pool_saturated"] == 1
 
     counts = state().pools["pooled"].counts()
     assert (counts.size, counts.checked_out, counts.idle) == (1, 1, 0)
@@ -53,8 +53,8 @@ def test_saturated_pool_sheds_within_the_wait_budget() -> None:
 
     holder.join()
     assert getattr(results["holder"], "status_code", None) == 200
-    assert monitor.admission.in_use == 0
-    assert monitor.leaks.holders() == []
+    assert gate.admission.in_use == 0
+    assert gate.leaks.holders() == []
 
     after = _request_in_thread("/pooled/", results, "after")
     after.join()

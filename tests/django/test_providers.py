@@ -11,7 +11,7 @@ from opentelemetry.sdk.trace import TracerProvider
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor
 from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
-from poolguard.django.conf import PoolGuardState, RequestWork, configure_settings
+from poolguard.django.conf import PoolGuardState, configure_settings
 from poolguard.errors import ConfigError
 
 
@@ -27,13 +27,13 @@ def test_the_providers_in_settings_receive_the_spans_and_metrics_of_every_alias(
     )
     state = PoolGuardState(loaded, handler=handler)
     try:
-        work = RequestWork(state, None)
+        scopes = state.open_request(None)
         try:
             tracer = tracer_provider.get_tracer("test")
             with tracer.start_as_current_span("GET /items"), handler["default"].cursor() as cursor:
                 cursor.execute("SELECT 1")
         finally:
-            work.close()
+            state.close_request(scopes)
         spans = {span.name for span in exporter.get_finished_spans()}
         assert "checkout default" in spans
         names = {

@@ -27,17 +27,17 @@ def test_returning_view_commits_and_raising_view_rolls_back() -> None:
     assert client.get("/write-fail/", {"name": dropped}).status_code == 500
     assert row_exists(kept)
     assert not row_exists(dropped)
-    monitor = state().monitors["default"]
-    assert monitor.checkouts == 2
-    assert monitor.leaks.holders() == []
-    assert monitor.admission.in_use == 0
+    gate = state().guards["default"].gate
+    assert gate.checkouts == 2
+    assert gate.leaks.holders() == []
+    assert gate.admission.in_use == 0
 
 
 def test_application_errors_do_not_count_on_the_breaker() -> None:
     client = Client(raise_request_exception=False)
     for _ in range(6):  # more than the default consecutive_failures
         assert client.get("/duplicate/", {"name": _name()}).status_code == 500
-    breaker = state().monitors["default"].breaker
+    breaker = state().guards["default"].gate.breaker
     assert breaker is not None
     assert breaker.state.value == "closed"
     assert breaker.failure_rate == 0.0
@@ -47,12 +47,12 @@ def test_application_errors_do_not_count_on_the_breaker() -> None:
 def test_connection_failure_opens_the_breaker_and_db_free_views_keep_answering() -> None:
     client = Client(raise_request_exception=False)
     assert_503(client.get("/down/"), "circuit_open")  # the refused connect, counted, then the 503
-    breaker = state().monitors["down"].breaker
+    breaker = state().guards["down"].gate.breaker
     assert breaker is not None
     assert breaker.state.value == "open"
     seconds = assert_503(client.get("/down/"), "circuit_open")
     assert 1 <= seconds <= 30
-    assert state().monitors["down"].shed["circuit_open"] == 1
+    assert state().guards["down"].gate.shed["circuit_open"] == 1
     response = client.get("/nodb/")
     assert response.status_code == 200
     assert response.content == b"no database here"
@@ -61,7 +61,7 @@ def test_connection_failure_opens_the_breaker_and_db_free_views_keep_answering()
 
 @override_settings(POOLGUARD=BREAKER_AT_ONE)
 def test_open_breaker_answers_before_touching_the_database() -> None:
-    breaker = state().monitors["down"].breaker
+    breaker = state().guards["down"].gate.breaker
     assert breaker is not None
     breaker.record_failure(0.0)
     client = Client()
@@ -86,7 +86,7 @@ async def test_async_view_commits_and_rolls_back() -> None:
     assert (await client.get("/async/write/", {"name": dropped, "fail": "1"})).status_code == 500
     assert row_exists(kept)
     assert not row_exists(dropped)
-    assert state().monitors["default"].leaks.holders() == []
+    assert state().guards["default"].gate.leaks.holders() == []
 
 
 @pytest.mark.parametrize("path", ["/down/", "/async/down/"])
@@ -95,7 +95,7 @@ async def test_async_breaker_open(path: str) -> None:
         client = AsyncClient(raise_request_exception=False)
         assert_503(await client.get(path), "circuit_open")
         assert_503(await client.get(path), "circuit_open")
-        assert state().monitors["down"].shed["circuit_open"] == 1
+        assert state().guards["down"].gate.shed["circuit_open"] == 1
         response = await client.get("/async/nodb/")
         assert response.status_code == 200
         assert (await client.get("/nodb/")).status_code == 200
@@ -112,8 +112,8 @@ def test_state_is_rebuilt_on_override_and_restored() -> None:
     before = state()
     with override_settings(POOLGUARD={"DATABASES": ["default", "down"]}):
         inside = state()
-        assert set(inside.monitors) == {"default", "down"}
+        assert set(inside.guards) == {"default", "down"}
     after = state()
     assert after is not before
     assert after is not inside
-    assert set(after.monitors) == {"default"}
+    assert set(after.guards) == {"default"}

@@ -510,7 +510,7 @@ def test_every_way_back_to_the_pool_releases_the_slot_and_records_the_use(
 ):
     """Checkin, invalidation and detach all end in the pool's return path, which the guard watches."""
     guard = make_guard(engine)
-    capacity = guard.monitor.admission.capacity
+    capacity = guard.gate.admission.capacity
     with guard.request_scope(route="/ways") as scope:
         with engine.connect() as connection:  # a plain checkin
             connection.exec_driver_sql("SELECT 1")
@@ -521,10 +521,10 @@ def test_every_way_back_to_the_pool_releases_the_slot_and_records_the_use(
         assert scope.held == 1
         detached.connection.detach()  # leaves the pool for good
         assert scope.held == 0
-        assert guard.monitor.leaks.held == 0
+        assert guard.gate.held == 0
         detached.close()
-    assert guard.monitor.admission.in_use == 0
-    assert guard.monitor.admission.capacity == capacity
+    assert guard.gate.admission.in_use == 0
+    assert guard.gate.admission.capacity == capacity
     assert guard.stats().checkouts == 3
     assert guard.stats().use_p50 is not None
     assert_nothing_checked_out(guard, engine)

@@ -17,13 +17,13 @@ from opentelemetry.sdk.trace.sampling import ALWAYS_OFF
 from sqlalchemy import text
 
 from poolguard import Guard
-from poolguard.pools import PoolCounts
-from poolguard.telemetry import FLUSH_AT, PoolTelemetry, unregister
+from poolguard.telemetry import FLUSH_AT, PoolTelemetry
+from tests.support.pools import pool_stats
 from tests.telemetry.conftest import POOL_NAME, Otel, point
 
 GuardFactory = Callable[..., Guard]
 
-COUNTS = PoolCounts(size=2, max_overflow=0, checked_out=0, idle=2, overflow=0)
+STATS = pool_stats()
 WAIT = "db.client.connection.wait_time"
 USE = "db.client.connection.use_time"
 
@@ -35,12 +35,12 @@ def sdk() -> Iterator[tuple[PoolTelemetry, InMemoryMetricReader]]:
     telemetry = PoolTelemetry(
         pool_name="primary",
         db_system="postgresql",
-        counts=lambda: COUNTS,
+        snapshot=lambda: STATS,
         tracer_provider=TracerProvider(sampler=ALWAYS_OFF),
         meter_provider=meter_provider,
     )
     yield telemetry, reader
-    unregister(telemetry)
+    telemetry.close()
     meter_provider.shutdown()
 
 
@@ -126,7 +126,7 @@ def test_a_sampled_request_records_at_once_with_its_trace_as_exemplar(otel: Otel
         with guard.request_scope(route="/orders/{id}") as scope:
             scope.session.execute(text("SELECT 1"))
         trace_id = request_span.get_span_context().trace_id
-    assert not guard.telemetry._queued
+    assert not guard.gate.telemetry._queued
 
     metrics = otel.collect()
     wait = point(metrics[WAIT], {POOL_NAME: "primary"})
@@ -141,7 +141,7 @@ def test_an_unsampled_request_is_queued_and_counted(guard_on: GuardFactory, otel
     for _ in range(3):
         with guard.request_scope(route="/orders/{id}") as scope:
             scope.session.execute(text("SELECT 1"))
-    assert len(guard.monitor.telemetry._queued) == 6  # type: ignore[union-attr]
+    assert len(guard.gate.telemetry._queued) == 6
 
     metrics = otel.collect()
     assert point(metrics[WAIT], {POOL_NAME: "primary"}).count == 3
@@ -157,7 +157,7 @@ def test_queued_samples_take_no_exemplar_from_the_request_that_flushes_them() ->
     telemetry = PoolTelemetry(
         pool_name="primary",
         db_system="postgresql",
-        counts=lambda: COUNTS,
+        snapshot=lambda: STATS,
         tracer_provider=tracer_provider,
         meter_provider=meter_provider,
     )
@@ -173,6 +173,6 @@ def test_queued_samples_take_no_exemplar_from_the_request_that_flushes_them() ->
         assert wait.exemplars  # the filter let them through: the point is what they point at
         assert all(exemplar.trace_id is None and exemplar.span_id is None for exemplar in wait.exemplars)
     finally:
-        unregister(telemetry)
+        telemetry.close()
         meter_provider.shutdown()
         tracer_provider.shutdown()

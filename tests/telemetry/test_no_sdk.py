@@ -36,7 +36,7 @@ def test_guard_works_and_makes_no_span_without_an_sdk(tmp_path: Path):
             with trace.use_span(parent):
                 with guard.request_scope(route="/x") as scope:
                     assert scope.session.execute(text("SELECT 1")).scalar() == 1
-                assert not guard.telemetry.start_checkout().is_recording()
+                assert not guard.gate.telemetry.start_checkout().is_recording()
         assert guard.stats().checkouts == 2
     finally:
         guard.close()

@@ -90,7 +90,6 @@ def test_grants_at_once_while_slots_are_free(clock: FakeClock) -> None:
     admission.acquire(0.0)
     assert admission.in_use == 2
     assert admission.waiting == 0
-    assert admission.shed == 0
 
 
 async def test_async_grants_at_once_while_slots_are_free(clock: FakeClock) -> None:
@@ -113,7 +112,6 @@ def test_unbounded_capacity_admits_everything_and_counts(clock: FakeClock) -> No
     for _ in range(500):
         admission.acquire(0.0)
     assert admission.in_use == 500
-    assert admission.shed == 0
     for _ in range(500):
         admission.release()
     assert admission.in_use == 0
@@ -140,7 +138,6 @@ def test_full_pool_with_no_budget_sheds_at_once(clock: FakeClock) -> None:
     assert "password" not in message.lower()
     assert admission.in_use == 2
     assert admission.waiting == 0
-    assert admission.shed == 1
 
 
 def test_negative_budget_sheds_at_once(clock: FakeClock) -> None:
@@ -148,7 +145,6 @@ def test_negative_budget_sheds_at_once(clock: FakeClock) -> None:
     admission.acquire(0.0)
     with pytest.raises(PoolSaturated):
         admission.acquire(-0.5)
-    assert admission.shed == 1
 
 
 async def test_async_full_pool_with_no_budget_sheds_at_once(clock: FakeClock) -> None:
@@ -158,7 +154,6 @@ async def test_async_full_pool_with_no_budget_sheds_at_once(clock: FakeClock) ->
         await admission.acquire_async(0.0)
     assert caught.value.reason == "pool_saturated"
     assert admission.waiting == 0
-    assert admission.shed == 1
 
 
 def test_predicted_wait_spreads_the_queue_over_the_capacity(clock: FakeClock) -> None:
@@ -203,7 +198,6 @@ def test_sheds_without_waiting_when_the_predicted_wait_exceeds_the_budget(clock:
         guard.join(timeout=10)
     assert not queued.is_set(), "the caller queued instead of being shed"
     assert caught.value.retry_after == pytest.approx(2.0)
-    assert admission.shed == 1
     assert admission.waiting == 1  # the shed caller never joined the queue
 
     admission.release()
@@ -222,7 +216,6 @@ def test_predicted_wait_within_the_budget_queues(clock: FakeClock) -> None:
     admission.release()
     waiter.join()
     assert waiter.error is None
-    assert admission.shed == 0
 
 
 # -- handoff to threads ---------------------------------------------------------------------------------
@@ -394,18 +387,3 @@ async def test_a_task_cancelled_after_its_grant_hands_the_slot_back(clock: FakeC
 
     assert admission.waiting == 0
     assert admission.in_use == 0
-
-
-# -- counters -------------------------------------------------------------------------------------------
-
-
-def test_shed_counter_counts_every_shed_request(clock: FakeClock) -> None:
-    admission = make(clock, capacity=1)
-    admission.acquire(0.0)
-    for expected in range(1, 6):
-        with pytest.raises(PoolSaturated):
-            admission.acquire(0.0)
-        assert admission.shed == expected
-    admission.release()
-    admission.acquire(0.0)
-    assert admission.shed == 5

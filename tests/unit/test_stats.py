@@ -110,9 +110,13 @@ def test_pool_stats_to_dict_has_every_field() -> None:
         suspected_leaks=0,
         shed=2,
         breaker_state="closed",
+        shed_by_reason={"circuit_open": 0, "pool_saturated": 2},
+        leaks_reported=1,
     )
     data = stats.to_dict()
     assert data["name"] == "primary"
     assert data["wait_p99"] == 0.002
     assert data["breaker_state"] == "closed"
-    assert len(data) == 20
+    assert data["shed_by_reason"] == {"circuit_open": 0, "pool_saturated": 2}
+    assert data["leaks_reported"] == 1
+    assert len(data) == 22

@@ -1,4 +1,4 @@
-"""PoolMonitor with a plain callable as the pool's own checkout: gating, accounting, no database."""
+"""The gate with a plain callable as the pool's own checkout: gating, accounting, no database."""
 
 from __future__ import annotations
 
@@ -16,39 +16,50 @@ from opentelemetry.sdk.trace import TracerProvider
 
 from poolguard.breaker import Breaker, BreakerState
 from poolguard.errors import CircuitOpen, PoolSaturated
-from poolguard.monitor import GuardedScope, PoolMonitor
+from poolguard.gate import Gate
 from poolguard.pools import PoolCounts
-from poolguard.telemetry import PoolTelemetry, unregister
+from poolguard.telemetry import PoolTelemetry
+from tests.support.pools import FixedPool, pool_stats
 from tests.unit.conftest import FakeClock
 
 ROUTE = "/orders/{id}"
 
 
-def make(clock: FakeClock, *, capacity: int | None = 2, breaker: Breaker | None = None) -> PoolMonitor:
-    return PoolMonitor(
+def make(clock: FakeClock, *, capacity: int | None = 2, breaker: Breaker | None = None, **telemetry: object) -> Gate:
+    counts = PoolCounts(size=capacity, max_overflow=0 if capacity else None, checked_out=1, idle=1, overflow=0)
+    return Gate(
+        FixedPool(counts),
         name="primary",
-        capacity=capacity,
         breaker=breaker if breaker is not None else Breaker(consecutive_failures=3, clock=clock),
         max_wait=1.0,
         leak_threshold=30.0,
         capture_stacks=False,
         clock=clock,
+        **telemetry,
     )
 
 
+class Scope:
+    """A unit of work as the gate sees one (what :class:`poolguard.pools.Unit` describes)."""
+
+    def __init__(self, route: str | None, waited: float = 0.0) -> None:
+        self.route = route
+        self.waited = waited
+        self.held = 0
+
+
 @contextmanager
-def scope_of(monitor: PoolMonitor, route: str | None = ROUTE, waited: float = 0.0) -> Iterator[GuardedScope]:
-    scope = GuardedScope(route)
-    scope.waited = waited
-    token = monitor.scope_var.set(scope)
+def scope_of(gate: Gate, route: str | None = ROUTE, waited: float = 0.0) -> Iterator[Scope]:
+    scope = Scope(route, waited)
+    token = gate.unit_var.set(scope)
     try:
         yield scope
     finally:
-        monitor.scope_var.reset(token)
+        gate.unit_var.reset(token)
 
 
 def keyed(key: str) -> Callable[[object], str]:
-    """A ``key_of`` for :meth:`PoolMonitor.checkout`: every connection it sees is held under ``key``."""
+    """A ``key_of`` for :meth:`Gate.checkout`: every connection it sees is held under ``key``."""
     return lambda _connection: key
 
 
@@ -86,75 +97,85 @@ def duplicate_key() -> sqlalchemy.exc.IntegrityError:
     return sqlalchemy.exc.IntegrityError("INSERT", None, psycopg.errors.UniqueViolation("duplicate key"))
 
 
-COUNTS = PoolCounts(size=2, max_overflow=0, checked_out=1, idle=1, overflow=0)
-
-
 # -- gating ------------------------------------------------------------------------------------------------
 
 
 def test_checkout_outside_any_scope_is_not_gated_even_with_the_breaker_open(clock: FakeClock) -> None:
-    monitor = make(clock, capacity=1)
-    assert monitor.breaker is not None
-    trip(monitor.breaker)
+    gate = make(clock, capacity=1)
+    assert gate.breaker is not None
+    trip(gate.breaker)
     real = RealCheckout(clock)
 
-    assert monitor.checkout(real) == "connection-1"
-    assert monitor.checkout(real) == "connection-2"  # over capacity too: not through the guard
+    assert gate.checkout(real) == "connection-1"
+    assert gate.checkout(real) == "connection-2"  # over capacity too: not through the guard
 
     assert real.calls == 2
-    assert monitor.admission.in_use == 0
-    assert monitor.shed == {"circuit_open": 0, "pool_saturated": 0}
-    assert monitor.checkouts == 2
+    assert gate.admission.in_use == 0
+    assert gate.shed == {"circuit_open": 0, "pool_saturated": 0}
+    assert gate.checkouts == 2
 
 
 def test_open_breaker_inside_a_scope_raises_circuit_open_and_counts_it(clock: FakeClock) -> None:
-    monitor = make(clock)
-    assert monitor.breaker is not None
-    trip(monitor.breaker)
+    gate = make(clock)
+    assert gate.breaker is not None
+    trip(gate.breaker)
     real = RealCheckout(clock)
 
-    with scope_of(monitor), pytest.raises(CircuitOpen) as caught:
-        monitor.checkout(real)
+    with scope_of(gate), pytest.raises(CircuitOpen) as caught:
+        gate.checkout(real)
 
     assert caught.value.reason == "circuit_open"
     assert caught.value.pool == "primary"
     assert caught.value.retry_after > 0
     assert real.calls == 0
-    assert monitor.shed["circuit_open"] == 1
-    assert monitor.shed["pool_saturated"] == 0
-    assert monitor.admission.in_use == 0
-    assert monitor.pending == 0
+    assert gate.shed["circuit_open"] == 1
+    assert gate.shed["pool_saturated"] == 0
+    assert gate.admission.in_use == 0
+    assert gate.pending == 0
 
 
-def test_a_scope_of_another_monitor_does_not_gate_this_one(clock: FakeClock) -> None:
-    monitor = make(clock)
+def test_a_scope_of_another_gate_does_not_gate_this_one(clock: FakeClock) -> None:
+    gate = make(clock)
     other = make(clock)
-    assert monitor.breaker is not None
-    trip(monitor.breaker)
+    assert gate.breaker is not None
+    trip(gate.breaker)
     with scope_of(other):
-        assert monitor.checkout(RealCheckout(clock)) == "connection-1"
-    assert monitor.admission.in_use == 0
+        assert gate.checkout(RealCheckout(clock)) == "connection-1"
+    assert gate.admission.in_use == 0
 
 
 def test_a_guarded_checkout_takes_an_admission_slot(clock: FakeClock) -> None:
-    monitor = make(clock, capacity=2)
-    with scope_of(monitor):
-        monitor.checkout(RealCheckout(clock))
-    assert monitor.admission.in_use == 1
+    gate = make(clock, capacity=2)
+    with scope_of(gate):
+        gate.checkout(RealCheckout(clock))
+    assert gate.admission.in_use == 1
 
 
 def test_full_admission_inside_a_scope_sheds_with_pool_saturated(clock: FakeClock) -> None:
-    monitor = make(clock, capacity=1)
+    gate = make(clock, capacity=1)
     real = RealCheckout(clock)
-    with scope_of(monitor, waited=1.0):  # the whole wait budget is spent
-        monitor.checkout(real)
+    with scope_of(gate, waited=1.0):  # the whole wait budget is spent
+        gate.checkout(real)
         with pytest.raises(PoolSaturated) as caught:
-            monitor.checkout(real)
+            gate.checkout(real)
     assert caught.value.pool == "primary"
     assert real.calls == 1
-    assert monitor.shed["pool_saturated"] == 1
-    assert monitor.timeouts == 1
-    assert monitor.admission.in_use == 1
+    assert gate.shed["pool_saturated"] == 1
+    assert gate.timeouts == 1
+    assert gate.admission.in_use == 1
+
+
+def test_every_shed_request_is_counted(clock: FakeClock) -> None:
+    gate = make(clock, capacity=1)
+    real = RealCheckout(clock)
+    with scope_of(gate):
+        gate.checkout(real)
+    for expected in range(1, 6):
+        with scope_of(gate, waited=1.0), pytest.raises(PoolSaturated):
+            gate.checkout(real)
+        assert gate.shed["pool_saturated"] == expected
+    assert gate.snapshot().shed_by_reason == {"circuit_open": 0, "pool_saturated": 5}
+    assert gate.snapshot().shed == 5
 
 
 # -- failures ------------------------------------------------------------------------------------------------
@@ -165,64 +186,64 @@ def test_a_connection_failure_is_recorded_on_the_breaker_and_frees_the_slot(
     clock: FakeClock, error: BaseException
 ) -> None:
     breaker = Breaker(consecutive_failures=3, clock=clock)
-    monitor = make(clock, capacity=1, breaker=breaker)
+    gate = make(clock, capacity=1, breaker=breaker)
     real = RealCheckout(clock, takes=0.2, error=error)
 
     for _ in range(3):
-        with scope_of(monitor) as scope, pytest.raises(type(error)):
-            monitor.checkout(real)
-        assert monitor.admission.in_use == 0
+        with scope_of(gate) as scope, pytest.raises(type(error)):
+            gate.checkout(real)
+        assert gate.admission.in_use == 0
         assert scope.waited == pytest.approx(0.2)
 
     assert breaker.failure_rate == 1.0
     assert breaker.state is BreakerState.OPEN
-    assert monitor.pending == 0
-    assert monitor.checkouts == 0
+    assert gate.pending == 0
+    assert gate.checkouts == 0
 
 
 def test_a_checkout_timeout_is_counted(clock: FakeClock) -> None:
-    monitor = make(clock)
-    with scope_of(monitor), pytest.raises(sqlalchemy.exc.TimeoutError):
-        monitor.checkout(RealCheckout(clock, error=sqlalchemy.exc.TimeoutError()))
-    assert monitor.timeouts == 1
+    gate = make(clock)
+    with scope_of(gate), pytest.raises(sqlalchemy.exc.TimeoutError):
+        gate.checkout(RealCheckout(clock, error=sqlalchemy.exc.TimeoutError()))
+    assert gate.timeouts == 1
 
 
 def test_an_application_error_records_nothing_on_the_breaker(clock: FakeClock) -> None:
     breaker = Breaker(consecutive_failures=1, minimum_calls=1, window_size=5, clock=clock)
-    monitor = make(clock, capacity=1, breaker=breaker)
+    gate = make(clock, capacity=1, breaker=breaker)
     real = RealCheckout(clock, error=duplicate_key())
 
     for _ in range(20):
-        with scope_of(monitor), pytest.raises(sqlalchemy.exc.IntegrityError):
-            monitor.checkout(real)
-        assert monitor.admission.in_use == 0
+        with scope_of(gate), pytest.raises(sqlalchemy.exc.IntegrityError):
+            gate.checkout(real)
+        assert gate.admission.in_use == 0
 
     assert real.calls == 20
     assert breaker.state is BreakerState.CLOSED
     assert breaker.failure_rate == 0.0
-    assert monitor.pending == 0
+    assert gate.pending == 0
 
 
 def test_a_failure_outside_a_scope_is_not_recorded_on_the_breaker(clock: FakeClock) -> None:
     breaker = Breaker(consecutive_failures=1, clock=clock)
-    monitor = make(clock, breaker=breaker)
+    gate = make(clock, breaker=breaker)
     with pytest.raises(sqlalchemy.exc.OperationalError):
-        monitor.checkout(RealCheckout(clock, error=refused()))
+        gate.checkout(RealCheckout(clock, error=refused()))
     assert breaker.state is BreakerState.CLOSED
-    assert monitor.admission.in_use == 0
-    assert monitor.pending == 0
+    assert gate.admission.in_use == 0
+    assert gate.pending == 0
 
 
 # -- accounting ----------------------------------------------------------------------------------------------
 
 
 def test_wait_time_is_recorded(clock: FakeClock) -> None:
-    monitor = make(clock, capacity=2)
-    with scope_of(monitor) as scope:
-        monitor.checkout(RealCheckout(clock, takes=0.3))
-        monitor.checkout(RealCheckout(clock, takes=0.1))
+    gate = make(clock, capacity=2)
+    with scope_of(gate) as scope:
+        gate.checkout(RealCheckout(clock, takes=0.3))
+        gate.checkout(RealCheckout(clock, takes=0.1))
     assert scope.waited == pytest.approx(0.4)
-    snapshot = monitor.snapshot(COUNTS, "postgresql")
+    snapshot = gate.snapshot()
     assert snapshot.wait_p50 == pytest.approx(0.1)
     assert snapshot.wait_p99 == pytest.approx(0.3)
     assert snapshot.checkouts == 2
@@ -230,83 +251,83 @@ def test_wait_time_is_recorded(clock: FakeClock) -> None:
 
 
 def test_unguarded_wait_time_is_recorded_too(clock: FakeClock) -> None:
-    monitor = make(clock)
-    monitor.checkout(RealCheckout(clock, takes=0.25))
-    assert monitor.snapshot(COUNTS, "postgresql").wait_p99 == pytest.approx(0.25)
+    gate = make(clock)
+    gate.checkout(RealCheckout(clock, takes=0.25))
+    assert gate.snapshot().wait_p99 == pytest.approx(0.25)
 
 
 def test_pending_counts_checkouts_in_progress(clock: FakeClock) -> None:
-    monitor = make(clock)
+    gate = make(clock)
     seen: list[int] = []
 
     def real() -> str:
-        seen.append(monitor.pending)
+        seen.append(gate.pending)
         return "connection"
 
-    monitor.checkout(real)
+    gate.checkout(real)
     assert seen == [1]
-    assert monitor.pending == 0
+    assert gate.pending == 0
 
 
 def test_checkout_checkin_pair_records_use_time_and_releases_the_slot(clock: FakeClock) -> None:
-    monitor = make(clock, capacity=1)
-    with scope_of(monitor) as scope:
-        monitor.checkout(RealCheckout(clock), None, keyed("key-1"))
+    gate = make(clock, capacity=1)
+    with scope_of(gate) as scope:
+        gate.checkout(RealCheckout(clock), None, keyed("key-1"))
         assert scope.held == 1
-        assert monitor.admission.in_use == 1
+        assert gate.admission.in_use == 1
         clock.advance(0.25)
-        monitor.on_checkin("key-1")
+        gate.checkin("key-1")
 
     assert scope.held == 0
-    assert monitor.admission.in_use == 0
-    assert monitor._mean_use() == pytest.approx(0.25)
-    snapshot = monitor.snapshot(COUNTS, "postgresql")
+    assert gate.admission.in_use == 0
+    assert gate._mean_use() == pytest.approx(0.25)
+    snapshot = gate.snapshot()
     assert snapshot.use_p50 == pytest.approx(0.25)
     assert snapshot.use_p99 == pytest.approx(0.25)
 
 
 def test_holder_records_route_and_thread(clock: FakeClock) -> None:
-    monitor = make(clock)
-    with scope_of(monitor, route="/reports"):
-        monitor.checkout(lambda: "handle", None, keyed("key-1"))
-    (holder,) = monitor.leaks.holders()
-    assert holder.current_route == "/reports"
+    gate = make(clock)
+    with scope_of(gate, route="/reports"):
+        gate.checkout(lambda: "handle", None, keyed("key-1"))
+    (holder,) = gate.leaks.holders()
+    assert holder.route == "/reports"
     assert holder.thread == threading.current_thread().name
     assert holder.handle == "handle"
     assert holder.stack is None  # capture_stacks is off
 
 
 def test_checkin_of_an_unguarded_connection_does_not_free_a_guarded_slot(clock: FakeClock) -> None:
-    monitor = make(clock, capacity=1)
-    with scope_of(monitor):
-        monitor.checkout(RealCheckout(clock), None, keyed("guarded"))
-    monitor.checkout(RealCheckout(clock), None, keyed("unguarded"))
+    gate = make(clock, capacity=1)
+    with scope_of(gate):
+        gate.checkout(RealCheckout(clock), None, keyed("guarded"))
+    gate.checkout(RealCheckout(clock), None, keyed("unguarded"))
     clock.advance(0.1)
-    monitor.on_checkin("unguarded")
-    monitor.on_checkin("unknown")
-    assert monitor.admission.in_use == 1
-    monitor.on_checkin("guarded")
-    assert monitor.admission.in_use == 0
+    gate.checkin("unguarded")
+    gate.checkin("unknown")
+    assert gate.admission.in_use == 1
+    gate.checkin("guarded")
+    assert gate.admission.in_use == 0
 
 
 def test_suspected_leaks_show_in_the_snapshot(clock: FakeClock) -> None:
-    monitor = make(clock)
-    with scope_of(monitor):
-        monitor.checkout(RealCheckout(clock), None, keyed("key-1"))
+    gate = make(clock)
+    with scope_of(gate):
+        gate.checkout(RealCheckout(clock), None, keyed("key-1"))
     clock.advance(31)
-    assert monitor.snapshot(COUNTS, "postgresql").suspected_leaks == 1
-    monitor.on_checkin("key-1")
-    assert monitor.snapshot(COUNTS, "postgresql").suspected_leaks == 0
+    assert gate.snapshot().suspected_leaks == 1
+    gate.checkin("key-1")
+    assert gate.snapshot().suspected_leaks == 0
 
 
 # -- the wait budget -------------------------------------------------------------------------------------------
 
 
-def run_in_scope(monitor: PoolMonitor, action: Callable[[], object], results: list[object]) -> threading.Thread:
-    """Runs ``action`` in a thread inside a fresh scope of ``monitor`` (threads do not inherit contextvars)."""
+def run_in_scope(gate: Gate, action: Callable[[], object], results: list[object]) -> threading.Thread:
+    """Runs ``action`` in a thread inside a fresh scope of ``gate`` (threads do not inherit contextvars)."""
 
     def target() -> None:
-        with scope_of(monitor):
+        with scope_of(gate):
             try:
                 results.append(action())
             except BaseException as exc:
@@ -327,30 +348,30 @@ def wait_until(condition: Callable[[], bool], steps: int = 5000) -> None:
 
 
 def test_the_budget_shrinks_with_what_the_scope_already_waited(clock: FakeClock) -> None:
-    monitor = make(clock, capacity=1)
-    monitor.use_times.append((0.5, clock()))  # a slot frees in ~0.5 s
-    with scope_of(monitor):
-        monitor.checkout(RealCheckout(clock), None, keyed("first"))
+    gate = make(clock, capacity=1)
+    gate.use_times.append((0.5, clock()))  # a slot frees in ~0.5 s
+    with scope_of(gate):
+        gate.checkout(RealCheckout(clock), None, keyed("first"))
     real = RealCheckout(clock)
 
     # 0.8 s of the 1.0 s budget already spent: 0.2 s left, under the 0.5 s predicted wait. Shed at once
     # (called from the main thread, which would block if it queued).
-    with scope_of(monitor, waited=0.8), pytest.raises(PoolSaturated):
-        monitor.checkout(real)
+    with scope_of(gate, waited=0.8), pytest.raises(PoolSaturated):
+        gate.checkout(real)
     assert real.calls == 0
-    assert monitor.shed["pool_saturated"] == 1
-    assert monitor.admission.waiting == 0
+    assert gate.shed["pool_saturated"] == 1
+    assert gate.admission.waiting == 0
 
     # A fresh scope has the whole 1.0 s budget: it queues for the slot and gets it on checkin.
     results: list[object] = []
-    thread = run_in_scope(monitor, lambda: monitor.checkout(real), results)
-    wait_until(lambda: monitor.admission.waiting == 1)
-    monitor.on_checkin("first")
+    thread = run_in_scope(gate, lambda: gate.checkout(real), results)
+    wait_until(lambda: gate.admission.waiting == 1)
+    gate.checkin("first")
     thread.join(timeout=10)
     assert not thread.is_alive()
     assert results == ["connection-1"]
-    assert monitor.admission.in_use == 1
-    assert monitor.shed["pool_saturated"] == 1
+    assert gate.admission.in_use == 1
+    assert gate.shed["pool_saturated"] == 1
 
 
 # -- telemetry without an SDK ---------------------------------------------------------------------------------
@@ -359,35 +380,25 @@ def test_the_budget_shrinks_with_what_the_scope_already_waited(clock: FakeClock)
 def test_without_an_sdk_checkouts_skip_spans_and_records_until_one_is_installed(
     clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    telemetry = PoolTelemetry(pool_name="primary", db_system="postgresql", counts=lambda: COUNTS)
+    gate = make(clock)
+    telemetry = gate.telemetry
     assert not telemetry.tracing, "the default (proxy) providers were taken for an SDK"
     assert not telemetry.metering
-    monitor = PoolMonitor(
-        name="primary",
-        capacity=2,
-        breaker=None,
-        max_wait=1.0,
-        leak_threshold=30.0,
-        capture_stacks=False,
-        clock=clock,
-        telemetry=telemetry,
-    )
-    telemetry.monitor = monitor
     try:
-        monitor.checkout(RealCheckout(clock))  # the first checkout looks at the providers
+        gate.checkout(RealCheckout(clock))  # the first checkout looks at the providers
         installed = {"yes": True}
         # An SDK installing its global providers, as seen by the checks (a real install is process-wide
         # and for good, so tests/telemetry/test_global_provider.py does that in a child process).
         monkeypatch.setattr("poolguard.telemetry._global_tracing", lambda: installed["yes"])
         monkeypatch.setattr("poolguard.telemetry._global_metering", lambda: installed["yes"])
-        monitor.checkout(RealCheckout(clock))
+        gate.checkout(RealCheckout(clock))
         assert not telemetry.tracing, "looked again before the sweep interval"
         clock.advance(1.0)
-        monitor.checkout(RealCheckout(clock))
+        gate.checkout(RealCheckout(clock))
         assert telemetry.tracing
         assert telemetry.metering
     finally:
-        unregister(telemetry)
+        telemetry.close()
 
 
 def test_no_op_providers_turn_the_pools_telemetry_off_for_good(
@@ -396,7 +407,7 @@ def test_no_op_providers_turn_the_pools_telemetry_off_for_good(
     telemetry = PoolTelemetry(
         pool_name="primary",
         db_system="postgresql",
-        counts=lambda: COUNTS,
+        snapshot=pool_stats,
         tracer_provider=trace.NoOpTracerProvider(),
         meter_provider=metrics.NoOpMeterProvider(),
     )
@@ -410,7 +421,7 @@ def test_no_op_providers_turn_the_pools_telemetry_off_for_good(
         assert not telemetry.tracing
         assert not telemetry.metering
     finally:
-        unregister(telemetry)
+        telemetry.close()
 
 
 def test_an_injected_sdk_provider_records_at_once() -> None:
@@ -418,7 +429,7 @@ def test_an_injected_sdk_provider_records_at_once() -> None:
     telemetry = PoolTelemetry(
         pool_name="primary",
         db_system="postgresql",
-        counts=lambda: COUNTS,
+        snapshot=pool_stats,
         tracer_provider=TracerProvider(),
         meter_provider=MeterProvider(metric_readers=[reader]),
     )
@@ -431,4 +442,4 @@ def test_an_injected_sdk_provider_records_at_once() -> None:
         names = [m.name for rm in data.resource_metrics for sm in rm.scope_metrics for m in sm.metrics]
         assert "db.client.connection.wait_time" in names
     finally:
-        unregister(telemetry)
+        telemetry.close()
