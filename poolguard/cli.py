@@ -16,8 +16,9 @@ from collections.abc import Callable, Sequence
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
-from poolguard import __version__
-from poolguard.demo import DemoSettings, render_report, run_demo
+from poolguard._version import __version__
+from poolguard.demo import run_demo
+from poolguard.demo_report import DemoSettings, render_report
 from poolguard.errors import PoolGuardError
 
 __all__ = ["main"]
