@@ -129,8 +129,8 @@ class Breaker:
         self._lock = threading.Lock()
         self._state = BreakerState.CLOSED
         self.closed = True
-        """``state is CLOSED``, as a plain attribute the per-checkout fast path reads without a call;
-        set only by :meth:`_set_state`."""
+        """``state is CLOSED``, as a plain attribute for the per-checkout path (``tests/profiling`` pins
+        its calls); set only by :meth:`_set_state`."""
         # The window is a preallocated ring with running totals: recording is O(1) and allocates nothing.
         self._failed = bytearray(self._window_size)
         self._slow = bytearray(self._window_size)

@@ -102,6 +102,8 @@ class Guard:
         self.clock: Clock = clock or time.monotonic
         self.breaker = self._make_breaker(breaker, clock)
         self.pool: PoolAdapter
+        self.session_factory: Callable[[], Session] | Callable[[], AsyncSession] | None
+        """What makes the sessions of its units of work; None for a pool that is not a SQLAlchemy engine."""
         if is_engine:
             from poolguard.pools.sqlalchemy import SQLAlchemyPool  # noqa: PLC0415
 
@@ -110,7 +112,7 @@ class Guard:
             self.pool = SQLAlchemyPool(self._engine)
         else:
             self._engine = None
-            self.session_factory = _no_sessions
+            self.session_factory = None
             self.pool = cast("PoolAdapter", engine)
         self.is_async = self.pool.is_async
         self.gate = Gate(
@@ -196,6 +198,8 @@ class Guard:
 
     def session(self) -> SessionBlock[Any]:
         """``with guard.session() as s`` (or ``async with`` for an AsyncEngine): commit, rollback, close."""
+        if self.session_factory is None:
+            raise TypeError(f"guard.session() needs a Guard over a SQLAlchemy engine; {self.name!r} is not one")
         return SessionBlock(self.gate, self.session_factory, is_async=self.is_async)
 
     def connection(self) -> ConnectionBlock[Any]:
@@ -299,10 +303,6 @@ class Guard:
         if self._ping_executor is not None:
             self._ping_executor.shutdown(wait=False, cancel_futures=True)
             self._ping_executor = None
-
-
-def _no_sessions() -> Session:
-    raise TypeError("guard.session() needs a Guard over a SQLAlchemy engine; this one watches another pool kind")
 
 
 def build_guard(config: PoolGuardConfig, pool: PoolAdapter | None = None, *, name: str = "primary") -> Guard:

@@ -1,9 +1,9 @@
 """Cheap sliding windows over checkout wait and use times, and the public PoolStats snapshot.
 
-Recording happens on every checkout and checkin, so it is O(1) and costs no Python call: a window
-is a bounded ``deque`` of ``(value, time)`` pairs, and the hot path uses the deque's own ``append``,
-which runs in C and is atomic. Quantiles are computed only when someone asks (health, stats), which
-is rare next to recording. Writes take no lock; readers take a snapshot in one C call.
+Recording happens on every checkout and checkin, so it is O(1): a window is a bounded ``deque`` of
+``(value, time)`` pairs, recorded with the deque's own ``append``, which runs in C and is atomic.
+Quantiles are computed only when someone asks (health, stats), which is rare next to recording.
+Writes take no lock; readers take a snapshot in one C call.
 """
 
 from __future__ import annotations
@@ -20,17 +20,12 @@ from poolguard._validate import positive_float, positive_int
 class SlidingWindow(deque[tuple[float, float]]):
     """The last ``size`` samples that are at most ``max_age`` seconds old, as ``(value, time)`` pairs.
 
-    ``append((value, now))`` records one sample (the deque's own method: no Python frame on the
-    per-checkout path); :meth:`add` says the same in the caller's words where a call costs nothing.
+    ``append((value, now))`` records one sample.
     """
 
     def __init__(self, size: int = 1024, max_age: float = 60.0) -> None:
         super().__init__(maxlen=positive_int("SlidingWindow.size", size))
         self._max_age = positive_float("SlidingWindow.max_age", max_age)
-
-    def add(self, value: float, now: float) -> None:
-        """Records one sample taken at ``now`` (the caller already read the clock)."""
-        self.append((value, now))
 
     def recent(self, now: float) -> list[float]:
         """The samples still inside the window, unsorted."""

@@ -66,7 +66,6 @@ from whichever request or thread happens to flush the queue, and the SDK's defau
 exemplar filter rejects it at once. Not empty: the SDK looks up the current context in place of an
 empty (falsy) one."""
 
-_ROUTE_CACHE_LIMIT = 1024
 _POOLS_ATTRIBUTE = "_poolguard_pools"
 
 
@@ -99,7 +98,6 @@ class PoolTelemetry:
         self._span_name = f"checkout {pool_name}"
         self._span_attributes = {POOL_NAME: pool_name, DB_SYSTEM: db_system}
         self._pool_attributes = {POOL_NAME: pool_name}
-        self._route_attributes: dict[str, dict[str, str]] = {}
         self._queued: deque[tuple[metrics.Histogram, float, dict[str, str]]] = deque()
         self._wait_time = _histogram(meter, WAIT_TIME)
         self._use_time = _histogram(meter, USE_TIME)
@@ -141,10 +139,7 @@ class PoolTelemetry:
 
     def record_use(self, seconds: float, route: str | None, sampled: bool) -> None:
         """``sampled``: as for :meth:`record_wait`, at the checkout this use began with."""
-        if route is None:
-            attributes = self._pool_attributes
-        else:
-            attributes = self._route_attributes.get(route) or self._with_route(route)
+        attributes = self._pool_attributes if route is None else {POOL_NAME: self.pool_name, HTTP_ROUTE: route}
         if sampled:
             self._use_time.record(seconds, attributes)
         else:
@@ -165,14 +160,6 @@ class PoolTelemetry:
 
     def record_create(self, seconds: float) -> None:
         self._create_time.record(seconds, self._pool_attributes)
-
-    def _with_route(self, route: str) -> dict[str, str]:
-        attributes = self._route_attributes.get(route)
-        if attributes is None:
-            attributes = {POOL_NAME: self.pool_name, HTTP_ROUTE: route}
-            if len(self._route_attributes) < _ROUTE_CACHE_LIMIT:
-                self._route_attributes[route] = attributes
-        return attributes
 
     # -- events on the request span ---------------------------------------------------------------
 

@@ -62,7 +62,12 @@ class RequestScope:
     )
 
     def __init__(
-        self, gate: Gate, session_factory: Callable[[], Any], *, is_async: bool = False, route: str | None = None
+        self,
+        gate: Gate,
+        session_factory: Callable[[], Any] | None,
+        *,
+        is_async: bool = False,
+        route: str | None = None,
     ) -> None:
         self.gate = gate
         self.session_factory = session_factory
@@ -79,6 +84,8 @@ class RequestScope:
     def session(self) -> Any:
         """The unit's Session (AsyncSession for an AsyncEngine), created on first access."""
         if self._session is None:
+            if self.session_factory is None:
+                raise TypeError(f"pool {self.gate.name!r} is not a SQLAlchemy engine: its units have no session")
             self._session = self.session_factory()
         return self._session
 
@@ -89,14 +96,12 @@ class RequestScope:
     def in_transaction(self) -> bool:
         return self._session is not None and self._session.in_transaction()
 
-    def has_work(self) -> bool:
-        """Whether ending it would send anything to the database: a session with a transaction or changes."""
-        return self._session is not None and _has_work(self._session)
-
     def open(self) -> Self:
-        """Makes this the unit of work of its guard (and for ``retry``) in the current context."""
+        """Makes this the unit of work of its guard in the current context, and, when it can have a
+        session, the one ``retry`` asks whether a transaction is open."""
         self._unit_token = self.gate.unit_var.set(self)
-        self._work_token = _context.current_unit.set(self)
+        if self.session_factory is not None:
+            self._work_token = _context.current_unit.set(self)
         return self
 
     def fail(self, error: BaseException) -> None:
@@ -194,7 +199,8 @@ class RequestScope:
         Django's own connections go back when Django ends the request, after the middleware has left.
         """
         _reset(self.gate.unit_var, self._unit_token)
-        _reset(_context.current_unit, self._work_token)
+        if self._work_token is not None:
+            _reset(_context.current_unit, self._work_token)
         self._unit_token = self._work_token = None
 
     def _release(self) -> None:
@@ -330,12 +336,8 @@ def _enter(gate: Gate, is_async: bool) -> tuple[RequestScope | None, Token[int]]
     """
     own = None
     if gate.unit_var.get() is None:
-        own = RequestScope(gate, _no_session, is_async=is_async).open()
+        own = RequestScope(gate, None, is_async=is_async).open()
     return own, _context.enter_transaction()
-
-
-def _no_session() -> Any:
-    raise TypeError("a connection block has no session")
 
 
 class _Block:

@@ -77,11 +77,13 @@ class DjangoRequestScope(RequestScope):
     only when a use time is recorded per route or a leak is reported, so it is read then.
     """
 
-    __slots__ = ("_named", "request")
+    __slots__ = ("_named", "pool", "request")
     _named: str | None
 
-    def __init__(self, guard: Guard, request: Any) -> None:
+    def __init__(self, guard: Guard, request: Any, pool: DjangoPool | None = None) -> None:
         self.request = request
+        self.pool = pool
+        """The alias's pool for a scope of Django's own connections; None for the SQLAlchemy session's scope."""
         super().__init__(guard.gate, guard.session_factory)
 
     @property
@@ -116,7 +118,7 @@ class PoolGuardState:
         except BaseException:
             self.close()
             raise
-        self._alias_guards = tuple(self.guards.values())
+        self._aliases = tuple((guard, cast(DjangoPool, guard.pool)) for guard in self.guards.values())
         """What each request opens a scope on, built once (the per-request path reads it)."""
 
     @property
@@ -128,7 +130,7 @@ class PoolGuardState:
         for guard in self.guards.values():
             guard.close()
         self.guards.clear()
-        self._alias_guards = ()
+        self._aliases = ()
         if self.guard is not None:
             from sqlalchemy import Engine  # noqa: PLC0415 (only imported when POOLGUARD["SQLALCHEMY"] is set)
 
@@ -146,7 +148,7 @@ class PoolGuardState:
         Opening them touches no database. The SQLAlchemy scope opens last, so it is the one ``retry``
         asks whether a transaction is open.
         """
-        scopes = [DjangoRequestScope(guard, request).open() for guard in self._alias_guards]
+        scopes = [DjangoRequestScope(guard, request, pool).open() for guard, pool in self._aliases]
         if self.guard is not None:
             scopes.append(DjangoRequestScope(self.guard, request).open())
         return scopes
@@ -161,8 +163,8 @@ class PoolGuardState:
                 session_scope.close()
         finally:
             for scope in reversed(scopes):
-                if scope is not session_scope:
-                    cast(DjangoPool, scope.gate.pool).end_unit(scope)
+                if scope.pool is not None:
+                    scope.pool.end_unit(scope)
                     scope.leave()
 
     def as_unavailable(self, exc: BaseException) -> Unavailable | None:
@@ -192,6 +194,4 @@ class PoolGuardState:
 
 def sqlalchemy_scope(scopes: list[DjangoRequestScope]) -> DjangoRequestScope | None:
     """The request's SQLAlchemy scope (opened last), or None without ``POOLGUARD["SQLALCHEMY"]``."""
-    if scopes and not isinstance(scopes[-1].gate.pool, DjangoPool):
-        return scopes[-1]
-    return None
+    return scopes[-1] if scopes and scopes[-1].pool is None else None

@@ -312,8 +312,8 @@ class _ExecuteHook:
 def _hook_pool(pool: Any, registry: dict[str, DjangoPool], alias: str) -> None:
     """Gates the psycopg pool's ``getconn`` and sees its ``putconn``, for the alias's adapter of the moment.
 
-    The gate is written out in the hook itself rather than in a method of the adapter: it runs on
-    every checkout, and a call less there is measurable on Django's lean request path.
+    The budget check is written out in the hook rather than in a method of the adapter: it runs on
+    every checkout (``tests/profiling`` pins the calls of Django's request path).
     """
     if pool.__dict__.get(_HOOKED):
         return

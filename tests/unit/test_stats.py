@@ -13,17 +13,17 @@ NOW = 1000.0
 def test_quantiles_are_nearest_rank() -> None:
     window = SlidingWindow(size=200, max_age=60.0)
     for value in range(100, 0, -1):  # insertion order must not matter
-        window.add(float(value), NOW)
+        window.append((float(value), NOW))
     assert window.quantiles(NOW, 0.5, 0.99) == (50.0, 99.0)
     assert window.quantiles(NOW, 0.0, 0.01, 0.9, 1.0) == (1.0, 1.0, 90.0, 100.0)
 
 
 def test_quantiles_of_small_samples() -> None:
     window = SlidingWindow(size=8)
-    window.add(0.3, NOW)
+    window.append((0.3, NOW))
     assert window.quantiles(NOW, 0.5, 0.99) == (0.3, 0.3)
-    window.add(0.1, NOW)
-    window.add(0.2, NOW)
+    window.append((0.1, NOW))
+    window.append((0.2, NOW))
     # nearest rank: p50 of three samples is the 2nd, p99 the 3rd
     assert window.quantiles(NOW, 0.5, 0.99) == (0.2, 0.3)
 
@@ -36,8 +36,8 @@ def test_empty_window_has_no_quantiles() -> None:
 
 def test_samples_older_than_max_age_drop_out() -> None:
     window = SlidingWindow(size=16, max_age=10.0)
-    window.add(5.0, NOW)
-    window.add(1.0, NOW + 4)
+    window.append((5.0, NOW))
+    window.append((1.0, NOW + 4))
     assert sorted(window.recent(NOW + 10)) == [1.0, 5.0]
     assert sorted(window.recent(NOW + 11)) == [1.0]
     assert window.quantiles(NOW + 11, 0.99) == (1.0,)
@@ -47,7 +47,7 @@ def test_samples_older_than_max_age_drop_out() -> None:
 def test_ring_overwrites_the_oldest_beyond_its_size() -> None:
     window = SlidingWindow(size=3)
     for value in (1.0, 2.0, 3.0, 4.0, 5.0):
-        window.add(value, NOW)
+        window.append((value, NOW))
     assert sorted(window.recent(NOW)) == [3.0, 4.0, 5.0]
     assert window.quantiles(NOW, 0.0, 1.0) == (3.0, 5.0)
 
@@ -72,10 +72,10 @@ def test_invalid_max_age_is_a_config_error(max_age: object) -> None:
 def test_mean_of_last_is_zero_without_samples_then_follows_the_newest() -> None:
     window = SlidingWindow(size=8)
     assert window.mean_of_last(3) == 0.0
-    window.add(4.0, 0.0)
+    window.append((4.0, 0.0))
     assert window.mean_of_last(3) == pytest.approx(4.0)
     for value in (1.0, 2.0, 3.0):
-        window.add(value, 1.0)
+        window.append((value, 1.0))
     assert window.mean_of_last(3) == pytest.approx(2.0)  # 4.0 is no longer among the newest three
     assert window.mean_of_last(10) == pytest.approx(2.5)
 
@@ -83,8 +83,8 @@ def test_mean_of_last_is_zero_without_samples_then_follows_the_newest() -> None:
 def test_mean_of_last_counts_zero_samples_and_ignores_age() -> None:
     # A connection returned within the clock's resolution has a use time of 0.0: a real sample.
     window = SlidingWindow(size=8, max_age=1.0)
-    window.add(0.0, 0.0)
-    window.add(10.0, 100.0)  # the first sample is long past max_age: the estimate still uses it
+    window.append((0.0, 0.0))
+    window.append((10.0, 100.0))  # the first sample is long past max_age: the estimate still uses it
     assert window.mean_of_last(2) == pytest.approx(5.0)
 
 
