@@ -103,16 +103,15 @@ def create_engine(
     - ``hide_parameters=True``: bound parameters (user data, secrets) never appear in SQLAlchemy's
       exception messages, so they cannot leak into logs or spans through an error.
     - ``application_name=service_name``: every connection is attributed to its service in
-      ``pg_stat_activity`` (and MySQL's connection attributes), which is what ``poolguard doctor``
-      and every DBA look at first.
+      ``pg_stat_activity`` (and MySQL's connection attributes), which is what every DBA looks at first.
 
     Pool sizing: ``workers`` is how many requests this process serves at once (threads, or
     concurrent tasks), default 5. Each in-flight request holds at most one connection, so
     ``pool_size = workers`` keeps one warm connection per unit of concurrency, and
     ``max_overflow = workers // 2`` absorbs bursts (background jobs, a streamed response still
     finishing) with connections that are closed when returned. The total stays bounded so that
-    replicas x processes x (pool_size + max_overflow) can be checked against ``max_connections``
-    (``poolguard budget`` does that). Explicit ``pool_size`` / ``max_overflow`` always win; sizing is
+    replicas x processes x (pool_size + max_overflow) can be checked against ``max_connections``.
+    Explicit ``pool_size`` / ``max_overflow`` always win; sizing is
     only passed to pools that take it (QueuePool, not SQLite's in-memory pools or NullPool).
 
     ``pgbouncer=True`` (PgBouncer in transaction pooling mode): PgBouncer does the real pooling, so

@@ -2,9 +2,8 @@
 
 It reports, per guarded alias (and the SQLAlchemy pool when configured): how connections are
 handled, the pool counts, the breaker state and a live ping bounded by ``PING_TIMEOUT``. A fresh
-management process has served no requests, so its breaker is closed and its counts are its own;
-the server-side view (pg_stat_activity, budgets) is ``poolguard doctor URL``. Exits non-zero when a
-database does not answer.
+management process has served no requests, so its breaker is closed and its counts are its own.
+Exits non-zero when a database does not answer.
 """
 
 from __future__ import annotations
@@ -31,7 +30,7 @@ class Command(BaseCommand):  # type: ignore[misc]
         if options["json"]:
             self.stdout.write(json.dumps(report.to_dict(), indent=2))
         else:
-            self.stdout.write("poolguard doctor (this process; server-side checks: `poolguard doctor URL`)")
+            self.stdout.write("poolguard doctor (what this process sees of the guarded databases)")
             for pool in report.pools:
                 kind = state.pools[pool.name].describe() if pool.name in state.pools else "SQLAlchemy engine"
                 self.stdout.write(_line(pool, kind))
