@@ -27,12 +27,12 @@ import poolguard
 import poolguard.flask as pg_flask
 from poolguard import Breaker, ConfigError, Guard
 from poolguard.flask import PoolGuard, db, get_guard
+from tests.support.databases import DEAD_PORT, PG_URL, pg_url
 
 pytestmark = pytest.mark.postgres
 
-PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 PASSWORD = "secret-pw"
-UNREACHABLE_URL = f"postgresql+psycopg://root:{PASSWORD}@127.0.0.1:1/test"
+UNREACHABLE_URL = pg_url(password=PASSWORD, port=DEAD_PORT)
 TABLE = f"flask_items_{uuid.uuid4().hex[:10]}"
 
 

@@ -50,6 +50,7 @@ from poolguard.fastapi import DbSession
 from poolguard.fastapi import PoolGuardMiddleware as FastAPIMiddleware
 from poolguard.flask import PoolGuard, db
 from poolguard.starlette import PoolGuardMiddleware, get_session
+from tests.support.databases import DEAD_PORT, HOST, PG_URL, pg_url
 
 if not settings.configured:
     from tests.django import settings as django_test_settings
@@ -66,9 +67,8 @@ from django.test import AsyncClient, Client, override_settings
 pytestmark = pytest.mark.postgres
 
 PASSWORD = "secret-pw"
-DOWN_URL = f"postgresql+psycopg://root:{PASSWORD}@127.0.0.1:1/test"
+DOWN_URL = pg_url(password=PASSWORD, port=DEAD_PORT)
 """The same server as the Django ``down`` alias: port 1, refused at once."""
-PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 TOKEN = "identical-t0ken"
 OPEN_FOR = 60.0
 DOWN = "down"
@@ -406,7 +406,7 @@ def test_detailed_health_is_identical(outage: dict[str, dict[str, Answer]]) -> N
         # Django's per-thread connections and a SQLAlchemy NullPool report the same shape and values.
         assert json.loads(answer.body) == EXPECTED_DETAIL, (name, answer.body)
         assert PASSWORD.encode() not in answer.body
-        assert b"127.0.0.1" not in answer.body
+        assert HOST.encode() not in answer.body
     bodies = {name: answer.body for name, answer in answers.items()}
     reference = bodies["flask"]
     assert all(body == reference for body in bodies.values()), bodies

@@ -33,11 +33,10 @@ from starlette.routing import Route
 from poolguard import Breaker, CircuitOpen, ConfigError, Guard, PoolSaturated
 from poolguard.http import unavailable_response
 from poolguard.starlette import PoolGuardMiddleware, get_session, poolguard_lifespan
+from tests.support.databases import PG_ASYNC_URL, PG_URL, pg_url
 
 pytestmark = pytest.mark.postgres
 
-PG_SYNC = "postgresql+psycopg://root@127.0.0.1:5432/test"
-PG_ASYNC = "postgresql+asyncpg://root@127.0.0.1:5432/test"
 SECRET = "secret-pw"
 TOKEN = "s3cret-health-token"
 
@@ -55,7 +54,7 @@ def free_port() -> int:
 
 def unreachable_url(flavor: str) -> str:
     driver = "asyncpg" if flavor == "async" else "psycopg"
-    return f"postgresql+{driver}://root:{SECRET}@127.0.0.1:{free_port()}/test"
+    return pg_url(driver, password=SECRET, port=free_port())
 
 
 def checked_out(engine: sqlalchemy.Engine | AsyncEngine) -> int:
@@ -76,9 +75,9 @@ class Resources:
         kwargs.setdefault("pool_size", 2)
         kwargs.setdefault("max_overflow", 0)
         if flavor == "async":
-            engine: sqlalchemy.Engine | AsyncEngine = create_async_engine(url or PG_ASYNC, **kwargs)
+            engine: sqlalchemy.Engine | AsyncEngine = create_async_engine(url or PG_ASYNC_URL, **kwargs)
         else:
-            engine = sqlalchemy.create_engine(url or PG_SYNC, **kwargs)
+            engine = sqlalchemy.create_engine(url or PG_URL, **kwargs)
         self.engines.append(engine)
         return engine
 
@@ -122,7 +121,7 @@ def flavor(request: pytest.FixtureRequest) -> str:
 @pytest.fixture
 def observer() -> Iterator[sqlalchemy.Engine]:
     """An unguarded engine with its own connections, to see what was really committed."""
-    engine = sqlalchemy.create_engine(PG_SYNC, poolclass=NullPool)
+    engine = sqlalchemy.create_engine(PG_URL, poolclass=NullPool)
     yield engine
     engine.dispose()
 
@@ -480,7 +479,7 @@ async def test_websocket_and_lifespan_scopes_pass_through_untouched(resources: R
 
 
 def test_options_are_validated_at_construction(monkeypatch: pytest.MonkeyPatch):
-    engine = sqlalchemy.create_engine(PG_SYNC)
+    engine = sqlalchemy.create_engine(PG_URL)
     guard = Guard(engine)
     try:
 

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import connections
 
 from tests.django import settings as test_settings
+from tests.support.databases import PG_CONNINFO
 
 if not settings.configured:
     settings.configure(**{name: getattr(test_settings, name) for name in dir(test_settings) if name.isupper()})
@@ -38,6 +39,6 @@ def _close_connections() -> Iterator[None]:
 
 def row_exists(name: str) -> bool:
     """Looked up on a connection of its own, so no test transaction can hide or show a row."""
-    with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root") as conn:
+    with psycopg.connect(PG_CONNINFO) as conn:
         row = conn.execute(f"SELECT count(*) FROM {settings.ITEMS_TABLE} WHERE name = %s", [name]).fetchone()
     return bool(row and row[0])

@@ -7,6 +7,8 @@ from typing import Any
 
 from django.apps import apps
 
+from tests.support.databases import DEAD_PORT, HOST
+
 PASSWORD = "secret-pw"
 
 
@@ -33,4 +35,4 @@ def assert_no_secret(response: Any) -> None:
     headers = json.dumps(dict(response.items()))
     assert PASSWORD not in headers
     assert PASSWORD.encode() not in response.content
-    assert b"127.0.0.1:1" not in response.content
+    assert f"{HOST}:{DEAD_PORT}".encode() not in response.content

@@ -22,6 +22,8 @@ from django.db import connection
 from django.http import JsonResponse
 from django.urls import path
 
+from tests.support.databases import DATABASE, HOST, PG_PORT, USER
+
 
 def select1(request):
     with connection.cursor() as cursor:
@@ -37,8 +39,8 @@ settings.configure(
     ROOT_URLCONF="__main__",
     INSTALLED_APPS=["poolguard.django"],
     MIDDLEWARE=["poolguard.django.PoolGuardMiddleware"],
-    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "HOST": "127.0.0.1", "PORT": "5432",
-                           "NAME": "test", "USER": "root", "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}}}},
+    DATABASES={"default": {"ENGINE": "django.db.backends.postgresql", "HOST": HOST, "PORT": str(PG_PORT),
+                           "NAME": DATABASE, "USER": USER, "OPTIONS": {"pool": {"min_size": 1, "max_size": 2}}}},
     POOLGUARD={"HEALTH_DETAIL": "always"},
     LOGGING_CONFIG=None,
 )

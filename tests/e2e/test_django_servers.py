@@ -22,12 +22,13 @@ import psycopg
 import pytest
 
 from tests.e2e.saturation import TOKEN, check_full_pool_is_shed
+from tests.support.databases import DATABASE, DEAD_PORT, HOST, PG_CONNINFO, PG_PORT, USER
 
 pytestmark = pytest.mark.postgres
 
 ROOT = Path(__file__).resolve().parents[2]
 PROJECT = ROOT / "examples" / "django_project"
-PG = {"PGHOST": "127.0.0.1", "PGPORT": "5432", "PGUSER": "root", "PGDATABASE": "test"}
+PG = {"PGHOST": HOST, "PGPORT": str(PG_PORT), "PGUSER": USER, "PGDATABASE": DATABASE}
 PASSWORD = "secret-pw"
 
 
@@ -126,13 +127,13 @@ def small_pool_server(request: pytest.FixtureRequest, migrated: None) -> Iterato
 
 @pytest.fixture(params=["gunicorn", "uvicorn"])
 def down_server(request: pytest.FixtureRequest) -> Iterator[Server]:
-    env = _env(**{**PG, "PGPORT": "1", "PGPASSWORD": PASSWORD}, POOLGUARD_BREAKER_CONSECUTIVE_FAILURES="1")
+    env = _env(**{**PG, "PGPORT": str(DEAD_PORT), "PGPASSWORD": PASSWORD}, POOLGUARD_BREAKER_CONSECUTIVE_FAILURES="1")
     with _running(request.param, env) as running:
         yield running
 
 
 def _row_exists(name: str) -> bool:
-    with psycopg.connect("host=127.0.0.1 port=5432 dbname=test user=root") as conn:
+    with psycopg.connect(PG_CONNINFO) as conn:
         row = conn.execute("SELECT count(*) FROM catalog_item WHERE name = %s", [name]).fetchone()
     return bool(row and row[0])
 

@@ -23,12 +23,11 @@ from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
 from tests.e2e.saturation import TOKEN, check_full_pool_is_shed
+from tests.support.databases import PG_ASYNC_URL, PG_URL, pg_url
 
 pytestmark = pytest.mark.postgres
 
 ROOT = Path(__file__).resolve().parents[2]
-PG_SYNC = "postgresql+psycopg://root@127.0.0.1:5432/test"
-PG_ASYNC = "postgresql+asyncpg://root@127.0.0.1:5432/test"
 SECRET = "secret-pw"
 
 
@@ -95,7 +94,7 @@ def serve(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Server]]:
 
 @pytest.fixture
 def observer() -> Iterator[sqlalchemy.Engine]:
-    engine = sqlalchemy.create_engine(PG_SYNC, poolclass=NullPool)
+    engine = sqlalchemy.create_engine(PG_URL, poolclass=NullPool)
     yield engine
     engine.dispose()
 
@@ -133,7 +132,7 @@ def idle_in_transaction(observer: sqlalchemy.Engine) -> int:
 def test_example_app_commits_rolls_back_and_reports_health(
     serve: Callable[[dict[str, str]], Server], observer: sqlalchemy.Engine, items_table: str
 ):
-    server = serve({"DATABASE_URL": PG_ASYNC, "ITEMS_TABLE": items_table})
+    server = serve({"DATABASE_URL": PG_ASYNC_URL, "ITEMS_TABLE": items_table})
     with http_client(server) as http:
         assert http.get("/").json() == {"service": "fastapi-example", "database": "not used by this route"}
         created = http.post("/items", json={"name": "kept"})
@@ -159,7 +158,7 @@ def test_example_app_commits_rolls_back_and_reports_health(
 def test_example_app_with_a_full_pool(serve: Callable[[dict[str, str]], Server], items_table: str):
     server = serve(
         {
-            "DATABASE_URL": f"postgresql+asyncpg://root:{SECRET}@127.0.0.1:5432/test",
+            "DATABASE_URL": pg_url("asyncpg", password=SECRET),
             "ITEMS_TABLE": items_table,
             "DB_POOL_SIZE": "2",
             "POOLGUARD_MAX_WAIT": "0.5",
@@ -171,7 +170,7 @@ def test_example_app_with_a_full_pool(serve: Callable[[dict[str, str]], Server],
 
 
 def test_example_app_during_an_outage(serve: Callable[[dict[str, str]], Server], items_table: str):
-    unreachable = f"postgresql+asyncpg://root:{SECRET}@127.0.0.1:{free_port()}/test"
+    unreachable = pg_url("asyncpg", password=SECRET, port=free_port())
     server = serve(
         {"DATABASE_URL": unreachable, "ITEMS_TABLE": items_table, "POOLGUARD_BREAKER_CONSECUTIVE_FAILURES": "1"}
     )

@@ -26,14 +26,14 @@ from sqlalchemy import text
 from sqlalchemy.pool import NullPool
 
 from tests.e2e.saturation import TOKEN, check_full_pool_is_shed
+from tests.support.databases import DEAD_PORT, PG_URL, pg_url
 
 pytestmark = pytest.mark.postgres
 
 ROOT = Path(__file__).resolve().parents[2]
 GUNICORN = Path(sys.executable).parent / "gunicorn"
-PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 PASSWORD = "secret-pw"
-UNREACHABLE_URL = f"postgresql+psycopg://root:{PASSWORD}@127.0.0.1:1/test"
+UNREACHABLE_URL = pg_url(password=PASSWORD, port=DEAD_PORT)
 TABLE = f"flask_e2e_items_{uuid.uuid4().hex[:10]}"
 
 
@@ -164,7 +164,7 @@ def test_full_pool_sheds_with_503_pool_saturated(
 ) -> None:
     base = start_server(
         {
-            "DATABASE_URL": f"postgresql+psycopg://root:{PASSWORD}@127.0.0.1:5432/test",
+            "DATABASE_URL": pg_url(password=PASSWORD),
             "DB_POOL_SIZE": "2",
             "POOLGUARD_MAX_WAIT": "0.5",
             "POOLGUARD_HEALTH_DETAIL": "when-authorized",

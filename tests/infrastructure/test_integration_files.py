@@ -27,12 +27,12 @@ from sqlalchemy import exc, text
 import poolguard.prometheus
 from poolguard import Breaker, CircuitOpen, Guard, PoolSaturated
 from poolguard.telemetry import HTTP_ROUTE
+from tests.support.databases import DEAD_PORT, PG_URL, pg_url
 
 ROOT = Path(__file__).resolve().parents[2]
 ALERTS = ROOT / "integrations" / "prometheus" / "alerts.yaml"
 DASHBOARD = ROOT / "integrations" / "grafana" / "poolguard-dashboard.json"
 COLLECTOR = ROOT / "integrations" / "otel-collector" / "config.yaml"
-PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
 
 PROMQL_WORDS = {
     # aggregation operators and keywords
@@ -239,7 +239,7 @@ class Live:
 def live() -> Iterator[Live]:
     registry = CollectorRegistry()
     engine = sqlalchemy.create_engine(PG_URL, pool_size=2, max_overflow=0)
-    dead_engine = sqlalchemy.create_engine("postgresql+psycopg://root@127.0.0.1:1/test")
+    dead_engine = sqlalchemy.create_engine(pg_url(port=DEAD_PORT))
     guard = Guard(engine, name="primary", max_wait=0.1)
     dead = Guard(dead_engine, name="dead", breaker=Breaker(consecutive_failures=1, open_for=60.0))
     server, thread = start_http_server(free_port(), addr="127.0.0.1", registry=registry)

@@ -15,6 +15,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 import poolguard.engine as pg_engine
 from poolguard.errors import ConfigError
+from tests.support import databases
 
 EngineFactory = Callable[..., sqlalchemy.Engine]
 AsyncEngineFactory = Callable[..., AsyncEngine]
@@ -244,9 +245,13 @@ async def test_aiosqlite_memory(make_async_engine: AsyncEngineFactory):
 # --- Unreachable servers fail fast ------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("driver", ["postgresql+psycopg", "mysql+pymysql"])
-def test_refused_connection_fails_fast(make_engine: EngineFactory, driver: str):
-    engine = make_engine(f"{driver}://root@127.0.0.1:1/test", connect_timeout=1)
+@pytest.mark.parametrize(
+    "url",
+    [databases.pg_url(port=databases.DEAD_PORT), databases.mariadb_url(port=databases.DEAD_PORT)],
+    ids=["postgresql+psycopg", "mysql+pymysql"],
+)
+def test_refused_connection_fails_fast(make_engine: EngineFactory, url: str):
+    engine = make_engine(url, connect_timeout=1)
     start = time.monotonic()
     with pytest.raises(exc.OperationalError):
         engine.connect()
@@ -255,7 +260,7 @@ def test_refused_connection_fails_fast(make_engine: EngineFactory, driver: str):
 
 def test_psycopg_silent_server_fails_within_connect_timeout(make_engine: EngineFactory, silent_server: int):
     # pymysql is left out on purpose: its connect_timeout covers the TCP connect only (see engine.py).
-    engine = make_engine(f"postgresql+psycopg://root@127.0.0.1:{silent_server}/test", connect_timeout=1)
+    engine = make_engine(databases.pg_url(port=silent_server), connect_timeout=1)
     start = time.monotonic()
     with pytest.raises(exc.OperationalError):
         engine.connect()
@@ -265,7 +270,7 @@ def test_psycopg_silent_server_fails_within_connect_timeout(make_engine: EngineF
 async def test_asyncpg_silent_server_fails_within_connect_timeout(
     make_async_engine: AsyncEngineFactory, silent_server: int
 ):
-    engine = make_async_engine(f"postgresql+asyncpg://root@127.0.0.1:{silent_server}/test", connect_timeout=1)
+    engine = make_async_engine(databases.pg_url("asyncpg", port=silent_server), connect_timeout=1)
     start = time.monotonic()
     with pytest.raises((TimeoutError, exc.OperationalError)):
         await engine.connect()

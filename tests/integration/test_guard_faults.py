@@ -16,6 +16,7 @@ from sqlalchemy import exc, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from poolguard import Breaker, BreakerState, CircuitOpen, Guard
+from tests.support.databases import DEAD_PORT, HOST, PG_PORT, pg_url
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
@@ -29,12 +30,12 @@ OPEN_FOR = 1.0
 
 @pytest.fixture
 def proxy() -> Iterator[TcpProxy]:
-    with TcpProxy(("127.0.0.1", 5432)) as proxy:
+    with TcpProxy((HOST, PG_PORT)) as proxy:
         yield proxy
 
 
 def proxied_url(proxy: TcpProxy, driver: str = "psycopg") -> str:
-    return f"postgresql+{driver}://root@127.0.0.1:{proxy.port}/test"
+    return pg_url(driver, port=proxy.port)
 
 
 def breaker() -> Breaker:
@@ -141,7 +142,7 @@ def test_connection_killed_mid_use_counts_as_a_failure(
 
 
 def test_unreachable_port_opens_the_breaker(make_guard: GuardFactory, make_sync_engine: EngineFactory, fake_clock: Any):
-    engine = make_sync_engine("postgresql+psycopg://root@127.0.0.1:1/test", pool_size=2, max_overflow=0)
+    engine = make_sync_engine(pg_url(port=DEAD_PORT), pool_size=2, max_overflow=0)
     guard = make_guard(engine, breaker=breaker(), clock=fake_clock)
     error = assert_opens_after_failures(guard)
     assert error.reason == "circuit_open"

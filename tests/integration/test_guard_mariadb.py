@@ -15,6 +15,7 @@ from sqlalchemy.pool import NullPool
 
 from poolguard import Breaker, BreakerState, Guard, PoolSaturated
 from tests.integration.helpers import assert_nothing_checked_out, assert_shed_within_budget
+from tests.support.databases import DEAD_PORT, mariadb_url
 
 pytestmark = pytest.mark.mariadb
 
@@ -139,7 +140,7 @@ def test_health_is_ok(make_guard: GuardFactory, engine: sqlalchemy.Engine):
 
 
 def test_unreachable_server_opens_the_breaker(make_guard: GuardFactory, make_sync_engine: EngineFactory):
-    engine = make_sync_engine("mysql+pymysql://root@127.0.0.1:1/test", pool_size=2, max_overflow=0)
+    engine = make_sync_engine(mariadb_url(port=DEAD_PORT), pool_size=2, max_overflow=0)
     guard = make_guard(engine, breaker=Breaker(consecutive_failures=2, open_for=30.0))
     for _ in range(2):
         with pytest.raises(exc.OperationalError), guard.session() as session:

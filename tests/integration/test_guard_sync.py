@@ -24,6 +24,7 @@ from sqlalchemy.pool import NullPool
 
 from poolguard import Breaker, BreakerState, CircuitOpen, ConfigError, Guard, PoolSaturated
 from tests.integration.helpers import assert_nothing_checked_out, assert_shed_within_budget
+from tests.support import databases
 from tests.support.contract import HEALTH_POOL_KEYS
 
 pytestmark = pytest.mark.postgres
@@ -412,7 +413,7 @@ def test_password_never_leaks_into_errors_health_or_logs(
     caplog.set_level(logging.DEBUG)
     password = "s3cret-pw"
     engine = make_sync_engine(
-        f"postgresql+psycopg://root:{password}@127.0.0.1:1/test", pool_size=2, max_overflow=0, pool_timeout=2
+        databases.pg_url(password=password, port=databases.DEAD_PORT), pool_size=2, max_overflow=0, pool_timeout=2
     )
     guard = make_guard(engine, breaker=Breaker(consecutive_failures=2, open_for=30.0))
     seen: list[BaseException] = []

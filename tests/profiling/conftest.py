@@ -11,8 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 from poolguard import Guard
 from tests.support.clock import FakeClock
-
-PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
+from tests.support.databases import PG_URL
 
 
 @pytest.fixture(autouse=True)

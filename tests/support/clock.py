@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+
 
 class FakeClock:
     """A monotonic clock driven by hand: ``clock()`` reads it, ``clock.advance(s)`` moves it."""
@@ -14,3 +17,13 @@ class FakeClock:
 
     def advance(self, seconds: float) -> None:
         self.now += seconds
+
+
+def wait_until(condition: Callable[[], bool], steps: int = 5000) -> None:
+    """Bounded synchronisation poll between threads: fails the test instead of hanging."""
+    pause = threading.Event()
+    for _ in range(steps):
+        if condition():
+            return
+        pause.wait(0.001)
+    assert condition(), "condition never became true"

@@ -2,8 +2,8 @@
 
 ::
 
-    with TcpProxy(("127.0.0.1", 5432)) as proxy:
-        url = f"postgresql+psycopg://root@127.0.0.1:{proxy.port}/test"
+    with TcpProxy((HOST, PG_PORT)) as proxy:   # from tests.support.databases
+        url = pg_url(port=proxy.port)
         proxy.stop()       # the server "dies": live connections are reset, new connects are refused
         proxy.restart()    # it is back, on the same port
         proxy.blackhole()  # it hangs: connects are accepted, nothing is forwarded or answered

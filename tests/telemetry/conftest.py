@@ -27,9 +27,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 import poolguard
 from poolguard import Guard, PoolSaturated
 from tests.support.clock import FakeClock
+from tests.support.databases import PG_ASYNC_URL, PG_URL
 
-PG_URL = "postgresql+psycopg://root@127.0.0.1:5432/test"
-PG_ASYNC_URL = "postgresql+asyncpg://root@127.0.0.1:5432/test"
 POOL_NAME = "db.client.connection.pool.name"
 
 

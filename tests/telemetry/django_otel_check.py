@@ -23,6 +23,7 @@ from django.urls import path
 from sqlalchemy import text
 
 from poolguard.django import get_session
+from tests.support.databases import DATABASE, DEAD_PORT, HOST, PG_PORT, USER, pg_url
 
 
 def orders(request: Any, order_id: int) -> Any:
@@ -98,7 +99,7 @@ def main(password: str, parameter: str) -> dict[str, Any]:
     trace.set_tracer_provider(tracer_provider)
     metrics.set_meter_provider(meter_provider)
 
-    pg = {"ENGINE": "django.db.backends.postgresql", "HOST": "127.0.0.1", "NAME": "test", "USER": "root"}
+    pg = {"ENGINE": "django.db.backends.postgresql", "HOST": HOST, "NAME": DATABASE, "USER": USER}
     settings.configure(
         SECRET_KEY="poolguard-tests-not-secret",
         DEBUG=False,
@@ -111,13 +112,13 @@ def main(password: str, parameter: str) -> dict[str, Any]:
         LOGGING_CONFIG=None,
         # trust authentication on the test server: the password is sent and ignored, and must never be exported
         DATABASES={
-            "default": {**pg, "PORT": "5432", "PASSWORD": password},
-            "down": {**pg, "PORT": "1", "PASSWORD": password, "OPTIONS": {"connect_timeout": 2}},
+            "default": {**pg, "PORT": str(PG_PORT), "PASSWORD": password},
+            "down": {**pg, "PORT": str(DEAD_PORT), "PASSWORD": password, "OPTIONS": {"connect_timeout": 2}},
         },
         POOLGUARD={
             "DATABASES": ["default", "down"],
             "BREAKER": {"CONSECUTIVE_FAILURES": 1, "OPEN_FOR": 60.0},
-            "SQLALCHEMY": {"URL": f"postgresql+psycopg://root:{password}@127.0.0.1:5432/test", "POOL_SIZE": 2},
+            "SQLALCHEMY": {"URL": pg_url(password=password), "POOL_SIZE": 2},
         },
         SECRET_PARAMETER=parameter,
     )

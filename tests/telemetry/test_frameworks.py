@@ -29,6 +29,7 @@ from poolguard import Breaker, Guard
 from poolguard.fastapi import DbSession, PoolGuardMiddleware
 from poolguard.flask import PoolGuard, db
 from tests.support.child import run_python
+from tests.support.databases import DEAD_PORT, pg_url
 from tests.telemetry.conftest import POOL_NAME, Otel, points
 
 pytestmark = pytest.mark.postgres
@@ -36,10 +37,10 @@ pytestmark = pytest.mark.postgres
 GuardFactory = Callable[..., Guard]
 PASSWORD = "Pw-5be07c-never-export"
 PARAMETER = "param-91c3e4-never-export"
-SECRET_URL = f"postgresql+psycopg://root:{PASSWORD}@127.0.0.1:5432/test"  # trust auth: the password is ignored
-DEAD_URL = f"postgresql+psycopg://root:{PASSWORD}@127.0.0.1:1/test"
-ASYNC_SECRET_URL = f"postgresql+asyncpg://root:{PASSWORD}@127.0.0.1:5432/test"
-ASYNC_DEAD_URL = f"postgresql+asyncpg://root:{PASSWORD}@127.0.0.1:1/test"
+SECRET_URL = pg_url(password=PASSWORD)  # trust auth: the password is ignored
+DEAD_URL = pg_url(password=PASSWORD, port=DEAD_PORT)
+ASYNC_SECRET_URL = pg_url("asyncpg", password=PASSWORD)
+ASYNC_DEAD_URL = pg_url("asyncpg", password=PASSWORD, port=DEAD_PORT)
 FORBIDDEN = (PASSWORD, PARAMETER, "postgresql+psycopg://", "postgresql+asyncpg://", "SELECT")
 
 FLASK_ROUTE = "/orders/<int:order_id>"

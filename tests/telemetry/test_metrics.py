@@ -16,6 +16,7 @@ from sqlalchemy import exc, text
 
 from poolguard import Breaker, CircuitOpen, Guard, PoolSaturated
 from poolguard.telemetry import DURATION_BUCKETS
+from tests.support.databases import DEAD_PORT, pg_url
 from tests.telemetry.conftest import POOL_NAME, FakeClock, Otel, point, saturate
 
 pytestmark = pytest.mark.postgres
@@ -122,7 +123,7 @@ def test_saturation_run_counts_timeouts_sheds_and_waits(otel: Otel, guard_on: Gu
 
 def test_breaker_state_and_circuit_open_sheds(otel: Otel, guard_on: GuardFactory, fake_clock: FakeClock):
     guard = guard_on(
-        "postgresql+psycopg://root@127.0.0.1:1/test",
+        pg_url(port=DEAD_PORT),
         breaker=Breaker(consecutive_failures=2, open_for=30.0),
         clock=fake_clock,
     )

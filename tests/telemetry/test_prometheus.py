@@ -16,6 +16,7 @@ import poolguard.prometheus
 from poolguard import Breaker, CircuitOpen, ConfigError, Guard, PoolSaturated
 from poolguard.prometheus import PoolGuardCollector
 from poolguard.telemetry import DURATION_BUCKETS
+from tests.support.databases import DEAD_PORT, pg_url
 from tests.telemetry.conftest import POOL_NAME, Otel, point, saturate
 
 pytestmark = pytest.mark.postgres
@@ -118,7 +119,7 @@ def test_saturation_run_timeouts_and_sheds(guard_on: GuardFactory, registry: Col
 
 
 def test_breaker_open_is_state_2_and_sheds_count_by_reason(guard_on: GuardFactory, registry: CollectorRegistry):
-    guard = guard_on("postgresql+psycopg://root@127.0.0.1:1/test", breaker=Breaker(consecutive_failures=1, open_for=60))
+    guard = guard_on(pg_url(port=DEAD_PORT), breaker=Breaker(consecutive_failures=1, open_for=60))
     poolguard.prometheus.register(guard, registry)
     with pytest.raises(exc.OperationalError), guard.connection():
         pass

@@ -8,6 +8,7 @@ import pytest
 from sqlalchemy import exc, text
 
 from poolguard import Breaker, CircuitOpen, Guard
+from tests.support.databases import DEAD_PORT, HOST, pg_url
 from tests.telemetry.conftest import Otel
 
 pytestmark = pytest.mark.postgres
@@ -15,9 +16,9 @@ pytestmark = pytest.mark.postgres
 GuardFactory = Callable[..., Guard]
 PASSWORD = "Pw-4f9c1e-never-export"
 PARAMETER = "param-7d2a90-never-export"
-URL = f"postgresql+psycopg://root:{PASSWORD}@127.0.0.1:5432/test"  # trust auth: the password is ignored
-DEAD_URL = f"postgresql+psycopg://root:{PASSWORD}@127.0.0.1:1/test"
-FORBIDDEN = (PASSWORD, PARAMETER, "postgresql+psycopg://", "127.0.0.1", "SELECT", "pg_sleep")
+URL = pg_url(password=PASSWORD)  # trust auth: the password is ignored
+DEAD_URL = pg_url(password=PASSWORD, port=DEAD_PORT)
+FORBIDDEN = (PASSWORD, PARAMETER, "postgresql+psycopg://", HOST, "SELECT", "pg_sleep")
 
 
 def exported_text(otel: Otel) -> str:

@@ -19,12 +19,13 @@ from opentelemetry.trace import NonRecordingSpan, SpanContext, SpanKind, StatusC
 from sqlalchemy import exc, text
 
 from poolguard import Breaker, CircuitOpen, Guard, PoolSaturated
+from tests.support.databases import DEAD_PORT, pg_url
 from tests.telemetry.conftest import POOL_NAME, FakeClock, Otel
 
 pytestmark = pytest.mark.postgres
 
 GuardFactory = Callable[..., Guard]
-DEAD_URL = "postgresql+psycopg://root@127.0.0.1:1/test"
+DEAD_URL = pg_url(port=DEAD_PORT)
 
 
 def checkout_spans(otel: Otel, pool: str = "primary") -> list[Any]:

@@ -14,6 +14,7 @@ import pytest
 
 from poolguard.admission import Admission
 from poolguard.errors import PoolSaturated, Unavailable
+from tests.support.clock import wait_until
 from tests.unit.conftest import FakeClock
 
 GENEROUS = 30.0  # a budget no test ever waits out: waiters are always released explicitly
@@ -31,16 +32,6 @@ class MeanUse:
 
 def make(clock: FakeClock, capacity: int | None = 2, mean_use: Callable[[], float] | None = None) -> Admission:
     return Admission(capacity, pool_name="primary", mean_use=mean_use or MeanUse(), clock=clock)
-
-
-def wait_until(condition: Callable[[], bool], steps: int = 5000) -> None:
-    """Bounded synchronisation poll: fails the test instead of hanging."""
-    pause = threading.Event()
-    for _ in range(steps):
-        if condition():
-            return
-        pause.wait(0.001)
-    assert condition(), "condition never became true"
 
 
 async def async_wait_until(condition: Callable[[], bool], steps: int = 1000) -> None:

@@ -19,6 +19,7 @@ from poolguard.errors import CircuitOpen, PoolSaturated
 from poolguard.gate import Gate
 from poolguard.pools import PoolCounts
 from poolguard.telemetry import PoolTelemetry
+from tests.support.clock import wait_until
 from tests.support.pools import FixedPool, pool_stats
 from tests.unit.conftest import FakeClock
 
@@ -336,15 +337,6 @@ def run_in_scope(gate: Gate, action: Callable[[], object], results: list[object]
     thread = threading.Thread(target=target, daemon=True)
     thread.start()
     return thread
-
-
-def wait_until(condition: Callable[[], bool], steps: int = 5000) -> None:
-    pause = threading.Event()
-    for _ in range(steps):
-        if condition():
-            return
-        pause.wait(0.001)
-    assert condition(), "condition never became true"
 
 
 def test_the_budget_shrinks_with_what_the_scope_already_waited(clock: FakeClock) -> None:
