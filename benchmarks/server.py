@@ -1,7 +1,7 @@
 """Per request under a real server: every variant of one app served by one server process, requests alternating.
 
     python -m benchmarks.server --compare poolguard --framework flask|fastapi|django [--setup example]
-    python -m benchmarks.server --compare telemetry --framework flask|fastapi|django
+    python -m benchmarks.server --compare telemetry --framework flask|fastapi|django [--sampled]
         [--duration 20] [--runs 3]
 
 (from the repository root; needs ``wrk`` on PATH and PostgreSQL on 127.0.0.1:5432, user root,
@@ -10,8 +10,8 @@ database test). The variants are those of ``benchmarks/apps/common.py``:
 - ``--compare poolguard``: bare and guarded, no OpenTelemetry SDK;
 - ``--compare telemetry``: the guarded app with poolguard's telemetry off, with it on but the SDK's
   records dropped, and on the SDK; beside them (Flask, FastAPI) the bare app without and with
-  ``opentelemetry-instrumentation-sqlalchemy``. The SDK samples nothing; each request runs under
-  an unsampled span, as under a framework instrumentation.
+  ``opentelemetry-instrumentation-sqlalchemy``. Each request runs under a span of its own, as
+  under a framework instrumentation; the SDK samples nothing, or (``--sampled``) every trace.
 
 One server process serves them all: gunicorn (gthread, 1 worker x 4 threads, wrk on 16
 connections) for Flask and Django, uvicorn (one asyncio loop, wrk on one connection, so no
@@ -146,6 +146,7 @@ def one_run(args: argparse.Namespace, variants: tuple[str, ...], cpu_file: Path)
         BENCH_COMPARE=args.compare,
         BENCH_CPU_FILE=str(cpu_file),
         BENCH_DJANGO_SETUP=args.setup,
+        BENCH_SAMPLED="1" if args.sampled else "",
     )
     server = subprocess.Popen(server_command(args.framework, port), cwd=ROOT, env=env, start_new_session=True)
     base = f"http://{HOST}:{port}"
@@ -203,12 +204,16 @@ def main() -> int:
     parser.add_argument("--setup", choices=("minimal", "example"), default="minimal", help="Django's (settings.py)")
     parser.add_argument("--duration", type=int, default=20, help="seconds of measured load per run")
     parser.add_argument("--runs", type=int, default=3, help="runs, each with a fresh server")
+    parser.add_argument("--sampled", action="store_true", help="--compare telemetry: every trace sampled")
     args = parser.parse_args()
+    if args.sampled and args.compare != "telemetry":
+        parser.error("--sampled goes with --compare telemetry (the other comparison installs no SDK)")
     if shutil.which("wrk") is None:
         parser.error("wrk is not on PATH (Debian package 'wrk')")
     variants = common.variants(args.framework, args.compare)
     differences = [d for d in DIFFERENCES[args.compare] if d[1] in variants and d[2] in variants]
-    print(f"{args.framework}, --compare {args.compare}, --setup {args.setup}: {versions()}", flush=True)
+    sampled = ", --sampled" if args.sampled else ""
+    print(f"{args.framework}, --compare {args.compare}{sampled}, --setup {args.setup}: {versions()}", flush=True)
     print(
         "| run | requests | server CPU µs/req (all) | "
         + " | ".join(f"{d[0]} ({d[1]} - {d[2]})" for d in differences)

@@ -11,6 +11,7 @@ with poolguard's defaults.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import sqlalchemy as sa
@@ -39,8 +40,8 @@ COMPARISONS = {
 - otel:    bare, with ``opentelemetry-instrumentation-sqlalchemy`` on its engine: what users would
            install instead.
 
-The telemetry variants all run with the SDK installed and each request under an unsampled span,
-as a framework instrumentation makes one (``benchmarks.apps.measure``).
+The telemetry variants all run with the SDK installed and each request under a span of its own,
+unsampled (or sampled, ``--sampled``), as a framework instrumentation makes one (``benchmarks.apps.measure``).
 """
 
 
@@ -79,18 +80,30 @@ def guard_options(variant: str) -> dict[str, Any]:
     return {}
 
 
-def install_sdk() -> None:
-    """The OpenTelemetry SDK as a service exporting over OTLP has it, sampling nothing.
+def install_sdk(*, sampled: bool = False) -> None:
+    """The OpenTelemetry SDK as a service exporting over OTLP has it, sampling nothing by default.
 
     ``TracerProvider(sampler=ALWAYS_OFF)``, and a ``MeterProvider`` whose periodic reader collects
     every 60 s (to an exporter writing to /dev/null), so records are aggregated as in production.
+    ``sampled``: every trace sampled instead, its spans batched (off the requests' threads) to an
+    exporter that drops them.
     """
     from opentelemetry.sdk.metrics import MeterProvider  # noqa: PLC0415
     from opentelemetry.sdk.metrics.export import ConsoleMetricExporter, PeriodicExportingMetricReader  # noqa: PLC0415
-    from opentelemetry.sdk.trace import TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace import ReadableSpan, TracerProvider  # noqa: PLC0415
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, SpanExportResult  # noqa: PLC0415
     from opentelemetry.sdk.trace.sampling import ALWAYS_OFF  # noqa: PLC0415
 
-    trace.set_tracer_provider(TracerProvider(sampler=ALWAYS_OFF))
+    class DropSpans(SpanExporter):
+        def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
+            return SpanExportResult.SUCCESS
+
+    if sampled:
+        tracer_provider = TracerProvider()
+        tracer_provider.add_span_processor(BatchSpanProcessor(DropSpans()))
+    else:
+        tracer_provider = TracerProvider(sampler=ALWAYS_OFF)
+    trace.set_tracer_provider(tracer_provider)
     exporter = ConsoleMetricExporter(out=open(os.devnull, "w"))  # noqa: SIM115 (for the process's life)
     reader = PeriodicExportingMetricReader(exporter, export_interval_millis=60_000)
     metrics.set_meter_provider(MeterProvider(metric_readers=[reader]))

@@ -1,14 +1,15 @@
 """What ``benchmarks.server`` serves: every variant of one app in one process, each request's CPU time taken.
 
 ``wsgi`` for gunicorn, ``asgi`` for uvicorn. Environment: ``BENCH_FRAMEWORK`` (flask, fastapi,
-django), ``BENCH_COMPARE`` (poolguard, telemetry), ``BENCH_CPU_FILE`` (where ``/_bench/dump`` writes).
+django), ``BENCH_COMPARE`` (poolguard, telemetry), ``BENCH_SAMPLED`` (non-empty: every trace sampled),
+``BENCH_CPU_FILE`` (where ``/_bench/dump`` writes).
 
 ``/<variant>/select1`` goes to that variant's app. Around the app call, the body and ``close()``
 (where all of poolguard's work happens) the wrapper takes the serving thread's CPU time
 (``time.thread_time_ns``: not its waits for the GIL or the database). ``/_bench/reset`` forgets
 the samples so far (the warm-up's); ``/_bench/dump`` writes them, with the count of answers that
 were not 200, as JSON. With ``BENCH_COMPARE=telemetry`` the OpenTelemetry SDK is installed first
-and each request runs under a span of its own, unsampled, as a framework instrumentation makes it.
+and each request runs under a span of its own, as a framework instrumentation makes it.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ COMPARE = os.environ["BENCH_COMPARE"]
 VARIANTS = common.variants(FRAMEWORK, COMPARE)
 
 if COMPARE == "telemetry":
-    common.install_sdk()
+    common.install_sdk(sampled=bool(os.environ.get("BENCH_SAMPLED")))
     _tracer = trace.get_tracer("benchmarks")
 
     def _request_span() -> contextlib.AbstractContextManager[object]:
