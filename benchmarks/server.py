@@ -15,15 +15,16 @@ database test). The variants are those of ``benchmarks/apps/common.py``:
 
 One server process serves them all: gunicorn (gthread, 1 worker x 4 threads, wrk on 16
 connections) for Flask and Django, uvicorn (one asyncio loop, wrk on one connection, so no
-request's await lets another's work into its time) for FastAPI. wrk takes the variants' paths
-in turn (``benchmarks/alternate.lua``), so they share the load, the threads, the GIL and the two
-cores' drift alike. In the server, ``benchmarks.apps.measure`` takes each request's thread CPU
-time around the app. A difference of two variants' mean app CPU per request is what the one adds
-over the other; it is quoted as a share of what the baseline variant's whole request costs the
-server (its CPU from /proc, HTTP parsing and writing included: the run's mean server CPU per
-request, moved by the baseline's app CPU against the run's mean), which is the share of requests
-per second lost when the server is CPU-bound. Each run has a fresh server, 3 s of warm-up and
-``--duration`` s of measured load. Any answer but a 200 fails the run.
+request's await lets another's work into its time) for FastAPI. wrk takes the variants' paths in
+turn, in a fresh random order every cycle (``benchmarks/alternate.lua``), so they share the load,
+the threads, the GIL and the two cores' drift alike. In the server, ``benchmarks.apps.measure``
+takes each request's thread CPU time around the app. A difference of two variants' mean app CPU
+per request is what the one adds over the other; it is quoted as a share of what the baseline
+variant's whole request costs the server (its CPU from /proc, HTTP parsing and writing
+included: the run's mean server CPU per request, moved by the baseline's app CPU against the
+run's mean), which is the share of requests per second lost when the server is CPU-bound.
+Each run has a fresh server, 3 s of warm-up and ``--duration`` s of measured load. Any answer
+but a 200 fails the run.
 """
 
 from __future__ import annotations
