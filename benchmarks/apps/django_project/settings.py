@@ -32,7 +32,7 @@ USE_TZ = True
 LOGGING_CONFIG = None
 DATABASES: dict[str, dict[str, Any]] = {"default": {}, **{variant: dict(_DATABASE) for variant in VARIANTS}}
 INSTALLED_APPS = ["poolguard.django"]
-MIDDLEWARE = ["poolguard.django.PoolGuardMiddleware"]
+MIDDLEWARE = ["poolguard.django.PoolGuardMiddleware", "benchmarks.apps.django_project.urls.by_variant"]
 POOLGUARD = {"DATABASES": [variant for variant in VARIANTS if variant != "bare"], "THREADS": 4}
 
 if os.environ.get("BENCH_DJANGO_SETUP") == "example":
