@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
@@ -33,11 +34,13 @@ def use_providers(alias: str, **providers: Any) -> None:
     ``POOLGUARD`` takes one tracer and meter provider for the whole project, so this is the one
     place a benchmark reaches into poolguard: the alias's guard's gate (``guard.gate`` since the
     restructuring of issue 11, ``guard.monitor`` before it) gets a telemetry object of the same
-    class, built for these providers.
+    class, built for these providers from what the old one keeps of its own arguments (its pool
+    name, and its ``counts`` or, since the restructuring, ``snapshot``).
     """
     from django.apps import apps  # type: ignore[import-untyped]  # noqa: PLC0415
 
     guard = apps.get_app_config("poolguard").state.guards[alias]
     gate = getattr(guard, "gate", None) or guard.monitor
     old = gate.telemetry
-    gate.telemetry = type(old)(pool_name=old.pool_name, db_system="postgresql", counts=old.counts, **providers)
+    kept = {name: getattr(old, name) for name in inspect.signature(type(old)).parameters if hasattr(old, name)}
+    gate.telemetry = type(old)(**{"db_system": "postgresql", **kept, **providers})
