@@ -34,7 +34,7 @@ test: $(STAMP) services lint typecheck
 	$(BIN)/pytest -q
 
 bench: $(STAMP) services
-	$(BIN)/python benchmarks/checkout_overhead.py
+	$(BIN)/python -m benchmarks.checkout
 
 clean:
 	rm -rf $(VENV) .mypy_cache .pytest_cache .ruff_cache
