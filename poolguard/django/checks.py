@@ -48,9 +48,7 @@ W001 = CheckWarning(
     ),
     id="poolguard.W001",
 )
-W002_HINT = (
-    "Lower the pool's max_size, THREADS or PROCESSES, raise max_connections, or put PgBouncer in front."
-)
+W002_HINT = "Lower the pool's max_size, THREADS or PROCESSES, raise max_connections, or put PgBouncer in front."
 
 
 def _loaded() -> DjangoSettings | None:
