@@ -75,16 +75,27 @@ class DjangoRequestScope(RequestScope):
     The middleware runs before URL resolution, and a ``process_view`` hook only to learn the route
     would cost every request, including those that never touch the database; the route is needed
     only when a use time is recorded per route or a leak is reported, so it is read then.
+
+    Django opens one per guarded alias on every request, so the constructor sets the fields itself
+    rather than through ``super().__init__`` and the route setter (``tests/profiling`` pins the calls).
     """
 
-    __slots__ = ("_named", "pool", "request")
-    _named: str | None
+    __slots__ = ("_named", "per_thread", "request")
 
-    def __init__(self, guard: Guard, request: Any, pool: DjangoPool | None = None) -> None:
+    def __init__(self, guard: Guard, request: Any, per_thread: DjangoPool | None = None) -> None:
+        self.gate = guard.gate
+        self.session_factory = guard.session_factory
+        self.is_async = False
+        self._named: str | None = None
+        self.waited = 0.0
+        self.held = 0
+        self._session = None
+        self._failure = None
+        self._unit_token = self._work_token = None
         self.request = request
-        self.pool = pool
-        """The alias's pool for a scope of Django's own connections; None for the SQLAlchemy session's scope."""
-        super().__init__(guard.gate, guard.session_factory)
+        self.per_thread = per_thread
+        """The alias's pool when its connections are Django's per-thread ones: the connection this
+        unit checked out counts as returned when the request ends (``DjangoPool.end_unit``)."""
 
     @property
     def route(self) -> str | None:
@@ -118,8 +129,8 @@ class PoolGuardState:
         except BaseException:
             self.close()
             raise
-        self._aliases = tuple((guard, cast(DjangoPool, guard.pool)) for guard in self.guards.values())
-        """What each request opens a scope on, built once (the per-request path reads it)."""
+        self._aliases = tuple((self.guards[alias], None if pool.pooled else pool) for alias, pool in self.pools.items())
+        """Each guarded alias and, for per-thread connections, its pool: built once, read on every request."""
 
     @property
     def pools(self) -> dict[str, DjangoPool]:
@@ -148,7 +159,9 @@ class PoolGuardState:
         Opening them touches no database. The SQLAlchemy scope opens last, so it is the one ``retry``
         asks whether a transaction is open.
         """
-        scopes = [DjangoRequestScope(guard, request, pool).open() for guard, pool in self._aliases]
+        scopes = []
+        for guard, per_thread in self._aliases:
+            scopes.append(DjangoRequestScope(guard, request, per_thread).open())
         if self.guard is not None:
             scopes.append(DjangoRequestScope(self.guard, request).open())
         return scopes
@@ -157,14 +170,16 @@ class PoolGuardState:
     def close_request(scopes: list[DjangoRequestScope]) -> None:
         """Ends the request's units: the SQLAlchemy one closes (last commit or rollback, session closed);
         each alias's connection counts as returned, and Django closes or keeps it when it ends the request."""
-        session_scope = sqlalchemy_scope(scopes)
+        last = scopes[-1] if scopes else None
+        session_scope = last if last is not None and last.session_factory is not None else None
         try:
             if session_scope is not None:
                 session_scope.close()
         finally:
             for scope in reversed(scopes):
-                if scope.pool is not None:
-                    scope.pool.end_unit(scope)
+                if scope is not session_scope:
+                    if scope.held and scope.per_thread is not None:
+                        scope.per_thread.end_unit(scope)
                     scope.leave()
 
     def as_unavailable(self, exc: BaseException) -> Unavailable | None:
@@ -194,4 +209,4 @@ class PoolGuardState:
 
 def sqlalchemy_scope(scopes: list[DjangoRequestScope]) -> DjangoRequestScope | None:
     """The request's SQLAlchemy scope (opened last), or None without ``POOLGUARD["SQLALCHEMY"]``."""
-    return scopes[-1] if scopes and scopes[-1].pool is None else None
+    return scopes[-1] if scopes and scopes[-1].session_factory is not None else None

@@ -159,7 +159,7 @@ class DjangoPool:
 
     def end_unit(self, unit: Unit) -> None:
         """A request ended: its per-thread connection counts as returned (Django keeps or closes it itself)."""
-        if unit.held and self._events is not None and not self.pooled:
+        if self._events is not None and not self.pooled:
             self._events.checkin(id(unit))
 
     # -- hooks ---------------------------------------------------------------------------------------
