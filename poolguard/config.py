@@ -27,7 +27,6 @@ from poolguard import _validate
 from poolguard.errors import ConfigError
 
 ENV_PREFIX = "POOLGUARD_"
-_BREAKER_PREFIX = "BREAKER_"
 
 HEALTH_DETAIL_MODES = ("never", "when-authorized", "always")
 
@@ -129,18 +128,6 @@ class GuardOptions:
             if provider is not None and not callable(getattr(provider, method, None)):
                 raise ConfigError(name, type(provider).__name__, f"an OpenTelemetry {name} (with {method}()) or None")
 
-    def guard_kwargs(self) -> dict[str, Any]:
-        """The keyword arguments for ``Guard(...)``: ``breaker`` as BreakerOptions, or False for none."""
-        return {
-            "max_wait": self.max_wait,
-            "leak_threshold": self.leak_threshold,
-            "capture_stacks": self.capture_stacks,
-            "ping_timeout": self.ping_timeout,
-            "breaker": self.breaker if self.breaker is not None else False,
-            "tracer_provider": self.tracer_provider,
-            "meter_provider": self.meter_provider,
-        }
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpOptions:
@@ -188,6 +175,8 @@ class PoolGuardConfig:
     sqlalchemy: Mapping[str, Any] | None = None
     source: str = field(default="settings", compare=False)
     """Where the settings came from, for error messages (``Flask config``, ``settings.POOLGUARD``)."""
+    prefix: str = field(default="", compare=False)
+    """The prefix of the settings' keys (Flask's ``POOLGUARD_``), for error messages."""
 
     def __post_init__(self) -> None:
         if not self.databases or not all(isinstance(alias, str) and alias for alias in self.databases):
@@ -197,15 +186,25 @@ class PoolGuardConfig:
 
     def setting(self, name: str) -> str:
         """How the user spelled option ``name`` where it came from, for error messages."""
-        if self.source == "Flask config":
-            return ENV_PREFIX + name.upper()
+        if self.prefix:
+            return self.prefix + name.upper()
         if self.source == "settings":
             return name
         return f"{self.source}['{name.upper()}']"
 
     def guard_options(self) -> dict[str, Any]:
-        """The keyword arguments for ``Guard(...)`` that this configuration decides."""
-        return self.guard.guard_kwargs()
+        """The keyword arguments for ``Guard(...)`` that this configuration decides (``breaker``:
+        its options, or False for none)."""
+        guard = self.guard
+        return {
+            "max_wait": guard.max_wait,
+            "leak_threshold": guard.leak_threshold,
+            "capture_stacks": guard.capture_stacks,
+            "ping_timeout": guard.ping_timeout,
+            "breaker": guard.breaker if guard.breaker is not None else False,
+            "tracer_provider": guard.tracer_provider,
+            "meter_provider": guard.meter_provider,
+        }
 
     @classmethod
     def option_names(cls) -> tuple[str, ...]:
@@ -248,6 +247,7 @@ class PoolGuardConfig:
             guard=GuardOptions(**guard),
             http=HttpOptions(**{name: values[name] for name in HTTP_OPTION_NAMES if name in values}),
             source=source,
+            prefix=prefix,
             **rest,
         )
 
@@ -288,6 +288,12 @@ def _check_engine_options(options: object, setting: str) -> None:
         _validate.non_negative_int(f"{setting}['MAX_OVERFLOW']", options["max_overflow"])
 
 
+def _breaker_option(name: str) -> str | None:
+    """``open_for`` for the flat key ``breaker_open_for``; None for any other name."""
+    option = name.removeprefix("breaker_")
+    return option if option != name and option in BreakerOptions.names() else None
+
+
 def _nest_breaker(flat: dict[str, Any], breaker: dict[str, Any], setting: str) -> None:
     """Merges flat ``BREAKER_<OPTION>`` values into the ``breaker`` option (a dict, or True)."""
     if not breaker:
@@ -306,8 +312,9 @@ def _from_settings(settings: Mapping[str, Any], source: str, prefix: str) -> dic
         if prefix and not str(key).startswith(prefix):
             continue
         name = str(key)[len(prefix) :].lower()
-        if name.startswith(_BREAKER_PREFIX.lower()) and name[len(_BREAKER_PREFIX) :] in BreakerOptions.names():
-            breaker[name[len(_BREAKER_PREFIX) :]] = value
+        option = _breaker_option(name)
+        if option is not None:
+            breaker[option] = value
         elif name in OPTION_NAMES:
             values[name] = value
         else:
@@ -317,7 +324,7 @@ def _from_settings(settings: Mapping[str, Any], source: str, prefix: str) -> dic
     return values
 
 
-_ENV_INTEGERS = frozenset({"consecutive_failures", "window_size", "minimum_calls", "half_open_calls"})
+_BREAKER_INTEGERS = frozenset(f.name for f in fields(BreakerOptions) if f.type == "int")
 
 
 def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
@@ -328,9 +335,9 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         if not key.startswith(ENV_PREFIX):
             continue
         name = key[len(ENV_PREFIX) :].lower()
-        option = name[len(_BREAKER_PREFIX) :]
-        if name.startswith(_BREAKER_PREFIX.lower()) and option in BreakerOptions.names():
-            breaker[option] = _parse_number(key, raw, integer=option in _ENV_INTEGERS)
+        option = _breaker_option(name)
+        if option is not None:
+            breaker[option] = _parse_number(key, raw, integer=option in _BREAKER_INTEGERS)
         elif name in ("breaker", "capture_stacks"):
             values[name] = _parse_bool(key, raw)
         elif name in ("health_path", "health_token"):

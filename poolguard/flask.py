@@ -68,10 +68,11 @@ class _AppState:
         self.guard = guard
         self.config = config
 
-    def _scope(self) -> RequestScope | None:
-        """This app's unit of work in the current request (None in the health view or outside a request)."""
+    def _current(self) -> tuple[RequestScope, Any] | None:
+        """This app's unit of work in the current request with the value it replaced (None in the
+        health view or outside a request)."""
         current = _current.get()
-        return current[0] if current is not None and current[0].gate is self.guard.gate else None
+        return current if current is not None and current[0].gate is self.guard.gate else None
 
     def dispatch(self, full_dispatch_request: Callable[[], Response]) -> Response:
         """Runs Flask's dispatch inside the request's unit of work, then commits (or rolls back).
@@ -103,8 +104,8 @@ class _AppState:
 
     def close_scope(self, exc: BaseException | None) -> None:
         """Runs even when the request failed: the connection always goes back to the pool."""
-        current = _current.get()
-        if current is None or current[0].gate is not self.guard.gate:
+        current = self._current()
+        if current is None:
             return
         scope, replaced = current
         _current.set(replaced)
@@ -120,9 +121,9 @@ class _AppState:
             )
 
     def record_error(self, error: BaseException) -> None:
-        scope = self._scope()
-        if scope is not None:
-            scope.fail(error)
+        current = self._current()
+        if current is not None:
+            current[0].fail(error)
 
     def health(self) -> Response:
         http = self.config.http

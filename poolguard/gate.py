@@ -172,7 +172,7 @@ class Gate:
                 raise
         except BaseException as exc:
             if span is not None:
-                PoolTelemetry.end_checkout(span, _outcome(exc))
+                telemetry.end_checkout(span, _outcome(exc))
             raise
         now = self.clock()
         wait = now - start

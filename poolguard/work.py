@@ -135,8 +135,8 @@ class RequestScope:
             await aend_transaction(session, error)
         elif offload is None:
             end_transaction(session, error)
-        elif _has_work(session):
-            await offload(lambda: end_transaction(session, error))
+        else:
+            await _end_offloaded(session, error, offload)
 
     def close(self, error: BaseException | None = None) -> None:
         """Ends the unit: last commit (or rollback), session closed, leftovers reclaimed, context left."""
@@ -160,8 +160,8 @@ class RequestScope:
                 await afinish_session(session, error)
             else:
                 try:
-                    if offload is not None and _has_work(session):
-                        await offload(lambda: end_transaction(session, error))
+                    if offload is not None:
+                        await _end_offloaded(session, error, offload)
                 finally:
                     finish_session(session, error)
         finally:
@@ -270,6 +270,12 @@ def end_transaction(session: Session, error: BaseException | None) -> None:
         logger.debug("poolguard: rollback after an error failed too", exc_info=True)
 
 
+async def _end_offloaded(session: Session, error: BaseException | None, offload: Offload) -> None:
+    """:func:`end_transaction` through ``offload`` (it blocks), only when there is something to end."""
+    if _has_work(session):
+        await offload(lambda: end_transaction(session, error))
+
+
 def finish_session(session: Session, error: BaseException | None) -> None:
     """:func:`end_transaction`, then close always."""
     try:
@@ -329,21 +335,12 @@ async def _aquietly(awaitable: Any) -> None:
         logger.debug("poolguard: cleanup step failed", exc_info=True)
 
 
-def _enter(gate: Gate, is_async: bool) -> tuple[RequestScope | None, Token[int]]:
-    """Joins the unit of work of ``gate`` running here (a request) or opens one of its own (returned, to close).
-
-    Also marks the code from here on as inside a transaction, for ``retry``.
-    """
-    own = None
-    if gate.unit_var.get() is None:
-        own = RequestScope(gate, None, is_async=is_async).open()
-    return own, _context.enter_transaction()
-
-
 class _Block:
     """What ``guard.session()`` and ``guard.connection()`` blocks share: the unit of work they join or open."""
 
     __slots__ = ("_gate", "_is_async", "_own", "_tx")
+    _kind = "guard.block"
+    """How the block was asked for, in error messages."""
 
     def __init__(self, gate: Gate, *, is_async: bool) -> None:
         self._gate = gate
@@ -356,9 +353,10 @@ class _Block:
             engine = "an AsyncEngine" if self._is_async else "a synchronous Engine"
             right = "async with" if self._is_async else "with"
             raise TypeError(f"{self._kind}() on {engine} is used with '{right}', not '{form}'")
-        self._own, self._tx = _enter(self._gate, self._is_async)
-
-    _kind = "guard.block"
+        # Joins the unit of work running here (a request), or opens one of its own, closed on leaving.
+        if self._gate.unit_var.get() is None:
+            self._own = RequestScope(self._gate, None, is_async=self._is_async).open()
+        self._tx = _context.enter_transaction()  # for retry: the block is one transaction
 
     def _leave_transaction(self) -> None:
         if self._tx is not None:

@@ -170,8 +170,7 @@ class PoolGuardState:
     def close_request(scopes: list[DjangoRequestScope]) -> None:
         """Ends the request's units: the SQLAlchemy one closes (last commit or rollback, session closed);
         each alias's connection counts as returned, and Django closes or keeps it when it ends the request."""
-        last = scopes[-1] if scopes else None
-        session_scope = last if last is not None and last.session_factory is not None else None
+        session_scope = sqlalchemy_scope(scopes)
         try:
             if session_scope is not None:
                 session_scope.close()

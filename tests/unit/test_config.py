@@ -95,9 +95,13 @@ def test_the_engine_options_are_create_engines_own_keywords() -> None:
 
 def test_engine_settings_are_checked_once_for_every_adapter() -> None:
     url = "postgresql+psycopg://u:secret-pw@h/db"
-    for source, named in (("settings.POOLGUARD", "settings.POOLGUARD['SQLALCHEMY']"), ("Flask config", "POOLGUARD_")):
+    for source, prefix, named in (
+        ("settings.POOLGUARD", "", "settings.POOLGUARD['SQLALCHEMY']"),
+        ("Flask config", "POOLGUARD_", "POOLGUARD_"),
+    ):
+        settings = {f"{prefix}SQLALCHEMY": {"URL": url, "POOLSIZE": 5}}
         with pytest.raises(ConfigError, match="POOLSIZE") as caught:
-            PoolGuardConfig.load(settings={"SQLALCHEMY": {"URL": url, "POOLSIZE": 5}}, environ={}, source=source)
+            PoolGuardConfig.load(settings=settings, environ={}, source=source, prefix=prefix)
         assert named in str(caught.value)
         assert "secret-pw" not in str(caught.value)
     with pytest.raises(ConfigError, match="URL"):

@@ -11,34 +11,30 @@ import pytest
 from poolguard.health import HealthReport, PingResult, PoolHealth, assess, redact
 from poolguard.stats import PoolStats
 from tests.support.contract import HEALTH_POOL_KEYS
+from tests.support.pools import pool_stats
 
 MAX_WAIT = 1.0
 
 
+BUSY = {
+    "size": 10,
+    "max_overflow": 5,
+    "checked_out": 2,
+    "idle": 8,
+    "utilization": 0.13,
+    "wait_p50": 0.0001,
+    "wait_p99": 0.002,
+    "use_p50": 0.01,
+    "use_p99": 0.05,
+    "checkouts": 100,
+    "connections_created": 10,
+    "create_p50": 0.003,
+}
+"""A pool of 10 + 5 that has served traffic, healthy: the base each test changes."""
+
+
 def stats(**changes: Any) -> PoolStats:
-    base = PoolStats(
-        name="primary",
-        backend="postgresql",
-        size=10,
-        max_overflow=5,
-        checked_out=2,
-        idle=8,
-        overflow=0,
-        pending=0,
-        utilization=0.13,
-        wait_p50=0.0001,
-        wait_p99=0.002,
-        use_p50=0.01,
-        use_p99=0.05,
-        checkouts=100,
-        timeouts=0,
-        connections_created=10,
-        create_p50=0.003,
-        suspected_leaks=0,
-        shed=0,
-        breaker_state="closed",
-    )
-    return dataclasses.replace(base, **changes)
+    return pool_stats(**{**BUSY, **changes})
 
 
 def check(pool_stats: PoolStats, ping: PingResult | None = None) -> PoolHealth:
