@@ -29,6 +29,17 @@ def positive_float(setting: str, value: object) -> float:
     return number
 
 
+def optional_positive_float(setting: str, value: object) -> float | None:
+    """None (the feature is off), or a finite number greater than zero."""
+    if value is None:
+        return None
+    accepted = "None, or a finite number greater than 0"
+    number = _number(setting, value, accepted)
+    if number <= 0 or math.isinf(number):
+        raise ConfigError(setting, value, accepted)
+    return number
+
+
 def non_negative_float(setting: str, value: object) -> float:
     """A number that may be zero but not negative or infinite."""
     accepted = "a finite number of at least 0"

@@ -9,9 +9,14 @@ the guard classifies exceptions (``poolguard._classify``) and calls ``record_*``
 States::
 
     CLOSED ──(failure/slow rate over the window, or N failures in a row)──> OPEN
+    CLOSED ──(trip(): a stalled pool or a failed probe, judged by the guard)──> OPEN
     OPEN ──(open interval elapsed, noticed lazily on the next read)──> HALF_OPEN
+    OPEN ──(probe_succeeded(): a fresh connection answered)──> HALF_OPEN
     HALF_OPEN ──(half_open_calls probes succeeded)──> CLOSED
     HALF_OPEN ──(a probe failed)──> OPEN, for a longer interval
+
+``open_for`` is the fallback: a guard probes an open breaker's database actively and calls
+:meth:`Breaker.probe_succeeded` as soon as it answers, so recovery follows the database, not a timer.
 
 One ``threading.Lock`` guards the counters and is held only for that bookkeeping, never around a
 listener or I/O, so the breaker is safe across threads and across asyncio tasks alike.
@@ -278,6 +283,37 @@ class Breaker:
         with self._lock:
             if self._state is BreakerState.HALF_OPEN and self._permits_out > 0:
                 self._permits_out -= 1
+
+    def trip(self) -> None:
+        """Opens at once: the guard saw the database fail as a whole (a stalled pool, a failed probe).
+
+        One such verdict is stronger evidence than one failed call, so it does not wait for the
+        window; from OPEN it changes nothing (the open interval is not extended).
+        """
+        with self._lock:
+            now = self._clock()
+            first = self._expire(now)
+            second = self._open(now) if self._state is not BreakerState.OPEN else None
+        self._notify_pair(first, second)
+
+    def probe_succeeded(self) -> None:
+        """A probe on a fresh connection worked: OPEN lets trial calls through now (HALF_OPEN).
+
+        While HALF_OPEN it counts as one successful trial, so an idle service's breaker closes
+        without waiting for traffic.
+        """
+        with self._lock:
+            first: _Transition | None = None
+            second: _Transition | None = None
+            if self._state is BreakerState.OPEN:
+                self._set_state(BreakerState.HALF_OPEN)
+                self._permits_out = self._probe_successes = 0
+                first = (BreakerState.OPEN, BreakerState.HALF_OPEN)
+            elif self._state is BreakerState.HALF_OPEN:
+                self._probe_successes += 1
+                if self._probe_successes >= self._half_open_calls:
+                    second = self._close()
+        self._notify_pair(first, second)
 
     # -- control -------------------------------------------------------------------------------------
 

@@ -111,6 +111,7 @@ class GuardOptions:
     leak_threshold: float = 30.0
     capture_stacks: bool = False
     ping_timeout: float = 1.0
+    probe_interval: float | None = 0.5
     breaker: BreakerOptions | None = field(default_factory=BreakerOptions)
     tracer_provider: Any = None
     meter_provider: Any = None
@@ -119,6 +120,7 @@ class GuardOptions:
         _validate.non_negative_float("max_wait", self.max_wait)
         _validate.positive_float("leak_threshold", self.leak_threshold)
         _validate.positive_float("ping_timeout", self.ping_timeout)
+        _validate.optional_positive_float("probe_interval", self.probe_interval)
         if not isinstance(self.capture_stacks, bool):
             raise ConfigError("capture_stacks", self.capture_stacks, "True or False")
         for name, provider, method in (
@@ -201,6 +203,7 @@ class PoolGuardConfig:
             "leak_threshold": guard.leak_threshold,
             "capture_stacks": guard.capture_stacks,
             "ping_timeout": guard.ping_timeout,
+            "probe_interval": guard.probe_interval,
             "breaker": guard.breaker if guard.breaker is not None else False,
             "tracer_provider": guard.tracer_provider,
             "meter_provider": guard.meter_provider,
@@ -346,6 +349,10 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
             values[name] = raw
         elif name in ("max_wait", "leak_threshold", "ping_timeout"):
             values[name] = _parse_number(key, raw, integer=False)
+        elif name == "probe_interval":
+            values[name] = (
+                None if raw.strip().lower() in ("", "none", "off") else _parse_number(key, raw, integer=False)
+            )
         elif name == "databases":
             values[name] = tuple(alias.strip() for alias in raw.split(",") if alias.strip())
         elif name in OPTION_NAMES:

@@ -11,14 +11,18 @@ Driver specifics (merged *under* the user's ``connect_args`` and the URL's query
 user always wins):
 
 - psycopg / psycopg2: ``application_name``, ``options="-c statement_timeout=<ms>"``,
-  ``connect_timeout`` (whole seconds; libpq's minimum is 2).
-- asyncpg: ``server_settings`` ``application_name`` and ``statement_timeout``, ``timeout``.
-- pymysql: ``program_name`` connection attribute, ``connect_timeout``; the statement timeout is a
+  ``connect_timeout`` (whole seconds; libpq's minimum is 2), and TCP keepalives plus
+  ``tcp_user_timeout`` (:data:`TCP_TIMEOUT`), so a read on a silent (black-holed) server fails
+  within seconds instead of waiting on the OS's retransmissions for a quarter of an hour. Neither
+  cuts a slow query: the server acknowledges while it works.
+- asyncpg: ``server_settings`` ``application_name`` and ``statement_timeout``, ``timeout``, and
+  ``command_timeout`` (the statement timeout plus :data:`CLIENT_MARGIN`): asyncpg has no TCP
+  timeouts, so the client bounds each query itself, a little after the server would have.
+- pymysql: ``program_name`` connection attribute, ``connect_timeout``, and ``read_timeout`` /
+  ``write_timeout`` (the statement timeout plus :data:`CLIENT_MARGIN`); the statement timeout is a
   ``SET SESSION`` on each new connection (``max_statement_time`` on MariaDB, ``max_execution_time``
-  on MySQL), since only the server can say which one it is. pymysql's ``connect_timeout`` bounds
-  the TCP connect only: a server that accepts but never sends its greeting is waited on for
-  ``read_timeout``, which is not set here because it would also cut long queries client-side
-  (pass ``connect_args={"read_timeout": ...}`` to bound it).
+  on MySQL), since only the server can say which one it is. With ``statement_timeout=None`` no
+  client-side read bound is set either.
 - SQLite: none apply (``sqlite3``'s ``timeout`` is a lock wait, not a connect timeout).
 - Any other driver: the generic pool defaults only.
 """
@@ -53,6 +57,12 @@ DEFAULT_WORKERS = 5
 
 PGBOUNCER_POOL_SIZE = 2
 """Connections kept open per process behind PgBouncer: enough to skip the handshake on a warm path."""
+
+TCP_TIMEOUT = 10.0
+"""Seconds libpq connections wait on unacknowledged data (``tcp_user_timeout``) and idle before keepalives."""
+
+CLIENT_MARGIN = 5.0
+"""Seconds a client-side read bound adds to the statement timeout, so the server's own cancel comes first."""
 
 _LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg_async", "psycopg2"})
 _PSYCOPG3_DRIVERS = frozenset({"psycopg", "psycopg_async"})
@@ -263,6 +273,7 @@ def _engine_spec(
         service_name=name,
         connect_seconds=connect_seconds,
         statement_ms=None if behind_pgbouncer else statement_ms,
+        read_bound=None if statement_ms is None else statement_ms / 1000 + CLIENT_MARGIN,
         pgbouncer=behind_pgbouncer,
     )
     for key in parsed.query:
@@ -334,12 +345,22 @@ def _driver_connect_args(
     service_name: str | None,
     connect_seconds: float,
     statement_ms: int | None,
+    read_bound: float | None,
     pgbouncer: bool,
 ) -> dict[str, Any]:
-    """The driver's own spelling of the connection defaults; empty for drivers we do not know."""
+    """The driver's own spelling of the connection defaults; empty for drivers we do not know.
+
+    ``read_bound`` is the client-side limit on one query for drivers without TCP timeouts (the
+    statement timeout plus a margin; kept behind PgBouncer, where the server-side one is the role's).
+    """
     args: dict[str, Any] = {}
     if driver in _LIBPQ_DRIVERS:
         args["connect_timeout"] = max(1, math.ceil(connect_seconds))
+        args["keepalives"] = 1
+        args["keepalives_idle"] = math.ceil(TCP_TIMEOUT)
+        args["keepalives_interval"] = max(1, math.ceil(TCP_TIMEOUT / 5))
+        args["keepalives_count"] = 3
+        args["tcp_user_timeout"] = round(TCP_TIMEOUT * 1000)
         if service_name is not None:
             args["application_name"] = service_name
         if statement_ms is not None:
@@ -348,6 +369,8 @@ def _driver_connect_args(
             args["prepare_threshold"] = None
     elif driver == "asyncpg":
         args["timeout"] = connect_seconds
+        if read_bound is not None:
+            args["command_timeout"] = read_bound
         server_settings: dict[str, str] = {}
         if service_name is not None:
             server_settings["application_name"] = service_name
@@ -361,6 +384,8 @@ def _driver_connect_args(
             args["prepared_statement_name_func"] = _unique_statement_name
     elif driver == "pymysql":
         args["connect_timeout"] = connect_seconds
+        if read_bound is not None:
+            args["read_timeout"] = args["write_timeout"] = read_bound
         if service_name is not None:
             args["program_name"] = service_name
     return args

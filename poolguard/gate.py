@@ -60,6 +60,12 @@ class CheckoutObserver(Protocol):
 MEAN_USE_SAMPLES = 16
 """Use times admission averages to predict a wait: enough to smooth one slow query, few enough to follow a change."""
 
+STALL_FLOOR = 0.5
+"""Seconds without progress before a pool with work outstanding is suspected to have stalled, at least."""
+
+STALL_FACTOR = 4.0
+"""...or this many times the recent p99 use time, so a service of slow reports is not suspected for being slow."""
+
 
 class Gate:
     """The checkout path of one pool: breaker, admission, timing and holders; built and owned by a Guard.
@@ -112,6 +118,8 @@ class Gate:
         self.timeouts = 0
         self.connections_created = 0
         self.shed: dict[str, int] = {CircuitOpen.reason: 0, PoolSaturated.reason: 0}
+        self.last_progress = clock()
+        """When a connection last came back, was handed out or was made: what a stall is measured from."""
 
     def add_observer(self, observer: CheckoutObserver) -> None:
         """Starts sending every wait, use and create time to ``observer`` as well."""
@@ -176,6 +184,7 @@ class Gate:
             raise
         now = self.clock()
         wait = now - start
+        self.last_progress = now
         with self._counter_lock:
             self.pending -= 1
             self.checkouts += 1
@@ -260,6 +269,7 @@ class Gate:
         if holder is None:
             return
         now = self.clock()
+        self.last_progress = now
         use = now - holder.since
         self.use_times.append((use, now))
         unit = holder.unit
@@ -275,9 +285,11 @@ class Gate:
                 observer.record_use(use, route)
 
     def connected(self, seconds: float) -> None:
+        now = self.clock()
+        self.last_progress = now
         with self._counter_lock:
             self.connections_created += 1
-        self.create_times.append((seconds, self.clock()))
+        self.create_times.append((seconds, now))
         self.telemetry.record_create(seconds)
         for observer in self.observers:
             observer.record_create(seconds)
@@ -306,6 +318,44 @@ class Gate:
             retry_after=retry_after or 1.0,
             pool=self.name,
         )
+
+    # -- stalls: outstanding work and no progress ------------------------------------------------------
+
+    def stall_threshold(self, now: float) -> float:
+        """How long without progress counts as a stall: :data:`STALL_FLOOR`, or longer for slow work."""
+        p99 = self.use_times.quantiles(now, 0.99)
+        return max(STALL_FLOOR, STALL_FACTOR * p99[0]) if p99 else STALL_FLOOR
+
+    def stalled(self, now: float) -> bool:
+        """Connections are held or awaited, and for :meth:`stall_threshold` none came back or was made.
+
+        Overload is not a stall (connections come back at the usual rate); a black-holed database
+        is (every read hangs, nothing comes back, no connect finishes). Only a suspicion: the
+        guard confirms it with a probe on a fresh connection before it acts.
+        """
+        if not (self.leaks.by_key or self.pending or self.admission.waiting):
+            return False
+        quiet = now - self.last_progress
+        return quiet >= STALL_FLOOR and quiet >= self.stall_threshold(now)
+
+    def abort_stuck(self, now: float) -> int:
+        """Shuts the sockets of connections held since before the stall began; returns how many.
+
+        Called only once the outage is confirmed: a request blocked on such a connection then fails
+        at once with a lost connection (a 503), instead of hanging until the network heals.
+        """
+        threshold = now - self.stall_threshold(now)
+        aborted = 0
+        for holder in list(self.leaks.by_key.values()):
+            if holder.since <= threshold and holder.handle is not None and self.pool.abort(holder.handle):
+                aborted += 1
+        if aborted:
+            logger.warning(
+                "poolguard: pool %r stalled and its database does not answer; aborted %d connection(s) hung on it",
+                self.name,
+                aborted,
+            )
+        return aborted
 
     def reclaim_leftovers(self, unit: Unit) -> int:
         """Forces back every connection ``unit`` still holds at its end; returns how many there were."""

@@ -9,9 +9,6 @@ first, then admission within the wait budget, then the pool's own checkout.
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
-import contextvars
 import logging
 import sys
 import time
@@ -22,14 +19,16 @@ from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
 from poolguard._types import Clock
-from poolguard._validate import non_negative_float, positive_float
+from poolguard._validate import non_negative_float, optional_positive_float, positive_float
 from poolguard.breaker import Breaker, BreakerState
 from poolguard.config import BreakerOptions, PoolGuardConfig
-from poolguard.errors import ConfigError, Unavailable
+from poolguard.errors import ConfigError, PoolGuardError, Unavailable
 from poolguard.gate import Gate
 from poolguard.health import HealthReport, PingResult, PoolHealth, assess
 from poolguard.pools import PoolAdapter
+from poolguard.probe import Prober
 from poolguard.stats import PoolStats, rounded
+from poolguard.watchdog import Watchdog
 from poolguard.work import ConnectionBlock, RequestScope, SessionBlock
 
 if TYPE_CHECKING:
@@ -40,6 +39,9 @@ if TYPE_CHECKING:
     from sqlalchemy.orm import Session
 
 logger = logging.getLogger("poolguard")
+
+HEALTH_MAX_AGE = 1.0
+"""Seconds a probe's result answers health checks: a burst of them (or many replicas' load balancer) costs one."""
 
 
 def _is_engine(engine: object) -> bool:
@@ -65,8 +67,11 @@ class Guard:
     stack for leak reports (costly: off by default); ``session_factory`` a sessionmaker or
     async_sessionmaker (default: one bound to the engine with ``expire_on_commit=False``, so objects
     stay readable after the block commits); ``clock`` a monotonic clock for tests;
-    ``ping_timeout`` bounds the health ping; ``tracer_provider`` / ``meter_provider`` replace the
-    global OpenTelemetry providers for this guard's spans and metrics.
+    ``ping_timeout`` bounds every probe of the database (health, stall checks, recovery);
+    ``probe_interval`` is how often an open breaker probes the database, and half the period of
+    the watchdog thread that notices a stalled pool (None: no thread; probes run only for health
+    checks, and an open breaker waits out ``open_for``); ``tracer_provider`` / ``meter_provider``
+    replace the global OpenTelemetry providers for this guard's spans and metrics.
     """
 
     def __init__(
@@ -81,6 +86,7 @@ class Guard:
         session_factory: Callable[[], Session] | Callable[[], AsyncSession] | None = None,
         clock: Clock | None = None,
         ping_timeout: float = 1.0,
+        probe_interval: float | None = 0.5,
         tracer_provider: TracerProvider | None = None,
         meter_provider: MeterProvider | None = None,
     ) -> None:
@@ -99,6 +105,7 @@ class Guard:
         self.max_wait = non_negative_float("Guard.max_wait", max_wait)
         self.leak_threshold = positive_float("Guard.leak_threshold", leak_threshold)
         self.ping_timeout = positive_float("Guard.ping_timeout", ping_timeout)
+        self.probe_interval = optional_positive_float("Guard.probe_interval", probe_interval)
         self.clock: Clock = clock or time.monotonic
         self.breaker = self._make_breaker(breaker, clock)
         self.pool: PoolAdapter
@@ -129,8 +136,15 @@ class Guard:
         """The pool's checkout path (breaker, admission, timing, holders), which the pool reports into."""
         self.pool.attach(self.gate)
         self._remove_breaker_listener = self.breaker.add_listener(self._on_transition) if self.breaker else None
-        self._ping_executor: concurrent.futures.ThreadPoolExecutor | None = None
-        self._running_ping: concurrent.futures.Future[float] | None = None
+        self.prober = Prober(
+            self.pool, name=name, timeout=self.ping_timeout, clock=self.clock, on_result=self._on_probe
+        )
+        """Probes the database on fresh connections: health, stall confirmation, recovery."""
+        self.watchdog = Watchdog(
+            self.gate, self.prober, self.breaker, interval=(self.probe_interval or 0.5) / 2, clock=self.clock
+        )
+        if self.probe_interval is not None:
+            self.watchdog.start()
         self._closed = False
 
     def unavailable_for(self, exc: BaseException) -> Unavailable | None:
@@ -174,7 +188,21 @@ class Guard:
             raise ConfigError("Guard.session_factory", factory, "a sessionmaker or async_sessionmaker")
         return factory
 
+    def _on_probe(self, result: PingResult) -> None:
+        """Every probe's result, once: an answer lets an open breaker try again, a failure counts."""
+        breaker = self.breaker
+        if breaker is None:
+            return
+        if result.error is None:
+            if not breaker.closed:
+                breaker.probe_succeeded()
+        elif breaker.closed:
+            breaker.record_failure(self.ping_timeout)
+
     def _on_transition(self, old: BreakerState, new: BreakerState) -> None:
+        if new is BreakerState.HALF_OPEN:
+            # Connections made before the outage are likely dead: the trial calls get new ones.
+            self.pool.discard_stale()
         self.gate.telemetry.breaker_transition(old, new)
         if new is BreakerState.OPEN:
             retry_after = self.breaker.retry_after if self.breaker else None
@@ -192,18 +220,30 @@ class Guard:
 
     # -- units of work ---------------------------------------------------------------------------
 
+    def _refuse_closed(self) -> None:
+        raise PoolGuardError(
+            f"Guard {self.name!r} is closed: it no longer watches its pool, so it hands out no sessions or "
+            "connections (make a new Guard, or stop calling close() while the app still serves)"
+        )
+
     def request_scope(self, route: str | None = None) -> RequestScope:
         """A unit of work for one request: nothing touches the pool until the session is used."""
+        if self._closed:
+            self._refuse_closed()
         return RequestScope(self.gate, self.session_factory, is_async=self.is_async, route=route)
 
     def session(self) -> SessionBlock[Any]:
         """``with guard.session() as s`` (or ``async with`` for an AsyncEngine): commit, rollback, close."""
+        if self._closed:
+            self._refuse_closed()
         if self.session_factory is None:
             raise TypeError(f"guard.session() needs a Guard over a SQLAlchemy engine; {self.name!r} is not one")
         return SessionBlock(self.gate, self.session_factory, is_async=self.is_async)
 
     def connection(self) -> ConnectionBlock[Any]:
         """``with guard.connection() as c`` (``async with`` for an AsyncEngine): a guarded raw connection."""
+        if self._closed:
+            self._refuse_closed()
         return ConnectionBlock(self.gate, self.engine, is_async=self.is_async)
 
     # -- observation -----------------------------------------------------------------------------
@@ -219,30 +259,19 @@ class Guard:
         return self.gate.snapshot()
 
     def health(self, *, ping: bool = True) -> HealthReport:
-        """The pool's health, with a live ping bounded by ``ping_timeout`` (sync engines)."""
-        if ping and self.is_async:
-            raise TypeError(
-                "Guard.health() cannot ping an AsyncEngine from synchronous code; use 'await guard.ahealth()'"
-            )
-        stats = self.stats()
-        result = self._ping_blocking() if ping and not self._saturated(stats) else None
-        return HealthReport.of([self._assess(stats, result)])
+        """The pool's health, with a probe of the database on a fresh connection.
+
+        The probe is shared by concurrent callers, answers for a second (:data:`HEALTH_MAX_AGE`) and
+        never needs a pool slot, so a full pool still gets a true answer. It blocks the
+        caller for at most ``ping_timeout``; from asyncio code use :meth:`ahealth`.
+        """
+        result = self.prober.result(max_age=HEALTH_MAX_AGE) if ping else None
+        return HealthReport.of([self._assess(self.stats(), result)])
 
     async def ahealth(self, *, ping: bool = True) -> HealthReport:
-        """The pool's health without blocking the event loop; works for sync and async engines."""
-        stats = self.stats()
-        result: PingResult | None = None
-        if ping and not self._saturated(stats):
-            if self.is_async:
-                result = await self._ping_async()
-            else:
-                result = await asyncio.get_running_loop().run_in_executor(None, self._ping_blocking)
-        return HealthReport.of([self._assess(stats, result)])
-
-    @staticmethod
-    def _saturated(stats: PoolStats) -> bool:
-        """A full pool would make the ping queue behind requests; its numbers already tell the story."""
-        return stats.idle == 0 and stats.size is not None and stats.utilization >= 1.0
+        """The pool's health without blocking the event loop; works for every pool kind."""
+        result = await self.prober.aresult(max_age=HEALTH_MAX_AGE) if ping else None
+        return HealthReport.of([self._assess(self.stats(), result)])
 
     def _assess(self, stats: PoolStats, ping: PingResult | None) -> PoolHealth:
         breaker = self.breaker
@@ -254,55 +283,20 @@ class Guard:
             breaker_retry_after=rounded(breaker.retry_after, 3) if breaker else None,
         )
 
-    def _ping_blocking(self) -> PingResult:
-        """Pings in a worker thread so a hung connect cannot hold the caller past ``ping_timeout``."""
-        if self._running_ping is not None and not self._running_ping.done():
-            return PingResult(None, "PingStillRunning")
-        if self._ping_executor is None:
-            self._ping_executor = concurrent.futures.ThreadPoolExecutor(
-                1, thread_name_prefix=f"poolguard-ping-{self.name}"
-            )
-        self._running_ping = future = self._ping_executor.submit(self._timed, self.pool.ping)
-        try:
-            return PingResult(future.result(timeout=self.ping_timeout))
-        except concurrent.futures.TimeoutError:
-            return PingResult(None, "PingTimeout")
-        except Exception as exc:
-            return PingResult(None, type(exc).__name__)
-
-    async def _ping_async(self) -> PingResult:
-        started = self.clock()
-        # A fresh context: a ping made while a request scope is active must not be gated or counted as its own.
-        task = asyncio.get_running_loop().create_task(self.pool.aping(), context=contextvars.Context())
-        try:
-            await asyncio.wait_for(task, self.ping_timeout)
-        except TimeoutError:
-            return PingResult(None, "PingTimeout")
-        except Exception as exc:
-            return PingResult(None, type(exc).__name__)
-        return PingResult(self.clock() - started)
-
-    def _timed(self, action: Callable[[], None]) -> float:
-        started = self.clock()
-        action()
-        return self.clock() - started
-
     @property
     def closed(self) -> bool:
         """True once :meth:`close` ran: the guard no longer watches its pool or reports metrics."""
         return self._closed
 
     def close(self) -> None:
-        """Removes the instrumentation from the engine (it stays usable) and stops the ping thread."""
+        """Removes the instrumentation from the engine (it stays usable) and stops the watchdog."""
         self._closed = True
+        self.watchdog.stop()
         self.pool.detach()
         self.gate.close()
         if self._remove_breaker_listener is not None:
             self._remove_breaker_listener()
             self._remove_breaker_listener = None
-        if self._ping_executor is not None:
-            self._ping_executor.shutdown(wait=False, cancel_futures=True)
-            self._ping_executor = None
 
 
 def build_guard(config: PoolGuardConfig, pool: PoolAdapter | None = None, *, name: str = "primary") -> Guard:

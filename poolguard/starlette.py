@@ -201,11 +201,13 @@ def poolguard_lifespan(
 ) -> Callable[[Any], AbstractAsyncContextManager[Any]]:
     """A ``lifespan=`` for Starlette or FastAPI: check the database at startup, release it at shutdown.
 
-    Startup pings the database and only logs a warning when it is unreachable: the app should come
+    Startup probes the database and only logs a warning when it is unreachable: the app should come
     up (and answer its DB-free routes and the 503s) during an outage, not crash-loop. ``lifespan``
-    is an app's own lifespan, entered after the ping and left before the shutdown; whatever state it
-    yields is passed on. Shutdown closes the guard and disposes of the engine (``dispose_engine=False``
-    keeps it, for an engine shared with something else).
+    is an app's own lifespan, entered after the probe and left before the shutdown; whatever state it
+    yields is passed on. Shutdown disposes of the engine's connections (``dispose_engine=False``
+    keeps them, for an engine shared with something else). The guard stays open, so the lifespan
+    can run again in the same process (two ``TestClient`` blocks in one test run); close it with
+    ``guard.close()`` when the process is done with it.
     """
 
     @contextlib.asynccontextmanager
@@ -218,7 +220,6 @@ def poolguard_lifespan(
                 async with lifespan(app) as state:
                     yield state
         finally:
-            guard.close()
             if dispose_engine:
                 engine = guard.engine
                 if isinstance(engine, AsyncEngine):

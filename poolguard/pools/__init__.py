@@ -2,13 +2,17 @@
 
 A pool module (:mod:`poolguard.pools.sqlalchemy`, :mod:`poolguard.pools.django`) knows its driver and
 this module only. Through :class:`PoolAdapter` it answers what the core asks of a pool: how big it
-is, what is in use, whether the database answers a ping, and how to close a connection a unit of
-work forgot. Through :class:`PoolEvents` (which the core's gate implements) it tells the core what
-happens: a checkout (which the core gates), a checkin, a connection made, a connection lost.
+is, what is in use, whether the database answers a probe on a fresh connection, and how to close a
+connection a unit of work forgot or one hung through an outage. Through :class:`PoolEvents` (which
+the core's gate implements) it tells the core what happens: a checkout (which the core gates), a
+checkin, a connection made, a connection lost.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
+import socket
 from collections.abc import Awaitable, Callable, Hashable
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -20,6 +24,41 @@ T = TypeVar("T")
 
 AwaitInGreenlet = Callable[[Awaitable[Any]], Any]
 """Runs a coroutine to completion from synchronous code inside SQLAlchemy's asyncio greenlet."""
+
+
+def shutdown_socket(fileno: int | None) -> bool:
+    """Shuts down (both ways) the socket behind ``fileno``; the descriptor stays its owner's to close.
+
+    A thread blocked reading that socket wakes with end-of-file, which every driver reports as a
+    lost connection; nothing is closed under the driver, so no descriptor can be reused behind it.
+    """
+    if fileno is None or fileno < 0:
+        return False
+    try:
+        duplicate = socket.socket(fileno=os.dup(fileno))
+    except OSError:
+        return False
+    with duplicate, contextlib.suppress(OSError):
+        duplicate.shutdown(socket.SHUT_RDWR)
+    return True
+
+
+def driver_fileno(connection: Any) -> int | None:
+    """The socket descriptor of a DB-API (or asyncpg) connection, where the driver exposes one."""
+    fileno = getattr(connection, "fileno", None)
+    if callable(fileno):
+        with contextlib.suppress(Exception):
+            value = fileno()
+            return value if isinstance(value, int) else None
+    sock = getattr(connection, "_sock", None)  # pymysql
+    if sock is None:
+        transport = getattr(connection, "_transport", None)  # asyncpg
+        sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None:
+        with contextlib.suppress(Exception):
+            value = sock.fileno()
+            return value if isinstance(value, int) else None
+    return None
 
 
 @dataclass(frozen=True, slots=True)
@@ -109,11 +148,22 @@ class PoolAdapter(Protocol):
 
     def counts(self) -> PoolCounts: ...
 
-    def ping(self) -> None:
-        """Checks out a connection and runs the cheapest round trip; raises on failure (sync pools)."""
+    def probe(self, timeout: float) -> None:
+        """Opens a connection of its own (never a pool slot), runs the cheapest round trip, closes it.
 
-    async def aping(self) -> None:
-        """The same for asyncio pools."""
+        Raises on failure. Called from a probe thread of the core (async pools run their own event
+        loop there), with the connect bounded by ``timeout`` wherever the driver takes a timeout.
+        """
+
+    def abort(self, handle: Any) -> bool:
+        """Shuts down the socket under a checked-out connection, so a read hung on it fails at once.
+
+        For connections held through an outage the core has confirmed; returns False when the
+        driver exposes no socket.
+        """
+
+    def discard_stale(self) -> None:
+        """Connections made before now are replaced at their next checkout (after an outage)."""
 
     def reclaim(self, handle: Any) -> None:
         """Closes a connection a unit of work still held at its end (the handle its checkout returned)."""

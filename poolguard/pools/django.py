@@ -16,8 +16,10 @@ poolguard's state (``override_settings`` in tests) never leaves a stale hook beh
 
 from __future__ import annotations
 
-import asyncio
+import contextlib
+import copy
 import functools
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -26,7 +28,7 @@ from django.db.utils import DatabaseError  # type: ignore[import-untyped]
 
 from poolguard._classify import counted_pool, is_connection_failure
 from poolguard.errors import ConfigError, PoolSaturated
-from poolguard.pools import PoolCounts, PoolEvents, Unit
+from poolguard.pools import PoolCounts, PoolEvents, Unit, driver_fileno, shutdown_socket
 
 __all__ = ["DjangoPool"]
 
@@ -39,6 +41,8 @@ _MIN_GETCONN_WAIT = 0.05
 _REGISTRY = "_poolguard_adapters"
 _HOOKED = "_poolguard_hooked"
 _CONNECTING = "_poolguard_connecting"
+_GENERATION = "_poolguard_generation"
+_LIBPQ_MIN_CONNECT_TIMEOUT = 2
 
 
 def _pool_option(settings_dict: dict[str, Any]) -> Any:
@@ -90,6 +94,9 @@ class DjangoPool:
         self.conn_max_age: float | None = settings_dict.get("CONN_MAX_AGE", 0)
         self._events: PoolEvents | None = None
         self._pool: Any = None
+        self.generation = 0
+        """Bumped by :meth:`discard_stale`: a per-thread connection of an older generation is closed
+        at its next request instead of being reused."""
 
     @property
     def capacity(self) -> int | None:
@@ -142,17 +149,35 @@ class DjangoPool:
         held = self._events.held if self._events is not None else 0
         return PoolCounts(size=None, max_overflow=None, checked_out=held, idle=0, overflow=0)
 
-    def ping(self) -> None:
-        """``SELECT 1`` on a connection of its own (Django's are thread-bound), closed after."""
-        connection = self.handler.create_connection(self.alias)
+    def probe(self, timeout: float) -> None:
+        """``SELECT 1`` on a connection of its own: never the pool's, never a thread's, connect bounded."""
+        settings_dict = copy.deepcopy(self.handler.settings[self.alias])
+        options = dict(settings_dict.get("OPTIONS") or {})
+        options.pop("pool", None)
+        if self.backend == "postgresql":
+            seconds = max(_LIBPQ_MIN_CONNECT_TIMEOUT, math.ceil(timeout))
+            options["connect_timeout"] = min(int(options.get("connect_timeout") or seconds), seconds)
+            options["tcp_user_timeout"] = max(1, round(timeout * 1000))
+        elif self.backend == "mysql":
+            for key in ("connect_timeout", "read_timeout", "write_timeout"):
+                options[key] = max(1, math.ceil(timeout))
+        settings_dict["OPTIONS"] = options
+        connection = type(self.handler[self.alias])(settings_dict, self.alias)
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT 1")
         finally:
             connection.close()
 
-    async def aping(self) -> None:
-        await asyncio.to_thread(self.ping)
+    def abort(self, handle: Any) -> bool:
+        """``handle`` is a thread's connection wrapper, or a psycopg connection of Django's pool."""
+        raw = handle.connection if hasattr(handle, "settings_dict") else handle
+        return raw is not None and shutdown_socket(driver_fileno(raw))
+
+    def discard_stale(self) -> None:
+        if self._pool is not None:
+            self._pool.drain()
+        self.generation += 1
 
     def reclaim(self, handle: Any) -> None:
         """Nothing to force: Django closes or returns its connections when it ends the request."""
@@ -189,6 +214,11 @@ class DjangoPool:
         if state.get(_CONNECTING):  # connect() itself calls ensure_connection again
             real()
             return
+        if self.generation and state.get(_GENERATION, 0) != self.generation:
+            state[_GENERATION] = self.generation
+            if connection.connection is not None:  # made before an outage: likely dead, never probed
+                with contextlib.suppress(DatabaseError):
+                    connection.close()
 
         def connect() -> Any:
             real()

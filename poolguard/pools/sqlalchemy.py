@@ -13,6 +13,10 @@ blocking the event loop.
 
 from __future__ import annotations
 
+import asyncio
+import math
+import time
+from contextvars import ContextVar
 from types import MethodType
 from typing import Any
 
@@ -25,10 +29,32 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, Qu
 
 from poolguard._classify import is_connection_failure
 from poolguard.errors import ConfigError
-from poolguard.pools import PoolCounts, PoolEvents
+from poolguard.pools import PoolCounts, PoolEvents, driver_fileno, shutdown_socket
 
 _CONNECT_STARTED = "poolguard.connect_started"
 _EVENTS_ATTRIBUTE = "_poolguard_events"
+_LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg_async", "psycopg2"})
+_LIBPQ_MIN_CONNECT_TIMEOUT = 2  # libpq treats anything lower as 2 s
+
+_probe_timeout: ContextVar[float | None] = ContextVar("poolguard_probe_timeout", default=None)
+"""Set while a probe connects, so the connect listener bounds that one connect (and only it)."""
+
+
+def bound_probe_connect(driver: str, cparams: dict[str, Any], timeout: float) -> None:
+    """Bounds a probe's own connection in the driver's terms: connect, and reads where the driver can.
+
+    A probe that could hang would defeat its purpose, and a user's engine often sets no timeout.
+    """
+    if driver in _LIBPQ_DRIVERS:
+        seconds = max(_LIBPQ_MIN_CONNECT_TIMEOUT, math.ceil(timeout))
+        cparams["connect_timeout"] = min(int(cparams.get("connect_timeout") or seconds), seconds)
+        cparams["tcp_user_timeout"] = max(1, round(timeout * 1000))
+    elif driver == "asyncpg":
+        cparams["timeout"] = min(float(cparams.get("timeout") or timeout), timeout)
+        cparams["command_timeout"] = timeout
+    elif driver in ("pymysql", "mysqldb", "mariadbconnector"):
+        for key in ("connect_timeout", "read_timeout", "write_timeout"):
+            cparams[key] = max(1, math.ceil(timeout))
 
 
 def _record_key(connection: PoolProxiedConnection) -> int:
@@ -121,7 +147,12 @@ class SQLAlchemyPool:
         pool.__class__ = guarded
         self._guarded_class = guarded
 
-    def _before_connect(self, dialect: Any, record: ConnectionPoolEntry, cargs: Any, cparams: Any) -> None:
+    def _before_connect(self, dialect: Any, record: ConnectionPoolEntry | None, cargs: Any, cparams: Any) -> None:
+        if record is None:  # a probe's own connection, not the pool's
+            timeout = _probe_timeout.get()
+            if timeout is not None:
+                bound_probe_connect(dialect.driver, cparams, timeout)
+            return
         assert self._events is not None
         record.info[_CONNECT_STARTED] = self._events.clock()
 
@@ -143,6 +174,18 @@ class SQLAlchemyPool:
         if isinstance(handle, PoolProxiedConnection) and handle.is_valid:
             handle.invalidate()
 
+    @staticmethod
+    def abort(handle: Any) -> bool:
+        if not isinstance(handle, PoolProxiedConnection):
+            return False
+        raw = handle.dbapi_connection
+        raw = getattr(raw, "driver_connection", raw)  # an asyncio driver's own connection
+        return shutdown_socket(driver_fileno(raw))
+
+    def discard_stale(self) -> None:
+        """SQLAlchemy's own whole-pool invalidation: what it does itself after a disconnect error."""
+        self.sync_engine.pool._invalidate_time = time.time()
+
     def counts(self) -> PoolCounts:
         pool = self.sync_engine.pool
         if isinstance(pool, QueuePool):
@@ -157,11 +200,31 @@ class SQLAlchemyPool:
         held = self._events.held if self._events is not None else 0
         return PoolCounts(size=None, max_overflow=None, checked_out=held, idle=0, overflow=0)
 
-    def ping(self) -> None:
-        with self.sync_engine.connect() as connection:
-            connection.exec_driver_sql("SELECT 1").close()
+    def probe(self, timeout: float) -> None:
+        """``SELECT 1`` on a connection the engine's own creator makes, outside the pool.
 
-    async def aping(self) -> None:
-        assert isinstance(self.engine, AsyncEngine)
-        async with self.engine.connect() as connection:
-            await connection.exec_driver_sql("SELECT 1")
+        The creator keeps everything the user configured (URL, ``connect_args``, ``do_connect``
+        listeners); the connect listener bounds it. An asyncio driver gets an event loop of its
+        own in the probe's thread.
+        """
+        if self.is_async:
+            from sqlalchemy.util import greenlet_spawn  # noqa: PLC0415
+
+            asyncio.run(greenlet_spawn(self._probe_in_thread, timeout))
+        else:
+            self._probe_in_thread(timeout)
+
+    def _probe_in_thread(self, timeout: float) -> None:
+        pool = self.sync_engine.pool
+        token = _probe_timeout.set(timeout)
+        try:
+            raw = pool._invoke_creator(None)  # type: ignore[arg-type]
+        finally:
+            _probe_timeout.reset(token)
+        try:
+            cursor = raw.cursor()
+            cursor.execute("SELECT 1")
+            cursor.fetchall()
+            cursor.close()
+        finally:
+            raw.close()

@@ -515,7 +515,7 @@ async def test_get_session_without_the_middleware_says_what_to_add():
 # --- lifespan -----------------------------------------------------------------------------------------
 
 
-async def test_lifespan_pings_then_closes_the_guard_and_disposes(
+async def test_lifespan_probes_then_disposes_and_can_run_again(
     resources: Resources, flavor: str, caplog: pytest.LogCaptureFixture
 ):
     engine = resources.engine(flavor)
@@ -529,11 +529,24 @@ async def test_lifespan_pings_then_closes_the_guard_and_disposes(
         yield {"mine": "yes"}
 
     with caplog.at_level(logging.WARNING, logger="poolguard"):
-        async with poolguard_lifespan(guard, lifespan=own)(object()) as state:
+        lifespan = poolguard_lifespan(guard, lifespan=own)
+        async with lifespan(object()) as state:
             assert state == {"mine": "yes"}
-            assert guard.stats().checkouts >= 1  # the startup ping
+            latest = guard.prober.latest
+            assert latest is not None  # the startup probe ran
+            assert latest.error is None
+        assert disposed == [True]
+        assert not guard.closed
+        async with lifespan(object()):  # a second TestClient in the same test run
+            if guard.is_async:
+                async with guard.connection() as connection:
+                    assert (await connection.execute(text("SELECT 1"))).scalar() == 1
+            else:
+                with guard.connection() as connection:
+                    assert connection.execute(text("SELECT 1")).scalar() == 1
+            assert guard.stats().checkouts == 1
         resources.closed.append(guard)
-    assert disposed == [True]
+    assert disposed == [True, True]
     assert not caplog.records
 
 

@@ -14,6 +14,7 @@ from sqlalchemy import exc, pool, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import poolguard.engine as pg_engine
+from poolguard.engine import CLIENT_MARGIN, TCP_TIMEOUT
 from poolguard.errors import ConfigError
 from tests.support import databases
 
@@ -79,6 +80,17 @@ def test_psycopg_session_gets_service_name_and_statement_timeout(make_engine: En
     assert engine.pool.timeout() == 5.0
     assert engine.pool._pre_ping is True
     assert engine.pool._recycle == 1800.0
+
+
+@pytest.mark.postgres
+def test_psycopg_reads_on_a_silent_server_are_bounded_by_tcp_timeouts(make_engine: EngineFactory, pg_url: str):
+    engine = make_engine(pg_url)
+    with engine.connect() as conn:
+        raw: Any = conn.connection.driver_connection
+        parameters = raw.info.get_parameters()
+    assert parameters["tcp_user_timeout"] == str(round(TCP_TIMEOUT * 1000))
+    assert parameters["keepalives"] == "1"
+    assert parameters["keepalives_idle"] == str(round(TCP_TIMEOUT))
 
 
 @pytest.mark.postgres
@@ -154,6 +166,8 @@ async def test_asyncpg_session_gets_service_name_and_statement_timeout(
     async with engine.connect() as conn:
         assert await conn.scalar(text("SHOW statement_timeout")) == "3s"
         assert await conn.scalar(text("SELECT current_setting('application_name')")) == "orders"
+        raw: Any = (await conn.get_raw_connection()).driver_connection
+        assert raw._config.command_timeout == 3 + CLIENT_MARGIN  # asyncpg has no TCP timeouts: it bounds reads
     assert isinstance(engine.pool, pool.AsyncAdaptedQueuePool)
     assert engine.pool.size() == 6
     assert _max_overflow(engine.pool) == 3
@@ -195,6 +209,7 @@ def test_mariadb_session_gets_statement_timeout_and_program_name(make_engine: En
         raw: Any = conn.connection.driver_connection
         assert raw._connect_attrs["program_name"] == "orders"
         assert raw.connect_timeout == 5.0
+        assert raw._read_timeout == raw._write_timeout == 2.5 + CLIENT_MARGIN
     assert engine.pool.size() == 2
     assert _max_overflow(engine.pool) == 1
 

@@ -22,7 +22,7 @@ import sqlalchemy
 from sqlalchemy import event, exc, text
 from sqlalchemy.pool import NullPool
 
-from poolguard import Breaker, BreakerState, CircuitOpen, ConfigError, Guard, PoolSaturated
+from poolguard import Breaker, BreakerState, CircuitOpen, ConfigError, Guard, PoolGuardError, PoolSaturated
 from tests.integration.helpers import assert_nothing_checked_out, assert_shed_within_budget
 from tests.support import databases
 from tests.support.contract import HEALTH_POOL_KEYS
@@ -466,9 +466,11 @@ def test_close_removes_the_instrumentation(engine: sqlalchemy.Engine):
         guard.close()
 
     assert "connect" not in vars(engine.pool)
-    with guard.session() as session:  # no longer gated by the (still open) breaker
-        assert session.execute(text("SELECT 1")).scalar() == 1
-    with engine.connect() as connection:
+    with pytest.raises(PoolGuardError, match="is closed"):  # never an ungated session, silently
+        guard.session()
+    with pytest.raises(PoolGuardError, match="is closed"):
+        guard.request_scope()
+    with engine.connect() as connection:  # no longer gated by the (still open) breaker
         connection.execute(text("SELECT 1"))
     assert guard.stats().checkouts == checkouts  # no longer counted either
     assert engine.pool.checkedout() == 0  # type: ignore[attr-defined]

@@ -27,6 +27,9 @@ class FixedPool:
         self.fixed_counts = counts
         self.events: PoolEvents | None = None
         self.reclaimed: list[Any] = []
+        self.aborted: list[Any] = []
+        self.discards = 0
+        self.probe_error: BaseException | None = None
 
     def attach(self, events: PoolEvents) -> None:
         self.events = events
@@ -37,11 +40,17 @@ class FixedPool:
     def counts(self) -> PoolCounts:
         return self.fixed_counts
 
-    def ping(self) -> None:
-        """Nothing to ask: the stand-in has no database."""
+    def probe(self, timeout: float) -> None:
+        """Answers at once, or fails as the test says: the stand-in has no database."""
+        if self.probe_error is not None:
+            raise self.probe_error
 
-    async def aping(self) -> None:
-        """Nothing to ask: the stand-in has no database."""
+    def abort(self, handle: Any) -> bool:
+        self.aborted.append(handle)
+        return True
+
+    def discard_stale(self) -> None:
+        self.discards += 1
 
     def reclaim(self, handle: Any) -> None:
         self.reclaimed.append(handle)

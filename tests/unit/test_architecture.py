@@ -41,9 +41,11 @@ LAYERS: dict[str, int] = {
     "poolguard.metrics": 4,
     "poolguard.telemetry": 5,
     "poolguard.http": 4,
+    "poolguard.probe": 4,
     # the checkout path, the units of work, the composition root
     "poolguard.gate": 6,
     "poolguard.work": 7,
+    "poolguard.watchdog": 7,
     "poolguard.guard": 8,
 }
 """Each core module's layer: a module imports only from its own layer or below. The rest are adapters."""

@@ -629,3 +629,71 @@ def test_concurrent_trips_open_once(clock: FakeClock) -> None:
         worker.join()
     assert breaker.opened_count == 1
     assert seen == [BreakerState.OPEN]
+
+
+# -- verdicts from outside the window: trip() and probe_succeeded() ----------------------------------------
+
+
+def test_trip_opens_a_closed_breaker_at_once(clock: FakeClock) -> None:
+    breaker = make(clock)
+    seen: list[tuple[BreakerState, BreakerState]] = []
+    breaker.add_listener(lambda old, new: seen.append((old, new)))
+    breaker.trip()
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.retry_after == pytest.approx(10.0)
+    assert seen == [(BreakerState.CLOSED, BreakerState.OPEN)]
+    with pytest.raises(CircuitOpen):
+        breaker.acquire()
+
+
+def test_trip_while_open_keeps_the_open_interval(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.trip()
+    clock.advance(4.0)
+    breaker.trip()
+    assert breaker.retry_after == pytest.approx(6.0)
+    assert breaker.opened_count == 1
+
+
+def test_trip_while_half_open_reopens_for_longer(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.trip()
+    clock.advance(10.0)
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.trip()
+    assert breaker.state is BreakerState.OPEN
+    assert breaker.retry_after == pytest.approx(20.0)
+
+
+def test_probe_success_turns_open_into_half_open_before_the_interval_ends(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.trip()
+    clock.advance(0.5)
+    breaker.probe_succeeded()
+    assert breaker.state is BreakerState.HALF_OPEN
+    assert breaker.retry_after is None
+    breaker.acquire()  # a trial call is let through at once
+    breaker.record_success(0.01)
+    breaker.acquire()
+    breaker.record_success(0.01)
+    assert breaker.state is BreakerState.CLOSED
+
+
+def test_probe_successes_close_a_half_open_breaker_without_traffic(clock: FakeClock) -> None:
+    breaker = make(clock)  # half_open_calls=2
+    breaker.trip()
+    breaker.probe_succeeded()
+    breaker.probe_succeeded()
+    assert breaker.state is BreakerState.HALF_OPEN
+    breaker.probe_succeeded()
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.failure_rate == 0.0
+
+
+def test_probe_success_while_closed_changes_nothing(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.acquire()
+    breaker.record_failure(0.01)
+    breaker.probe_succeeded()
+    assert breaker.state is BreakerState.CLOSED
+    assert breaker.failure_rate == 1.0
