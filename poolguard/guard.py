@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any, cast
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from poolguard import _fork
 from poolguard._types import Clock
 from poolguard._validate import non_negative_float, positive_float
 from poolguard.breaker import Breaker, BreakerState
@@ -132,6 +133,7 @@ class Guard:
         self._ping_executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._running_ping: concurrent.futures.Future[float] | None = None
         self._closed = False
+        _fork.track(self)
 
     def unavailable_for(self, exc: BaseException) -> Unavailable | None:
         """What adapters answer 503 for: ``Unavailable``, or a connection failure this guard's breaker counted."""
@@ -303,6 +305,22 @@ class Guard:
         if self._ping_executor is not None:
             self._ping_executor.shutdown(wait=False, cancel_futures=True)
             self._ping_executor = None
+
+    def _reset_after_fork(self) -> list[object]:
+        """In a forked child (:mod:`poolguard._fork`): the pool drops the parent's connections, the gate starts afresh.
+
+        The ping thread did not survive the fork, so its executor is forgotten (not shut down). A
+        pool adapter without ``reset_after_fork`` keeps its connections: only the gate is reset.
+        Returns the parent's objects the child must keep referenced and never close.
+        """
+        if self._closed:
+            return []
+        self._ping_executor = None
+        self._running_ping = None
+        reset = getattr(self.pool, "reset_after_fork", None)
+        orphans: list[object] = list(reset()) if callable(reset) else []
+        self.gate.reset_after_fork()
+        return orphans
 
 
 def build_guard(config: PoolGuardConfig, pool: PoolAdapter | None = None, *, name: str = "primary") -> Guard:
