@@ -1,30 +1,100 @@
 """Which exceptions say "the database connection is failing" and which are safe to retry.
 
-The breaker must count a refused, reset or timed-out connection and never an application error
-(a failed constraint, bad SQL), or one bug would take a healthy service offline. Codes come from
-the servers' documented error classes so the rules hold across drivers:
+The breaker must count a refused, reset, refused-at-login or timed-out connection and never an
+application error (a failed constraint, bad SQL), or one bug would take a healthy service offline.
+Codes come from the servers' documented error classes so the rules hold across drivers:
 
-- PostgreSQL SQLSTATE class 08 (connection exception), 53300 (too many connections),
-  57P01-57P03 (shutdown, crash, cannot connect now);
-- MySQL/MariaDB error numbers for lost, refused and too many connections.
+- PostgreSQL SQLSTATE class 08 (connection exception), class 28 (invalid authorization: a wrong
+  password is 28P01, an unknown role or one without LOGIN 28000), 53300 (too many connections),
+  57P01-57P03 (shutdown, crash, cannot connect now) and 57P05 (idle session timeout: the server
+  closed the connection). psycopg and psycopg2 carry it as ``sqlstate``/``pgcode``, asyncpg as
+  ``sqlstate``, and SQLAlchemy's asyncpg adapter copies it onto the error it translates to.
+- MySQL/MariaDB error numbers (``args[0]``) for lost, refused, killed and too many connections,
+  and for a refused login (1045 access denied, 4151/3118 account locked, 1130 host not allowed).
+  The number decides, not the SQLSTATE pymysql also carries: MySQL's SQLSTATEs are too coarse
+  (1226 "max_user_connections exceeded" is 42000, a lock wait timeout HY000).
+
+Auth failures are connection failures (every request fails until the credentials are fixed, so the
+breaker should shed them with a 503) but not transient: retrying within a request cannot fix them.
+
+Wrapped and chained errors. An error that carries a server code is the server's answer and its
+code decides alone. An error without one (SQLAlchemy's and Django's wrappers, the asyncpg
+adapter's translation, a driver's client-side error) is looked through, at most a few links deep
+and never twice: to ``.orig`` and ``__cause__`` (explicit wrapping: ``raise X from driver_error``)
+always, and to ``__context__`` (whatever was being handled when it was raised) only for errors
+raised while getting a connection (``during_checkout``). That is the safe direction: SQLAlchemy's
+psycopg pre-ping restores autocommit in a ``finally`` and raises ``ProgrammingError: can't change
+'autocommit' now`` over the real ``OperationalError``, which is found in ``__context__``; but an
+application error raised later, in code handling an unrelated connection error (a fallback query
+with a wrong placeholder count, also a code-less ``ProgrammingError``), gets that connection error
+as its ``__context__`` too, and must never count: outside checkout no application code's context
+is trusted. Integrity, data and not-supported errors are application errors whatever their chain,
+and an error that is not a database error (ValueError, a framework's exception) is never looked
+through. An error the pre-ping raised (see :func:`mark_pre_ping`) is a connection failure: it only
+ran ``SELECT 1`` on a connection the pool was about to hand out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import sys
-from typing import TYPE_CHECKING, TypeGuard
+from typing import TYPE_CHECKING, Literal, TypeGuard
 
 if TYPE_CHECKING:
     import sqlalchemy.exc
 
-_PG_CONNECTION_STATES = frozenset({"53300", "57P01", "57P02", "57P03"})
+_PG_CONNECTION_CLASSES = ("08",)  # connection exception
+_PG_AUTH_CLASSES = ("28",)  # invalid authorization specification: 28000, 28P01
+_PG_CONNECTION_STATES = frozenset({"53300", "57P01", "57P02", "57P03", "57P05"})
 _PG_TRANSIENT_STATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
-_MYSQL_CONNECTION_ERRNOS = frozenset({1040, 1053, 1129, 1152, 1158, 1159, 1160, 1161, 2002, 2003, 2006, 2013})
+_MYSQL_CONNECTION_ERRNOS = frozenset(
+    {
+        1040,  # too many connections
+        1053,  # server shutdown in progress
+        1129,  # host blocked after too many connection errors
+        1152,  # connection aborted
+        1158,  # got an error reading communication packets
+        1159,  # timeout reading communication packets
+        1160,  # got an error writing communication packets
+        1161,  # timeout writing communication packets
+        1203,  # max_user_connections exceeded (MySQL)
+        1226,  # an account resource limit exceeded (MariaDB's max_user_connections)
+        1927,  # connection was killed (MariaDB)
+        2002,  # can't connect through the socket
+        2003,  # can't connect to the server
+        2005,  # unknown server host
+        2006,  # server has gone away
+        2013,  # lost connection during query
+        2026,  # SSL connection error
+        2055,  # lost connection (with the system error)
+    }
+)
+_MYSQL_AUTH_ERRNOS = frozenset(
+    {
+        1045,  # access denied (wrong user or password)
+        1130,  # host not allowed to connect
+        1251,  # client does not support the server's authentication protocol
+        1698,  # access denied (no password given)
+        1862,  # password expired, must be changed first
+        3118,  # account locked (MySQL)
+        4151,  # account locked (MariaDB)
+    }
+)
 _MYSQL_TRANSIENT_ERRNOS = frozenset({1205, 1213})  # lock wait timeout, deadlock
 
+_MAX_LINKS = 8
+"""How deep a chain of wrapped errors is followed: SQLAlchemy over a driver over asyncpg is three."""
 
 _PEP249_CONNECTION_CLASSES = frozenset({"OperationalError", "InterfaceError"})
+_PEP249_APPLICATION_CLASSES = frozenset({"IntegrityError", "DataError", "NotSupportedError"})
+
+Verdict = Literal["connection", "auth", "transient", "application", "unknown"]
+"""What an error says: the connection fails (``auth``: the login is refused), a retry may succeed,
+the application's own error (the server answered with a code of another class), or nothing known."""
+
+
+def _mro_names(exc: BaseException) -> set[str]:
+    return {cls.__name__ for cls in type(exc).__mro__}
 
 
 def _is_pep249_connection_class(exc: BaseException) -> bool:
@@ -32,7 +102,7 @@ def _is_pep249_connection_class(exc: BaseException) -> bool:
 
     PEP 249 fixes these class names, so matching by name covers every DB-API driver without importing it.
     """
-    return any(cls.__name__ in _PEP249_CONNECTION_CLASSES for cls in type(exc).__mro__)
+    return not _PEP249_CONNECTION_CLASSES.isdisjoint(_mro_names(exc))
 
 
 def _is_pep249_error(exc: BaseException) -> bool:
@@ -52,35 +122,107 @@ def _is_dbapi_error(exc: BaseException) -> TypeGuard[sqlalchemy.exc.DBAPIError]:
     return _sqlalchemy_error(exc, "DBAPIError")
 
 
-def _driver_error(exc: BaseException) -> BaseException:
-    if _is_dbapi_error(exc) and exc.orig is not None:
-        return exc.orig
-    return exc
-
-
 def _sqlstate(error: BaseException) -> str | None:
+    """The SQLSTATE an error carries itself: ``sqlstate`` (psycopg, asyncpg, its SQLAlchemy adapter), ``pgcode``."""
     for attribute in ("sqlstate", "pgcode"):
         value = getattr(error, attribute, None)
-        if isinstance(value, str):
-            return value
-    cause = error.__cause__
-    if cause is not None and cause is not error:
-        value = getattr(cause, "sqlstate", None)
-        if isinstance(value, str):
+        if isinstance(value, str) and value:
             return value
     return None
 
 
-def _mysql_errno(exc: BaseException) -> int | None:
+def _mysql_errno(error: BaseException, *, is_driver_error: bool) -> int | None:
     """The server's error number of a MySQL driver error (``args[0]``); None for any other exception."""
-    if _is_dbapi_error(exc):
-        error: BaseException | None = exc.orig
-    else:
-        error = exc if _is_pep249_error(exc) else None
-    args = getattr(error, "args", ())
+    if isinstance(error, OSError) or not (is_driver_error or _is_pep249_error(error)):
+        return None  # an OSError's args[0] is the system's errno
+    args = error.args
     if args and isinstance(args[0], int) and not isinstance(args[0], bool):
         return args[0]
     return None
+
+
+def _code_of(error: BaseException, *, is_driver_error: bool) -> str | int | None:
+    """A MySQL error number, else a SQLSTATE: the server's answer, when the error carries one."""
+    errno = _mysql_errno(error, is_driver_error=is_driver_error)
+    return errno if errno is not None else _sqlstate(error)
+
+
+def _verdict_of_code(code: str | int) -> Verdict:
+    if isinstance(code, int):
+        if code in _MYSQL_AUTH_ERRNOS:
+            return "auth"
+        if code in _MYSQL_CONNECTION_ERRNOS:
+            return "connection"
+        return "transient" if code in _MYSQL_TRANSIENT_ERRNOS else "application"
+    if code.startswith(_PG_AUTH_CLASSES):
+        return "auth"
+    if code.startswith(_PG_CONNECTION_CLASSES) or code in _PG_CONNECTION_STATES:
+        return "connection"
+    return "transient" if code in _PG_TRANSIENT_STATES else "application"
+
+
+def _chain(exc: BaseException, *, follow_context: bool) -> tuple[list[BaseException], str | int | None]:
+    """``exc`` and the errors it stands for, outermost first, and the first server code on the way.
+
+    The walk stops at an error with a code (it decides), at an application-class error, and at an
+    error that is not a database error; see the module docstring for which links are followed.
+    """
+    links: list[BaseException] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    is_driver_error = False
+    while current is not None and id(current) not in seen and len(links) < _MAX_LINKS:
+        seen.add(id(current))
+        links.append(current)
+        code = _code_of(current, is_driver_error=is_driver_error)
+        if code is not None:
+            return links, code
+        names = _mro_names(current)
+        if not _PEP249_APPLICATION_CLASSES.isdisjoint(names):
+            break
+        if _is_dbapi_error(current):
+            current, is_driver_error = current.orig or current.__cause__, True
+            continue
+        if not (is_driver_error or _is_pep249_error(current)):
+            break
+        is_driver_error = False
+        if current.__cause__ is not None:
+            current = current.__cause__
+        elif follow_context and not current.__suppress_context__:
+            current = current.__context__
+        else:
+            break
+    return links, None
+
+
+_PRE_PING_ATTRIBUTE = "_poolguard_pre_ping"
+
+
+def mark_pre_ping(exc: BaseException) -> None:
+    """Notes that the pool's pre-ping raised ``exc``: whatever it is, the connection failed its ``SELECT 1``."""
+    with contextlib.suppress(AttributeError, TypeError):  # an exception class with __slots__
+        setattr(exc, _PRE_PING_ATTRIBUTE, True)
+
+
+def classify(exc: BaseException, *, during_checkout: bool = False) -> Verdict:
+    """What ``exc`` says about the database connection (see the module docstring for the rules)."""
+    if _sqlalchemy_error(exc, "TimeoutError"):
+        return "connection"
+    if _is_dbapi_error(exc) and exc.connection_invalidated:
+        return "connection"
+    links, code = _chain(exc, follow_context=during_checkout)
+    if any(getattr(link, _PRE_PING_ATTRIBUTE, False) is True for link in links):
+        return "connection"
+    verdict = _verdict_of_code(code) if code is not None else "unknown"
+    if verdict == "auth":
+        return verdict
+    if during_checkout and any(
+        isinstance(link, OSError | TimeoutError) or _is_pep249_connection_class(link) for link in links
+    ):
+        return "connection"
+    if verdict == "unknown" and any(isinstance(link, ConnectionError) for link in links):
+        return "connection"
+    return verdict
 
 
 def is_checkout_timeout(exc: BaseException) -> bool:
@@ -91,47 +233,30 @@ def is_checkout_timeout(exc: BaseException) -> bool:
 
 
 def is_connection_failure(exc: BaseException, *, during_checkout: bool = False) -> bool:
-    """True when ``exc`` says the database or the network to it is failing.
+    """True when ``exc`` says the database or the network to it is failing, or the login is refused.
 
     During checkout any driver-level operational or interface error is a connection failure, as is a
     pool timeout or an OS-level socket error: nothing application-specific has run yet. During use
     only errors that name a lost, refused or exhausted connection count.
     """
-    if _sqlalchemy_error(exc, "TimeoutError"):
-        return True
-    if _is_dbapi_error(exc) and exc.connection_invalidated:
-        return True
-    if during_checkout and (isinstance(exc, OSError | TimeoutError) or _is_pep249_connection_class(exc)):
-        return True
-    error = _driver_error(exc)
-    state = _sqlstate(error)
-    if state is not None:
-        return state.startswith("08") or state in _PG_CONNECTION_STATES
-    errno = _mysql_errno(exc)
-    if errno is not None and errno in _MYSQL_CONNECTION_ERRNOS:
-        return True
-    return isinstance(error, ConnectionError)
+    return classify(exc, during_checkout=during_checkout) in ("connection", "auth")
 
 
 def is_transient(exc: BaseException) -> bool:
     """True when running the same work again may succeed: lost connections, deadlocks, serialization.
 
     A driver error without a server code (refused, reset, DNS) is transient; one with a code is only
-    when the code is a connection, deadlock or serialization failure, so bad SQL is never retried.
+    when the code is a connection, deadlock or serialization failure, so bad SQL is never retried,
+    and neither is a refused login (a retry within the request cannot fix the credentials).
     """
-    if is_connection_failure(exc):
-        return True
-    error = _driver_error(exc)
-    state = _sqlstate(error)
-    if state is not None:
-        return state in _PG_TRANSIENT_STATES
-    errno = _mysql_errno(exc)
-    if errno is not None:
-        return errno in _MYSQL_TRANSIENT_ERRNOS
+    verdict = classify(exc)
+    if verdict != "unknown":
+        return verdict in ("connection", "transient")
+    links, _code = _chain(exc, follow_context=False)
     return (
         _sqlalchemy_error(exc, "OperationalError")
         or _sqlalchemy_error(exc, "InterfaceError")
-        or isinstance(error, OSError)
+        or any(isinstance(link, OSError) for link in links)
     )
 
 

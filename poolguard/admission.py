@@ -166,3 +166,9 @@ class Admission:
             retry_after=max(_MIN_RETRY_AFTER, predicted),
             pool=self._pool_name,
         )
+
+    def reset(self) -> None:
+        """Forgets every slot and waiter: for a forked child, where the threads that held them do not exist."""
+        self._lock = threading.Lock()
+        self._waiters = deque()
+        self.in_use = 0

@@ -429,6 +429,17 @@ class Breaker:
                     )
                     _log.debug("breaker listener failure", exc_info=True)
 
+    def reset_after_fork(self) -> None:
+        """For a forked child: a fresh lock and no half-open trial permits out.
+
+        A parent thread may have held the lock at the fork, and the trials the parent's threads were
+        running never report back in the child. The state and the window are kept: they describe
+        the database, which the child shares with its parent (an open breaker stays open, so freshly
+        forked workers do not all hammer a database that is down).
+        """
+        self._lock = threading.Lock()
+        self._permits_out = 0
+
 
 def _check_clock(clock: Clock) -> Clock:
     if not callable(clock):

@@ -410,3 +410,21 @@ class Gate:
     def close(self) -> None:
         """Stops reporting the pool's telemetry (its queued samples recorded first)."""
         self.telemetry.close()
+
+    def reset_after_fork(self) -> None:
+        """In a forked child: full admission, no holders, nothing pending, fresh figures; the breaker keeps its state.
+
+        The threads that held slots and connections in the parent do not exist in the child, so their
+        slots would never come back (a fork during one checkout would leave the child a slot short
+        for good). The child's figures describe the child's own pool from the fork on.
+        """
+        self._counter_lock = threading.Lock()
+        self.admission.reset()
+        self.leaks.reset()
+        self.pending = self.checkouts = self.timeouts = self.connections_created = 0
+        self.last_progress = self.clock()
+        self.shed = dict.fromkeys(self.shed, 0)
+        for window in (self.wait_times, self.use_times, self.create_times):
+            window.clear()
+        if self.breaker is not None:
+            self.breaker.reset_after_fork()

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, cast
 from opentelemetry.metrics import MeterProvider
 from opentelemetry.trace import TracerProvider
 
+from poolguard import _fork
 from poolguard._types import Clock
 from poolguard._validate import non_negative_float, optional_positive_float, positive_float
 from poolguard.breaker import Breaker, BreakerState
@@ -146,6 +147,7 @@ class Guard:
         if self.probe_interval is not None:
             self.watchdog.start()
         self._closed = False
+        _fork.track(self)
 
     def unavailable_for(self, exc: BaseException) -> Unavailable | None:
         """What adapters answer 503 for: ``Unavailable``, or a connection failure this guard's breaker counted."""
@@ -297,6 +299,23 @@ class Guard:
         if self._remove_breaker_listener is not None:
             self._remove_breaker_listener()
             self._remove_breaker_listener = None
+
+    def _reset_after_fork(self) -> list[object]:
+        """In a forked child (:mod:`poolguard._fork`): the pool drops the parent's connections, the gate starts afresh.
+
+        The watchdog and probe threads did not survive the fork: the prober forgets its probes in
+        flight and the watchdog starts a thread of the child's own. A pool adapter without
+        ``reset_after_fork`` keeps its connections: only the gate is reset. Returns the parent's
+        objects the child must keep referenced and never close.
+        """
+        if self._closed:
+            return []
+        reset = getattr(self.pool, "reset_after_fork", None)
+        orphans: list[object] = list(reset()) if callable(reset) else []
+        self.gate.reset_after_fork()
+        self.prober.reset_after_fork()
+        self.watchdog.reset_after_fork(start=self.probe_interval is not None)
+        return orphans
 
 
 def build_guard(config: PoolGuardConfig, pool: PoolAdapter | None = None, *, name: str = "primary") -> Guard:

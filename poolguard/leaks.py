@@ -180,3 +180,8 @@ class LeakTracker:
             logger.debug("poolguard: checkout stack of the connection above:\n%s", "".join(holder.stack.format()))
         if self._on_leak is not None:
             self._on_leak(holder)
+
+    def reset(self) -> None:
+        """Forgets every holder: for a forked child, where the parent's checkouts are not its own."""
+        self.by_key = {}
+        self._sweep_lock = threading.Lock()

@@ -103,6 +103,11 @@ class Prober:
         """:meth:`result` without blocking the event loop (the wait runs in the loop's executor)."""
         return await asyncio.get_running_loop().run_in_executor(None, lambda: self.result(max_age=max_age))
 
+    def reset_after_fork(self) -> None:
+        """In a forked child: the probe threads in flight are gone (their lock may be held by one)."""
+        self._changed = threading.Condition()
+        self._starts = []
+
     def _start(self, now: float) -> None:
         """Called with the condition held."""
         self._starts.append(now)

@@ -103,6 +103,14 @@ class Watchdog:
         self._stop.set()
         self._thread = None
 
+    def reset_after_fork(self, *, start: bool) -> None:
+        """In a forked child: the parent's thread is gone; no suspicion carries over; a thread of its own."""
+        self._stop = threading.Event()
+        self._thread = None
+        self.suspected_at = None
+        if start:
+            self.start()
+
 
 def _run(ref: weakref.ref[Watchdog], stop: threading.Event, interval: float) -> None:
     while not stop.wait(interval):

@@ -254,6 +254,27 @@ class DjangoPool:
         if is_connection_failure(exc) or _driver_broken(connection.connection):
             events.lost(exc)
 
+    def reset_after_fork(self) -> list[object]:
+        """In a forked child: this thread's wrapper of the alias and Django's psycopg pool are dropped, unclosed.
+
+        Django makes a fresh wrapper (and a fresh pool: the old one's worker threads did not survive
+        the fork) on next use. The dropped ones are returned for the child to keep referenced:
+        closing them, or letting the collector do it, would end the parent's sessions.
+        """
+        orphans: list[object] = []
+        storage = self.handler._connections
+        wrapper = getattr(storage, self.alias, None)
+        if wrapper is not None:
+            orphans.append(wrapper)
+            delattr(storage, self.alias)
+        if self.pooled:
+            pools: dict[str, Any] = getattr(type(wrapper or self.handler[self.alias]), "_connection_pools", {})
+            pool = pools.pop(self.alias, None)
+            if pool is not None:
+                orphans.append(pool)
+        self._pool = None
+        return orphans
+
 
 def _driver_broken(raw: Any) -> bool:
     """Whether the DB-API connection says it is dead (psycopg 3 ``broken``, psycopg2 ``closed`` = 2)."""

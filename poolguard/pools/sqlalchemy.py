@@ -27,7 +27,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, QueuePool
 
-from poolguard._classify import is_connection_failure
+from poolguard._classify import is_connection_failure, mark_pre_ping
 from poolguard.errors import ConfigError
 from poolguard.pools import PoolCounts, PoolEvents, driver_fileno, shutdown_socket
 
@@ -163,7 +163,10 @@ class SQLAlchemyPool:
             events.connected(events.clock() - started)
 
     def _on_error(self, context: ExceptionContext) -> None:
-        if self._events is None or context.connection is None or context.is_pre_ping:
+        if context.is_pre_ping:  # raised on to the checkout, where the gate counts it
+            mark_pre_ping(context.original_exception)
+            return
+        if self._events is None or context.connection is None:
             return
         if context.is_disconnect or is_connection_failure(context.original_exception):
             self._events.lost(context.sqlalchemy_exception or context.original_exception)
@@ -228,3 +231,14 @@ class SQLAlchemyPool:
             cursor.close()
         finally:
             raw.close()
+
+    def reset_after_fork(self) -> list[object]:
+        """In a forked child: a new pool for the engine, ``dispose(close=False)`` (SQLAlchemy's recipe).
+
+        The replacement is built from the guarded pool's class, so it is guarded too. The parent's
+        pool is returned for the child to keep referenced: its connections are never closed, reset
+        or finalized there, which would act on sockets the parent still uses.
+        """
+        parents = self.sync_engine.pool
+        self.sync_engine.dispose(close=False)
+        return [parents]
