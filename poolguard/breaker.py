@@ -150,6 +150,9 @@ class Breaker:
         self._probe_successes = 0
         self._opened_count = 0
         self._listeners: tuple[Listener, ...] = ()
+        self.probed_every: float | None = None
+        """Set by a guard that probes this breaker's database actively: ``retry_after`` then says
+        when the next probe may let traffic back (about this often), not when ``open_for`` ends."""
 
     # -- reading ---------------------------------------------------------------------------------
 
@@ -175,7 +178,7 @@ class Breaker:
         with self._lock:
             now = self._clock()
             transition = self._expire(now)
-            remaining = self._open_until - now if self._state is BreakerState.OPEN else None
+            remaining = self._remaining(now) if self._state is BreakerState.OPEN else None
         if transition is not None:
             self._notify((transition,))
         return remaining
@@ -216,7 +219,7 @@ class Breaker:
             state = self._state
             error: CircuitOpen | None = None
             if state is BreakerState.OPEN:
-                remaining = self._open_until - now
+                remaining = self._remaining(now)
                 error = CircuitOpen(
                     f"database circuit breaker is open after repeated connection failures; "
                     f"retry in {_retry_text(remaining)}",
@@ -401,6 +404,11 @@ class Breaker:
     def _set_state(self, state: BreakerState) -> None:
         self._state = state
         self.closed = state is BreakerState.CLOSED
+
+    def _remaining(self, now: float) -> float:
+        remaining = self._open_until - now
+        probed = self.probed_every
+        return min(remaining, max(probed, 1.0)) if probed is not None else remaining
 
     def _expire(self, now: float) -> _Transition | None:
         if self._state is BreakerState.OPEN and now >= self._open_until:

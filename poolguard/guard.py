@@ -146,6 +146,8 @@ class Guard:
         )
         if self.probe_interval is not None:
             self.watchdog.start()
+            if self.breaker is not None:
+                self.breaker.probed_every = self.probe_interval
         self._closed = False
         _fork.track(self)
 
@@ -207,13 +209,20 @@ class Guard:
             self.pool.discard_stale()
         self.gate.telemetry.breaker_transition(old, new)
         if new is BreakerState.OPEN:
-            retry_after = self.breaker.retry_after if self.breaker else None
-            logger.warning(
-                "poolguard: circuit breaker of pool %r opened (was %s); failing fast for %.1fs",
-                self.name,
-                old.value,
-                retry_after or 0.0,
-            )
+            if self.watchdog.running:
+                logger.warning(
+                    "poolguard: circuit breaker of pool %r opened (was %s); failing fast, probing every %.1fs",
+                    self.name,
+                    old.value,
+                    self.probe_interval or 0.0,
+                )
+            else:
+                logger.warning(
+                    "poolguard: circuit breaker of pool %r opened (was %s); failing fast for %.1fs",
+                    self.name,
+                    old.value,
+                    (self.breaker.retry_after if self.breaker else None) or 0.0,
+                )
         else:
             logger.info("poolguard: circuit breaker of pool %r is now %s (was %s)", self.name, new.value, old.value)
 

@@ -99,6 +99,11 @@ class Watchdog:
         )
         self._thread.start()
 
+    @property
+    def running(self) -> bool:
+        """Whether the watchdog's thread runs (it does unless the guard's ``probe_interval`` is None)."""
+        return self._thread is not None
+
     def stop(self) -> None:
         self._stop.set()
         self._thread = None

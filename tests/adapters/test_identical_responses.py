@@ -11,7 +11,8 @@ To make every byte deterministic:
 
 - The outage is a pool named ``down`` on 127.0.0.1:1 (nothing listens: connection refused at once, so
   the health ping fails with ``OperationalError`` everywhere) whose breaker (``consecutive_failures=1``,
-  ``open_for=60``) reads a frozen clock and is tripped by hand: ``Retry-After`` is exactly 60.
+  ``open_for=60``) reads a frozen clock and is tripped by hand, and no watchdog probes it
+  (``probe_interval=None``): ``Retry-After`` is exactly 60.
   SQLAlchemy guards use a NullPool, which has no fixed size, like Django's per-thread connections,
   so even the detailed health report is the same byte for byte across all five clients.
 - Saturation: a pool of one connection that is held elsewhere and ``max_wait=0``, so the request is
@@ -191,7 +192,7 @@ def flask_get(app: Flask, path: str, authorization: str | None = None) -> Answer
 
 def flask_outage() -> dict[str, Answer]:
     engine = sqlalchemy.create_engine(DOWN_URL, poolclass=NullPool)
-    guard = Guard(engine, name=DOWN, breaker=tripped_breaker())
+    guard = Guard(engine, name=DOWN, breaker=tripped_breaker(), probe_interval=None)
     try:
         app = flask_app(guard)
         return {key: flask_get(app, health_path(key), auth) for key, auth in OUTAGE_REQUESTS}
@@ -248,7 +249,7 @@ async def asgi_get(app: Any, path: str, authorization: str | None = None) -> Ans
 
 async def asgi_outage(make_app: Callable[[Guard], Any]) -> dict[str, Answer]:
     engine = create_async_engine(DOWN_URL, poolclass=NullPool)
-    guard = Guard(engine, name=DOWN, breaker=tripped_breaker())
+    guard = Guard(engine, name=DOWN, breaker=tripped_breaker(), probe_interval=None)
     try:
         app = make_app(guard)
         return {key: await asgi_get(app, health_path(key), auth) for key, auth in OUTAGE_REQUESTS}
@@ -276,6 +277,7 @@ async def asgi_saturated(make_app: Callable[[Guard], Any]) -> Answer:
 DJANGO_OUTAGE = {
     "DATABASES": [DOWN],
     "BREAKER": {"CONSECUTIVE_FAILURES": 1, "OPEN_FOR": OPEN_FOR},
+    "PROBE_INTERVAL": None,
     "HEALTH_DETAIL": "when-authorized",
     "HEALTH_TOKEN": TOKEN,
 }

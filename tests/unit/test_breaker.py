@@ -697,3 +697,15 @@ def test_probe_success_while_closed_changes_nothing(clock: FakeClock) -> None:
     breaker.probe_succeeded()
     assert breaker.state is BreakerState.CLOSED
     assert breaker.failure_rate == 1.0
+
+
+def test_an_actively_probed_breaker_tells_callers_to_retry_at_the_probe_cadence(clock: FakeClock) -> None:
+    breaker = make(clock)
+    breaker.probed_every = 0.5
+    breaker.trip()
+    assert breaker.retry_after == 1.0  # Retry-After is whole seconds, at least 1: not the 10 s open interval
+    with pytest.raises(CircuitOpen) as raised:
+        breaker.acquire()
+    assert raised.value.retry_after == 1.0
+    clock.advance(9.5)
+    assert breaker.retry_after == pytest.approx(0.5)
