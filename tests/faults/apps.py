@@ -56,6 +56,13 @@ def _insert(table: str) -> Any:
     return text(f"INSERT INTO {table} (name) VALUES (:name)")
 
 
+def _leak(guard: Guard) -> str:
+    """A sync view that checks a connection out of the engine and drops it."""
+    engine: Any = guard.engine
+    KEPT.append(engine.connect())
+    return "leaked"
+
+
 def flask_app(guard: Guard, table: str, probe: Probe) -> flask.Flask:
     app = flask.Flask(__name__)
     PoolGuard(app, guard)
@@ -90,11 +97,7 @@ def flask_app(guard: Guard, table: str, probe: Probe) -> flask.Flask:
 
         return flask.Response(flask.stream_with_context(body()))
 
-    @app.get("/leak")
-    def leak() -> str:
-        engine: Any = guard.engine
-        KEPT.append(engine.connect())
-        return "leaked"
+    app.get("/leak")(lambda: _leak(guard))
 
     return app
 
@@ -200,11 +203,7 @@ def fastapi_app(guard: Guard, table: str, probe: Probe) -> fastapi.FastAPI:
         tasks.add_task(later)
         return {"written": name}
 
-    @app.get("/leak")
-    def leak() -> str:
-        engine: Any = guard.engine
-        KEPT.append(engine.connect())
-        return "leaked"
+    app.get("/leak")(lambda: _leak(guard))
 
     return app
 

@@ -8,11 +8,13 @@ above) holds the password that every app URL carries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
 import pytest
+
 from tests.faults.helpers import PASSWORD_ROLE, SECRET, Fleet
 from tests.support.clock import wait_until
 from tests.support.pgcluster import APP_USER, HOST, PgBouncer, PgCluster
@@ -45,10 +47,8 @@ def bouncer(cluster: PgCluster) -> Iterator[PgBouncer]:
 
 def _quiet_backends(cluster: PgCluster) -> list[tuple[int, str, str]]:
     """The app's backends idle in a transaction, after giving closing connections a moment to go."""
-    try:
+    with contextlib.suppress(AssertionError):
         wait_until(lambda: not cluster.idle_in_transaction(), steps=500)
-    except AssertionError:
-        pass
     return cluster.idle_in_transaction()
 
 
@@ -90,5 +90,3 @@ async def fleet() -> AsyncIterator[Fleet]:
     built = Fleet()
     yield built
     await built.release()
-
-

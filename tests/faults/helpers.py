@@ -24,6 +24,7 @@ PASSWORD_ROLE = "pw_user"
 
 Engine = sqlalchemy.Engine | AsyncEngine
 
+
 def names_in(cluster: PgCluster, table: str) -> set[str]:
     """What is really committed in ``table``, read on a connection of its own."""
     return {str(row[0]) for row in cluster.sql(f"SELECT name FROM {table}")}
@@ -52,10 +53,7 @@ class Fleet:
         return engine
 
     def async_engine(self, url: str, *, guarded: bool = True, **options: Any) -> AsyncEngine:
-        if guarded:
-            engine = poolguard.create_async_engine(url, **options)
-        else:
-            engine = sa_create_async_engine(url, **options)
+        engine = poolguard.create_async_engine(url, **options) if guarded else sa_create_async_engine(url, **options)
         self.engines.append(engine)
         return engine
 
@@ -120,7 +118,8 @@ def assert_503(reply: Reply, reason: str | None = None, *, within: float = 3.0) 
     assert body["error"] == "database_unavailable"
     assert body["reason"] in ({reason} if reason else {"circuit_open", "pool_saturated"})
     seconds = body["retry_after"]
-    assert isinstance(seconds, int) and seconds >= 1
+    assert isinstance(seconds, int)
+    assert seconds >= 1
     assert reply.headers["retry-after"] == str(seconds)
     assert reply.headers["cache-control"] == "no-store"
     assert reply.headers["content-type"].startswith("application/json")

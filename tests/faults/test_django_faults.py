@@ -41,7 +41,8 @@ class DjangoChild:
             )
 
     def request(self, method: str, target: str, *, timeout: float = 20.0) -> Reply:
-        assert self.process.stdin is not None and self.process.stdout is not None
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
         self.process.stdin.write(f"{method} {target}\n")
         self.process.stdin.flush()
         ready, _, _ = select.select([self.process.stdout], [], [], timeout)
@@ -49,7 +50,12 @@ class DjangoChild:
         line = self.process.stdout.readline()
         assert line, f"the child exited: {self.log.read_text()[-2000:]}"
         answer = json.loads(line)
-        return Reply(answer["status"], {k.lower(): v for k, v in answer["headers"].items()}, answer["body"].encode(), answer["seconds"])
+        return Reply(
+            answer["status"],
+            {k.lower(): v for k, v in answer["headers"].items()},
+            answer["body"].encode(),
+            answer["seconds"],
+        )
 
     def close(self) -> str:
         """Ends the child; its log."""

@@ -85,10 +85,12 @@ async def test_stopped_server_is_503_then_serves_again(kind: str, cluster: PgClu
             assert_503(reply)
         assert down[-1].json()["reason"] == "circuit_open"
         assert down[-1].seconds < 0.5
-        assert guard.breaker is not None and guard.breaker.state is BreakerState.OPEN
+        assert guard.breaker is not None
+        assert guard.breaker.state is BreakerState.OPEN
         assert (await call("GET", "/nodb")).status == 200
         health = await call("GET", "/health/db")
-        assert health.status == 503 and health.json() == {"status": "unavailable"}
+        assert health.status == 503
+        assert health.json() == {"status": "unavailable"}
         cluster.start()
         clock.advance(400.0)  # past any open interval: the next calls are the half-open probes
         back = [await call("GET", "/one") for _ in range(4)]
@@ -164,13 +166,17 @@ async def test_crash_and_restart_loses_no_acknowledged_write(
     assert_clean(cluster, engine)
 
 
-async def test_connection_resets_are_503_never_500(kind: str, cluster: PgCluster, proxy: TcpProxy, fleet: Fleet) -> None:
+async def test_connection_resets_are_503_never_500(
+    kind: str, cluster: PgCluster, proxy: TcpProxy, fleet: Fleet
+) -> None:
     engine, guard = build(
         fleet,
         kind,
         proxy.port,
         cluster,
-        guard_options={"breaker": Breaker(consecutive_failures=0, failure_rate=1.0, window_size=200, minimum_calls=200)},
+        guard_options={
+            "breaker": Breaker(consecutive_failures=0, failure_rate=1.0, window_size=200, minimum_calls=200)
+        },
     )
     replies: list[Reply] = []
     async with serve(kind, guard, "unused") as call:
@@ -190,7 +196,8 @@ async def test_added_latency_is_slow_but_served(kind: str, cluster: PgCluster, p
         replies = [*await asyncio.gather(call("GET", "/one"), call("GET", "/one")), await call("GET", "/one")]
         assert [r.status for r in replies] == [200] * 3
         assert max(r.seconds for r in replies) < 5.0
-        assert guard.breaker is not None and guard.breaker.state is BreakerState.CLOSED
+        assert guard.breaker is not None
+        assert guard.breaker.state is BreakerState.CLOSED
         assert (await call("GET", "/health/db")).status == 200
     assert_clean(cluster, engine)
 
@@ -220,8 +227,10 @@ async def test_pool_exhaustion_sheds_with_pool_saturated(kind: str, cluster: PgC
         after = await call("GET", "/one")
     for reply in shed:
         assert_503(reply, "pool_saturated", within=1.2)
-    assert free.status == 200 and after.status == 200
-    assert guard.breaker is not None and guard.breaker.state is BreakerState.CLOSED
+    assert free.status == 200
+    assert after.status == 200
+    assert guard.breaker is not None
+    assert guard.breaker.state is BreakerState.CLOSED
     assert_clean(cluster, engine)
 
 
@@ -266,7 +275,8 @@ async def test_streamed_body_holds_no_connection(kind: str, cluster: PgCluster, 
 
     async with serve(kind, guard, table, probe) as call:
         reply = await call("GET", "/stream/streamed")
-    assert reply.status == 200 and reply.body == b"first second"
+    assert reply.status == 200
+    assert reply.body == b"first second"
     assert seen == [(0, 0, True)]
     assert_clean(cluster, engine)
 

@@ -142,7 +142,7 @@ def test_bad_adapter_options_fail_at_startup(cluster: PgCluster, fleet: Fleet) -
     guard = fleet.guard(fleet.engine(cluster.url(password=SECRET)))
     app = flask.Flask(__name__)
     app.config["POOLGUARD_HEALTH_DETAIL"] = "sometimes"
-    with pytest.raises(ConfigError, match="(?i)health_detail"):
+    with pytest.raises(ConfigError, match=r"(?i)health_detail"):
         PoolGuard(app, guard)
     with pytest.raises(ConfigError, match="health_pth"):
         PoolGuardMiddleware(Starlette(), guard=guard, health_pth="/x")  # type: ignore[call-arg]

@@ -84,7 +84,7 @@ def _run_as_owner(*command: str | Path, timeout: float = 60.0) -> str:
     argv = [str(part) for part in command]
     completed = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False, **_as_owner())
     assert completed.returncode == 0, f"{' '.join(argv)} failed ({completed.returncode}): {completed.stderr}"
-    return completed.stdout
+    return str(completed.stdout)
 
 
 def _owned_temp_dir(prefix: str) -> Path:
