@@ -66,6 +66,9 @@ class DjangoChild:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait(timeout=5)
+        finally:
+            assert self.process.stdout is not None
+            self.process.stdout.close()
         text = self.log.read_text()
         self.log.unlink()
         return text
