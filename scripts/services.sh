@@ -1,7 +1,20 @@
 #!/usr/bin/env bash
 # Starts the PostgreSQL and MariaDB servers the integration tests use, if they are not running,
-# and waits until both accept connections. Safe to run again.
+# and waits until both accept connections; installs PgBouncer for the fault suite (tests/faults starts
+# its own private PostgreSQL cluster and PgBouncer from these binaries). Safe to run again.
 set -euo pipefail
+
+if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+  echo "installing PgBouncer (tests/faults runs its own; the package's service is kept from starting)"
+  policy=/usr/sbin/policy-rc.d
+  if [ ! -e "$policy" ]; then
+    printf '#!/bin/sh\nexit 101\n' >"$policy"
+    chmod +x "$policy"
+    trap 'rm -f "$policy"' EXIT
+  fi
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq pgbouncer >/dev/null
+fi
 
 pg_up() { pg_isready -q -h 127.0.0.1 -p 5432; }
 maria_up() { mysqladmin --protocol=tcp -h 127.0.0.1 -P 3306 -u root ping >/dev/null 2>&1; }

@@ -8,6 +8,12 @@
         proxy.restart()    # it is back, on the same port
         proxy.blackhole()  # it hangs: connects are accepted, nothing is forwarded or answered
         proxy.heal()       # it answers again (held connections are forwarded from where they were)
+        proxy.reset_connections()   # every live connection gets a RST; new ones are still accepted
+        proxy.latency = 0.1         # each forwarded chunk waits 0.1 s first (both directions)
+        proxy.connect_delay = 3.0   # a new connection is accepted, then waits 3 s before it is forwarded
+
+``accepted`` counts the connections accepted since the proxy was made (connect attempts that got
+through the listener), for tests that bound how often a client reconnects.
 
 Each client connection gets one daemon thread that owns both its sockets (so a reset never races
 a ``select`` in another thread); there are at most ``max_connections`` of them, and a connection
@@ -71,6 +77,8 @@ class _Link:
                 self.killed.wait(_POLL)
                 continue
             if self.upstream is None:
+                if self.proxy.connect_delay and self.killed.wait(self.proxy.connect_delay):
+                    break  # reset while it waited
                 self.upstream = socket.create_connection(self.proxy.target, timeout=self.proxy.connect_timeout)
                 self.upstream.settimeout(self.proxy.io_timeout)
                 self.client.settimeout(self.proxy.io_timeout)
@@ -80,6 +88,8 @@ class _Link:
                 data = source.recv(_CHUNK)
                 if not data:
                     return True
+                if self.proxy.latency and self.killed.wait(self.proxy.latency):
+                    break
                 sink.sendall(data)
         return False
 
@@ -102,6 +112,11 @@ class TcpProxy:
         self.connect_timeout = connect_timeout
         self.io_timeout = io_timeout
         self.blackholed = False
+        self.latency = 0.0
+        """Seconds each forwarded chunk waits before it is sent on (0: none)."""
+        self.connect_delay = 0.0
+        """Seconds a new connection waits, accepted, before the proxy connects it upstream (0: none)."""
+        self.accepted = 0
         self._lock = threading.Lock()
         self._links: set[_Link] = set()
         self._listener: socket.socket | None = None
@@ -200,6 +215,7 @@ class TcpProxy:
             client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             link = _Link(self, client)
             with self._lock:
+                self.accepted += 1
                 admitted = len(self._links) < self.max_connections and self._accepting.is_set()
                 if admitted:
                     self._links.add(link)

@@ -1,0 +1,112 @@
+"""A Django app guarded by poolguard.django, driven line by line from the fault tests (a child process).
+
+Django's settings are process-wide and the pytest process has its own (tests/django), so the fault
+tests run this app in a child: ``python -m tests.faults.django_child PORT TABLE``, from the project
+root. ``default`` is the private cluster at ``PORT`` (a proxy's) as the app role with the secret in
+its settings (``ATOMIC_REQUESTS``); ``auth`` is a role that needs a password, given the wrong one.
+
+Protocol: each stdin line ``METHOD PATH`` is one request through ``django.test.Client``; the answer is
+one JSON line on stdout: ``{"status": int, "headers": {...}, "body": str, "seconds": float}``. Every
+log record (INFO and above) goes to stderr, which the parent searches for the secret.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any
+
+import django
+from django.conf import settings
+from django.db import connections, transaction
+from django.http import HttpResponse, JsonResponse
+from django.urls import path
+
+from tests.faults.helpers import PASSWORD_ROLE, SECRET
+from tests.support.pgcluster import APP_USER, DATABASE, HOST
+
+
+@transaction.non_atomic_requests
+def nodb(request: Any) -> HttpResponse:
+    return HttpResponse("ok")
+
+
+def one(request: Any) -> HttpResponse:
+    with connections["default"].cursor() as cursor:
+        cursor.execute("SELECT 1")
+        return JsonResponse({"one": cursor.fetchone()[0]})
+
+
+def write(request: Any, name: str) -> HttpResponse:
+    with connections["default"].cursor() as cursor:
+        cursor.execute(f"INSERT INTO {settings.FAULTS_TABLE} (name) VALUES (%s)", [name])
+        cursor.execute("SELECT pg_sleep(%s)", [float(request.GET.get("sleep", "0"))])
+    return JsonResponse({"written": name})
+
+
+@transaction.non_atomic_requests
+def auth(request: Any) -> HttpResponse:
+    with connections["auth"].cursor() as cursor:
+        cursor.execute("SELECT 1")
+    return HttpResponse("unreachable")
+
+
+urlpatterns = [
+    path("nodb", nodb),
+    path("one", one),
+    path("write/<str:name>", write),
+    path("auth", auth),
+]
+
+
+def configure(port: int, table: str) -> None:
+    base = {"ENGINE": "django.db.backends.postgresql", "HOST": HOST, "PORT": str(port), "NAME": DATABASE}
+    settings.configure(
+        SECRET_KEY="poolguard-faults-not-secret",
+        DEBUG=False,
+        ALLOWED_HOSTS=["testserver"],
+        USE_TZ=True,
+        ROOT_URLCONF=__name__,
+        INSTALLED_APPS=["poolguard.django"],
+        MIDDLEWARE=["poolguard.django.PoolGuardMiddleware"],
+        DATABASES={
+            "default": {
+                **base,
+                "USER": APP_USER,
+                "PASSWORD": SECRET,
+                "ATOMIC_REQUESTS": True,
+                "OPTIONS": {"connect_timeout": 2},
+            },
+            "auth": {**base, "USER": PASSWORD_ROLE, "PASSWORD": f"{SECRET}-wrong", "OPTIONS": {"connect_timeout": 2}},
+        },
+        POOLGUARD={"DATABASES": ["default", "auth"]},
+        LOGGING_CONFIG=None,
+        FAULTS_TABLE=table,
+    )
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(levelname)s %(name)s %(message)s")
+    django.setup()
+
+
+def main() -> None:
+    configure(int(sys.argv[1]), sys.argv[2])
+    from django.test import Client  # noqa: PLC0415 - needs configured settings
+
+    client = Client(raise_request_exception=False)
+    for line in sys.stdin:
+        method, target = line.split()
+        started = time.monotonic()
+        response = client.generic(method, target)
+        answer = {
+            "status": response.status_code,
+            "headers": dict(response.headers),
+            "body": response.content.decode(errors="replace"),
+            "seconds": time.monotonic() - started,
+        }
+        print(json.dumps(answer), flush=True)
+    connections.close_all()
+
+
+if __name__ == "__main__":
+    main()

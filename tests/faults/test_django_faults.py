@@ -1,0 +1,128 @@
+"""poolguard.django (ORM connections, ATOMIC_REQUESTS) while the private server fails; the app runs in
+a child process (tests/faults/django_child.py) that the test drives one request at a time."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.faults.helpers import SECRET, Reply, assert_503, assert_no_secret, names_in
+from tests.support.child import PROJECT_ROOT
+from tests.support.pgcluster import PgCluster
+from tests.support.tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.postgres
+
+
+class DjangoChild:
+    """The child's app: ``request(method, path)`` sends one request and waits (bounded) for its answer."""
+
+    def __init__(self, port: int, table: str) -> None:
+        self.log = Path(tempfile.mkstemp(prefix="poolguard-django-", suffix=".log")[1])
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        with self.log.open("w") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-W", "error", "-m", "tests.faults.django_child", str(port), table],
+                cwd=PROJECT_ROOT,
+                env=env,
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=log,
+                text=True,
+            )
+
+    def request(self, method: str, target: str, *, timeout: float = 20.0) -> Reply:
+        assert self.process.stdin is not None
+        assert self.process.stdout is not None
+        self.process.stdin.write(f"{method} {target}\n")
+        self.process.stdin.flush()
+        ready, _, _ = select.select([self.process.stdout], [], [], timeout)
+        assert ready, f"{method} {target}: no answer within {timeout}s; log: {self.log.read_text()[-2000:]}"
+        line = self.process.stdout.readline()
+        assert line, f"the child exited: {self.log.read_text()[-2000:]}"
+        answer = json.loads(line)
+        return Reply(
+            answer["status"],
+            {k.lower(): v for k, v in answer["headers"].items()},
+            answer["body"].encode(),
+            answer["seconds"],
+        )
+
+    def close(self) -> str:
+        """Ends the child; its log."""
+        assert self.process.stdin is not None
+        self.process.stdin.close()
+        try:
+            self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait(timeout=5)
+        finally:
+            assert self.process.stdout is not None
+            self.process.stdout.close()
+        text = self.log.read_text()
+        self.log.unlink()
+        return text
+
+
+@pytest.fixture
+def django_app(proxy: TcpProxy, table: str) -> Iterator[DjangoChild]:
+    child = DjangoChild(proxy.port, table)
+    try:
+        yield child
+    finally:
+        log = child.close()
+        assert SECRET not in log, "the password was logged"
+        assert "Traceback" not in log
+
+
+def test_django_stopped_server_killed_query_and_auth_failure(
+    django_app: DjangoChild, proxy: TcpProxy, cluster: PgCluster, table: str
+) -> None:
+    assert django_app.request("GET", "/one").status == 200
+    assert django_app.request("POST", "/write/before").status == 200
+
+    proxy.stop()  # the server is gone: refused
+    down = django_app.request("POST", "/write/down")
+    assert_503(down, "circuit_open")
+    assert django_app.request("GET", "/nodb").status == 200
+    proxy.restart()
+    assert django_app.request("GET", "/one").status == 200
+
+    # A backend killed in the middle of a write: 503, and the write is not committed.
+    replies: list[Reply] = []
+
+    def kill_soon() -> None:
+        for _ in range(500):
+            if cluster.terminate(query_like="%pg_sleep%"):
+                return
+            select.select([], [], [], 0.01)
+
+    killer = threading.Thread(target=kill_soon)
+    killer.start()
+    replies.append(django_app.request("POST", "/write/killed?sleep=20"))
+    killer.join()
+    assert_503(replies[0], "circuit_open", within=5.0)
+    assert django_app.request("POST", "/write/after").status == 200
+
+    # Idle persistent-less connections terminated: the next request is served or shed, never a 500.
+    cluster.terminate(state="idle")
+    reply = django_app.request("GET", "/one")
+    assert reply.status in (200, 503), reply.body[:300]
+
+    # A wrong password on another alias: 503, and the password is never shown.
+    for _ in range(2):
+        wrong = django_app.request("GET", "/auth")
+        assert_503(wrong, within=4.0)
+        assert_no_secret(wrong.body)
+    assert names_in(cluster, table) == {"before", "after"}
+    assert cluster.idle_in_transaction() == []
