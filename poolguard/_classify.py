@@ -82,6 +82,7 @@ _MYSQL_AUTH_ERRNOS = frozenset(
 )
 _MYSQL_TRANSIENT_ERRNOS = frozenset({1205, 1213})  # lock wait timeout, deadlock
 
+_MYSQL_CLIENT_ERRNOS = 2000  # MySQL error numbers from here on are the client library's, not the server's
 _MAX_LINKS = 8
 """How deep a chain of wrapped errors is followed: SQLAlchemy over a driver over asyncpg is three."""
 
@@ -193,6 +194,36 @@ def _chain(exc: BaseException, *, follow_context: bool) -> tuple[list[BaseExcept
         else:
             break
     return links, None
+
+
+TOO_MANY_CONNECTIONS = frozenset({"53300", "1040", "1203", "1226"})
+"""Server codes for "no connection slot left" (PostgreSQL, MySQL/MariaDB server-wide and per account)."""
+
+
+def server_refusal(exc: BaseException) -> str | None:
+    """The code with which the server itself refused, as a string; None when no server answered.
+
+    A refused login, too many connections or a server starting up all prove the server is up and
+    answering, which is what tells a probe refused by a busy database from one that met a silent
+    network. Client-side codes (PostgreSQL class 08 raised by a driver, MySQL's 2000 range) are not
+    the server's answer.
+    """
+    links, code = _chain(exc, follow_context=True)
+    if isinstance(code, int):
+        return str(code) if code < _MYSQL_CLIENT_ERRNOS else None
+    if code is None:
+        return _libpq_refusal(links)
+    return None if code.startswith(_PG_CONNECTION_CLASSES) else code
+
+
+def _libpq_refusal(links: list[BaseException]) -> str | None:
+    """libpq reports a refused connect with no SQLSTATE, only the server's ``FATAL:`` text in the message."""
+    for link in links:
+        message = str(link)
+        if "FATAL:" in message:
+            lowered = message.lower()
+            return "53300" if "too many connections" in lowered or "too many clients" in lowered else "FATAL"
+    return None
 
 
 _PRE_PING_ATTRIBUTE = "_poolguard_pre_ping"

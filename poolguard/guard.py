@@ -193,14 +193,18 @@ class Guard:
         return factory
 
     def _on_probe(self, result: PingResult) -> None:
-        """Every probe's result, once: an answer lets an open breaker try again, a failure counts."""
+        """Every probe's result, once: an answer lets an open breaker try again; no answer counts as a failure.
+
+        A server that refused the probe (too many connections, a refused login) is up: that says
+        nothing about the connections the pool already has, so it is not counted.
+        """
         breaker = self.breaker
         if breaker is None:
             return
         if result.error is None:
             if not breaker.closed:
                 breaker.probe_succeeded()
-        elif breaker.closed:
+        elif breaker.closed and result.unreachable:
             breaker.record_failure(self.ping_timeout)
 
     def _on_transition(self, old: BreakerState, new: BreakerState) -> None:

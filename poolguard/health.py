@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from poolguard._classify import TOO_MANY_CONNECTIONS
 from poolguard.stats import PoolStats, rounded
 
 Status = Literal["ok", "degraded", "unavailable"]
@@ -34,10 +35,20 @@ def redact(text: str) -> str:
 
 @dataclass(frozen=True, slots=True)
 class PingResult:
-    """The outcome of one live round trip: its time, or the class name of what went wrong."""
+    """The outcome of one live round trip: its time, or the class name of what went wrong.
+
+    ``refused_with`` is the server's own code when the server answered with a refusal (it is up:
+    a refused login, too many connections, starting up); None when it answered or never did.
+    """
 
     seconds: float | None
     error: str | None = None
+    refused_with: str | None = None
+
+    @property
+    def unreachable(self) -> bool:
+        """The probe failed and no server answered: refused, reset, timed out, or a silent network."""
+        return self.error is not None and self.refused_with is None
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,8 +132,13 @@ def assess(
         status = "unavailable"
         issues.append(f"{name}: circuit breaker open")
     if ping is not None and ping.error is not None:
-        status = "unavailable"
-        issues.append(f"{name}: ping failed ({ping.error})")
+        if ping.refused_with in TOO_MANY_CONNECTIONS:
+            # The probe's own connection found no slot; the pool's connections serve on.
+            status = "degraded" if status == "ok" else status
+            issues.append(f"{name}: the server refused a probe connection: too many connections ({ping.refused_with})")
+        else:
+            status = "unavailable"
+            issues.append(f"{name}: ping failed ({ping.error})")
     if status != "unavailable":
         if stats.breaker_state == "half_open":
             status = "degraded"

@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from poolguard._classify import server_refusal
 from poolguard._types import Clock
 from poolguard.health import PingResult
 from poolguard.pools import PoolAdapter
@@ -118,7 +119,7 @@ class Prober:
         try:
             self._pool.probe(self.timeout)
         except Exception as exc:
-            result = PingResult(None, type(exc).__name__)
+            result = PingResult(None, type(exc).__name__, server_refusal(exc))
         else:
             result = PingResult(self._clock() - started)
         with self._changed:

@@ -5,10 +5,11 @@ and when every worker thread is stuck behind one, no request is even left to not
 thread ticks every ``interval`` (a quarter of a second) and asks the gate two cheap questions:
 
 - Closed breaker, but the pool stalled (work outstanding, nothing back for
-  :meth:`~poolguard.gate.Gate.stall_threshold`)? Then a probe on a fresh connection decides: if it
-  fails or has not answered within its timeout, the outage is confirmed: the breaker trips and the
-  connections hung on the database are aborted. If it answers, the work is only slow: no action,
-  and no new suspicion for :data:`QUIET_AFTER_ANSWER`.
+  :meth:`~poolguard.gate.Gate.stall_threshold`)? Then a probe on a fresh connection decides: if no
+  server answers it (no answer within its timeout, refused, reset), the outage is confirmed: the
+  breaker trips and the connections hung on the database are aborted. If the server answers, even
+  with a refusal (too many connections), the work is only slow: no action, and no new suspicion
+  for :data:`QUIET_AFTER_ANSWER`.
 - Breaker not closed? Then probe at most once per ``interval * 2``; the guard turns a probe that
   answers into :meth:`~poolguard.breaker.Breaker.probe_succeeded`, so traffic is served again
   within about a second of the database's return, whatever ``open_for`` says.
@@ -77,7 +78,8 @@ class Watchdog:
         if result is None and now - since < self.prober.timeout:
             return  # the probe has not answered yet, and still has time
         self.suspected_at = None
-        if result is not None and result.error is None:
+        if result is not None and not result.unreachable:
+            # It answered (or refused: it is up, only out of slots or logins): slow work, not a silent database.
             self._quiet_until = now + QUIET_AFTER_ANSWER
             return
         self.confirmed += 1

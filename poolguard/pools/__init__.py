@@ -97,6 +97,8 @@ class Unit(Protocol):
 class PoolEvents(Protocol):
     """What a pool tells the core. Every method is cheap and safe from any thread."""
 
+    name: str
+    """The pool's name, for log lines."""
     clock: Clock
     max_wait: float
     unit_var: ContextVar[Unit | None]

@@ -94,6 +94,7 @@ class DjangoPool:
         self.conn_max_age: float | None = settings_dict.get("CONN_MAX_AGE", 0)
         self._events: PoolEvents | None = None
         self._pool: Any = None
+        self._connect_errors = 0
         self.generation = 0
         """Bumped by :meth:`discard_stale`: a per-thread connection of an older generation is closed
         at its next request instead of being reused."""
@@ -239,8 +240,17 @@ class DjangoPool:
         self._pool = pool
 
     def _pool_busy(self, pool: Any) -> bool:
-        """True when every connection the pool may open is open and in use: saturation, not a failure."""
+        """True when every connection the pool may open is open and in use, and none failed to open since
+        the last look: saturation, not a failure.
+
+        psycopg_pool makes its connections in background workers and keeps their errors there; its
+        ``connections_errors`` counter is the one trace of a database that refuses new connections.
+        """
         stats = pool.get_stats()
+        errors = int(stats.get("connections_errors", 0))
+        failed, self._connect_errors = errors > self._connect_errors, errors
+        if failed:
+            return False
         return bool(int(stats.get("pool_size", 0)) >= int(pool.max_size) and int(stats.get("pool_available", 0)) == 0)
 
     def _on_query_error(self, exc: BaseException, connection: Any) -> None:

@@ -14,6 +14,7 @@ blocking the event loop.
 from __future__ import annotations
 
 import asyncio
+import logging
 import math
 import time
 from contextvars import ContextVar
@@ -31,6 +32,8 @@ from poolguard._classify import is_connection_failure, mark_pre_ping
 from poolguard.errors import ConfigError
 from poolguard.pools import PoolCounts, PoolEvents, driver_fileno, shutdown_socket
 
+_log = logging.getLogger("poolguard")
+
 _CONNECT_STARTED = "poolguard.connect_started"
 _EVENTS_ATTRIBUTE = "_poolguard_events"
 _LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg_async", "psycopg2"})
@@ -38,6 +41,25 @@ _LIBPQ_MIN_CONNECT_TIMEOUT = 2  # libpq treats anything lower as 2 s
 
 _probe_timeout: ContextVar[float | None] = ContextVar("poolguard_probe_timeout", default=None)
 """Set while a probe connects, so the connect listener bounds that one connect (and only it)."""
+
+
+_READ_BOUNDS: dict[str, tuple[tuple[str, ...], str]] = {
+    # driver: (any of these connect arguments bounds a read on a silent server, what to add)
+    "psycopg": (("tcp_user_timeout", "keepalives_idle"), "{'tcp_user_timeout': 10000, 'keepalives_idle': 10}"),
+    "psycopg_async": (("tcp_user_timeout", "keepalives_idle"), "{'tcp_user_timeout': 10000, 'keepalives_idle': 10}"),
+    "psycopg2": (("tcp_user_timeout", "keepalives_idle"), "{'tcp_user_timeout': 10000, 'keepalives_idle': 10}"),
+    "asyncpg": (("command_timeout",), "{'command_timeout': 35}"),
+    "pymysql": (("read_timeout",), "{'read_timeout': 35, 'write_timeout': 35}"),
+}
+
+
+def unbounded_reads(driver: str, cparams: dict[str, Any]) -> str | None:
+    """The ``connect_args`` to suggest when nothing bounds a read on a silent server; None when something does."""
+    known = _READ_BOUNDS.get(driver)
+    if known is None:
+        return None
+    keys, suggestion = known
+    return None if any(cparams.get(key) for key in keys) else suggestion
 
 
 def bound_probe_connect(driver: str, cparams: dict[str, Any], timeout: float) -> None:
@@ -74,6 +96,7 @@ class SQLAlchemyPool:
         self.db_system = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
         """The OpenTelemetry ``db.system.name`` value."""
         self._events: PoolEvents | None = None
+        self._reads_checked = False
         self._listeners: list[tuple[Any, str, Any]] = []
         self._guarded_class: type[Pool] | None = None
 
@@ -148,6 +171,17 @@ class SQLAlchemyPool:
         self._guarded_class = guarded
 
     def _before_connect(self, dialect: Any, record: ConnectionPoolEntry | None, cargs: Any, cparams: Any) -> None:
+        if not self._reads_checked:
+            self._reads_checked = True
+            suggestion = unbounded_reads(dialect.driver, cparams)
+            if suggestion is not None:
+                _log.warning(
+                    "poolguard: reads of pool %r on a silent (black-holed) database are unbounded with these connect "
+                    "arguments; poolguard aborts connections hung through an outage it has confirmed, but to bound "
+                    "every read create the engine with connect_args=%s (or with poolguard.create_engine)",
+                    self._events.name if self._events is not None else "?",
+                    suggestion,
+                )
         if record is None:  # a probe's own connection, not the pool's
             timeout = _probe_timeout.get()
             if timeout is not None:
@@ -229,6 +263,7 @@ class SQLAlchemyPool:
             cursor.execute("SELECT 1")
             cursor.fetchall()
             cursor.close()
+            raw.rollback()  # the server sees the probe idle, not idle in a transaction, until the close arrives
         finally:
             raw.close()
 

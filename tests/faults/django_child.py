@@ -61,7 +61,15 @@ urlpatterns = [
 ]
 
 
-def configure(port: int, table: str) -> None:
+CONNECTION_MODES = {
+    "per-request": {},
+    "persistent": {"CONN_MAX_AGE": 600},
+    "pool": {"OPTIONS": {"connect_timeout": 2, "pool": {"min_size": 2, "max_size": 4, "timeout": 5}}},
+}
+"""How the ``default`` alias connects: Django's default, persistent per-thread connections, its psycopg pool."""
+
+
+def configure(port: int, table: str, mode: str = "per-request") -> None:
     base = {"ENGINE": "django.db.backends.postgresql", "HOST": HOST, "PORT": str(port), "NAME": DATABASE}
     settings.configure(
         SECRET_KEY="poolguard-faults-not-secret",
@@ -78,10 +86,11 @@ def configure(port: int, table: str) -> None:
                 "PASSWORD": SECRET,
                 "ATOMIC_REQUESTS": True,
                 "OPTIONS": {"connect_timeout": 2},
+                **CONNECTION_MODES[mode],
             },
             "auth": {**base, "USER": PASSWORD_ROLE, "PASSWORD": f"{SECRET}-wrong", "OPTIONS": {"connect_timeout": 2}},
         },
-        POOLGUARD={"DATABASES": ["default", "auth"]},
+        POOLGUARD={"DATABASES": ["default", "auth"] if mode == "per-request" else ["default"]},
         LOGGING_CONFIG=None,
         FAULTS_TABLE=table,
     )
@@ -90,7 +99,7 @@ def configure(port: int, table: str) -> None:
 
 
 def main() -> None:
-    configure(int(sys.argv[1]), sys.argv[2])
+    configure(int(sys.argv[1]), sys.argv[2], *sys.argv[3:4])
     from django.test import Client  # noqa: PLC0415 - needs configured settings
 
     client = Client(raise_request_exception=False)

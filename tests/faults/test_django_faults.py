@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -26,12 +27,12 @@ pytestmark = pytest.mark.postgres
 class DjangoChild:
     """The child's app: ``request(method, path)`` sends one request and waits (bounded) for its answer."""
 
-    def __init__(self, port: int, table: str) -> None:
+    def __init__(self, port: int, table: str, mode: str = "per-request") -> None:
         self.log = Path(tempfile.mkstemp(prefix="poolguard-django-", suffix=".log")[1])
         env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-W", "error", "-m", "tests.faults.django_child", str(port), table],
+                [sys.executable, "-W", "error", "-m", "tests.faults.django_child", str(port), table, mode],
                 cwd=PROJECT_ROOT,
                 env=env,
                 stdin=subprocess.PIPE,
@@ -126,3 +127,58 @@ def test_django_stopped_server_killed_query_and_auth_failure(
         assert_no_secret(wrong.body)
     assert names_in(cluster, table) == {"before", "after"}
     assert cluster.idle_in_transaction() == []
+
+
+DETECTION_WINDOW = 2.5
+
+
+def served_again_within(app: DjangoChild, seconds: float) -> float:
+    """Seconds until ``GET /one`` answers 200 again; every answer meanwhile is a 503, never a 500."""
+    started = time.monotonic()
+    while True:
+        reply = app.request("GET", "/one")
+        if reply.status == 200:
+            return time.monotonic() - started
+        assert reply.status == 503, reply.body[:300]
+        assert time.monotonic() - started < seconds, f"not served again within {seconds}s"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", ["persistent", "pool"])
+@pytest.mark.parametrize("fault", ["refuse", "blackhole"])
+def test_django_outage_is_shed_and_recovered_within_a_second_or_so(
+    mode: str, fault: str, proxy: TcpProxy, table: str
+) -> None:
+    """Persistent connections (CONN_MAX_AGE) and Django's psycopg pool, with poolguard's defaults.
+
+    Refused: the breaker opens on the failures. Black-holed: the request holding a connection hangs
+    until the watchdog confirms the outage (about 2 s) and aborts it. Either way the next requests
+    get a fast 503, and once the server is back the connections from before the outage are replaced
+    (not tried and failed, which re-opened the breaker for longer): served again at once.
+    """
+    app = DjangoChild(proxy.port, table, mode)
+    try:
+        for _ in range(3):
+            assert app.request("GET", "/one").status == 200
+        if fault == "refuse":
+            proxy.stop()
+        else:
+            proxy.blackhole()
+        outage = time.monotonic()
+        while time.monotonic() - outage < DETECTION_WINDOW:  # each bounded, a 503 (a hung one is aborted)
+            assert_503(app.request("GET", "/one", timeout=10), within=4.0)
+        fast = [app.request("GET", "/one") for _ in range(5)]
+        for reply in fast:
+            assert_503(reply, "circuit_open", within=0.2)
+        assert app.request("GET", "/nodb").status == 200
+        assert app.request("GET", "/health/db").status == 503
+        if fault == "refuse":
+            proxy.restart()
+        else:
+            proxy.heal()
+        assert served_again_within(app, 3.0) < 2.0
+        assert app.request("GET", "/health/db").status == 200
+    finally:
+        log = app.close()
+    assert SECRET not in log
+    assert "Traceback" not in log

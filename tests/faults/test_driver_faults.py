@@ -160,7 +160,9 @@ async def test_cancelled_while_connecting(cluster: PgCluster, proxy: TcpProxy, f
 
 async def test_cancelled_while_releasing(cluster: PgCluster, proxy: TcpProxy, fleet: Fleet, table: str) -> None:
     engine = fleet.async_engine(cluster.url("asyncpg", password=SECRET, port=proxy.port), pool_size=1, max_overflow=0)
-    guard = fleet.guard(engine)
+    # Half a second per packet lands the cancellation inside the release; the watchdog would take a
+    # network that slow for a database that stopped answering (a fresh connect then takes over 1 s).
+    guard = fleet.guard(engine, probe_interval=None)
     inserted = asyncio.Event()
 
     async def write() -> None:

@@ -22,7 +22,16 @@ import sqlalchemy
 from sqlalchemy import event, exc, text
 from sqlalchemy.pool import NullPool
 
-from poolguard import Breaker, BreakerState, CircuitOpen, ConfigError, Guard, PoolGuardError, PoolSaturated
+from poolguard import (
+    Breaker,
+    BreakerState,
+    CircuitOpen,
+    ConfigError,
+    Guard,
+    PoolGuardError,
+    PoolSaturated,
+    create_engine,
+)
 from tests.integration.helpers import assert_nothing_checked_out, assert_shed_within_budget
 from tests.support import databases
 from tests.support.contract import HEALTH_POOL_KEYS
@@ -531,3 +540,30 @@ def test_every_way_back_to_the_pool_releases_the_slot_and_records_the_use(
     assert guard.stats().checkouts == 3
     assert guard.stats().use_p50 is not None
     assert_nothing_checked_out(guard, engine)
+
+
+def test_a_plain_engine_gets_one_warning_that_reads_are_unbounded(
+    make_guard: GuardFactory, make_sync_engine: Any, caplog: pytest.LogCaptureFixture
+):
+    guard = make_guard(make_sync_engine(databases.PG_URL))
+    with caplog.at_level(logging.WARNING, logger="poolguard"):
+        for _ in range(3):
+            with guard.session() as session:
+                session.execute(text("SELECT 1"))
+        guard.engine.dispose()
+        with guard.session() as session:  # new connections: still one warning
+            session.execute(text("SELECT 1"))
+    [warning] = [record.getMessage() for record in caplog.records]
+    assert "unbounded" in warning
+    assert "connect_args={'tcp_user_timeout': 10000, 'keepalives_idle': 10}" in warning
+
+
+def test_poolguards_engine_bounds_reads_and_says_nothing(make_guard: GuardFactory, caplog: pytest.LogCaptureFixture):
+    engine = create_engine(databases.PG_URL)
+    try:
+        guard = make_guard(engine)
+        with caplog.at_level(logging.WARNING, logger="poolguard"), guard.session() as session:
+            session.execute(text("SELECT 1"))
+    finally:
+        engine.dispose()
+    assert not caplog.records

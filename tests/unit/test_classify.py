@@ -10,7 +10,14 @@ import pytest
 import sqlalchemy.exc
 from sqlalchemy.dialects.postgresql.asyncpg import AsyncAdapt_asyncpg_dbapi
 
-from poolguard._classify import classify, is_checkout_timeout, is_connection_failure, is_transient, mark_pre_ping
+from poolguard._classify import (
+    classify,
+    is_checkout_timeout,
+    is_connection_failure,
+    is_transient,
+    mark_pre_ping,
+    server_refusal,
+)
 
 
 class DriverError(Exception):
@@ -408,3 +415,19 @@ def test_a_pre_ping_error_is_a_connection_failure() -> None:
     mark_pre_ping(error)
     assert is_connection_failure(error, during_checkout=True)
     assert is_connection_failure(wrapped(error, sqlalchemy.exc.ProgrammingError))
+
+
+# -- server_refusal: did a server answer a failed connect? ------------------------------------------------
+
+
+def test_server_refusal_reads_libpq_connect_errors_without_a_sqlstate() -> None:
+    too_many = psycopg.OperationalError(
+        'connection failed: connection to server at "127.0.0.1", port 5432 failed: '
+        'FATAL:  too many connections for role "app"'
+    )
+    assert server_refusal(too_many) == "53300"
+    no_role = psycopg.OperationalError('connection failed: ... failed: FATAL:  role "nosuchrole" does not exist')
+    assert server_refusal(no_role) == "FATAL"
+    refused = psycopg.OperationalError("connection failed: ... failed: Connection refused")
+    assert server_refusal(refused) is None
+    assert server_refusal(TimeoutError()) is None
