@@ -468,4 +468,7 @@ def main() -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:  # the servers and the proxy are stopped on the way out
+        sys.exit(130)
