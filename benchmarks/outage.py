@@ -80,11 +80,11 @@ BROKEN = 0
 """The status of a request whose connection failed or closed without a status line."""
 
 ROWS = {
-    "flask": "Flask, gunicorn gthread 1x8",
+    "flask": "Flask, gunicorn",
     "fastapi-async": "FastAPI async, uvicorn",
-    "fastapi-sync": "FastAPI sync def, uvicorn",
-    "django-pool": "Django psycopg pool, gunicorn gthread 1x8",
-    "django-persistent": "Django CONN_MAX_AGE=60, gunicorn gthread 1x8",
+    "fastapi-sync": "FastAPI def, uvicorn",
+    "django-pool": "Django pool, gunicorn",
+    "django-persistent": "Django CONN_MAX_AGE, gunicorn",
 }
 VARIANTS = ("bare", "guarded", "own-engine")
 FAULTS = ("blackhole", "refuse")
