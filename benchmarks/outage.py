@@ -33,7 +33,8 @@ for ``--after`` seconds. Figures (times from t0 or from the heal):
 - DB-free p99: of ``/nodb`` before the fault and during it;
 - health 503: the share of ``/health/db`` polls sent from t0 + 2 s to the heal answered 503;
 - recovery: from the heal to the answer of the first ``/db`` request answered 200 after which every
-  ``/db`` request (by the time it was sent) is answered 200 (``>N s``: not within ``--after``).
+  ``/db`` request (by the time it was sent) is answered 200 (``>N s``: none among those sent in the
+  ``--after`` seconds; a figure above ``--after`` is an answer to one of them that came late).
 
 Targets (issue 12), each row and fault: after the 2 s detection window every ``/db`` request is
 answered 503 and their p99 is at most 50 ms; no request of any route goes unanswered for 5 s; health
@@ -360,7 +361,7 @@ def seconds(value: float) -> str:
     if math.isnan(value):
         return "n/a"
     if math.isinf(value):
-        return ">5 s" if value > 0 else "-"
+        return f">{TIMEOUT:g} s" if value > 0 else "-"
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
 
 
@@ -428,6 +429,8 @@ def main() -> int:
     variants = [variant for variant in args.variants.split(",") if variant]
     if unknown := sorted(set(rows) - set(ROWS)) + sorted(set(variants) - set(VARIANTS)):
         parser.error(f"unknown rows or variants: {', '.join(unknown)}")
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     if args.fault_seconds <= DETECTION:
         parser.error(f"--fault-seconds must be above the {DETECTION:g} s detection window")
     faults = FAULTS if args.fault == "both" else (args.fault,)
