@@ -1,5 +1,7 @@
 """What the benchmark apps share: the database, the query, the variants and their OpenTelemetry set-ups.
 
+(The outage benchmark, ``benchmarks.outage``, serves other routes of the same apps: see ``outage_app``.)
+
 Every app has one route, ``GET /select1``: one ``SELECT 1``, committed, answered ``{"one": 1}``. It is
 the cheapest route there is, so whatever poolguard adds is as large a share of it as it can be.
 Each variant has its own engine (or Django alias) on the same pool settings, built with plain
@@ -22,6 +24,21 @@ PG_ADDRESS = "root@127.0.0.1:5432/test"
 SYNC_URL = f"postgresql+psycopg://{PG_ADDRESS}"
 ASYNC_URL = f"postgresql+asyncpg://{PG_ADDRESS}"
 SELECT_1 = sa.text("SELECT 1")
+
+WORK_SQL = "SELECT pg_sleep(0.01)"
+"""The outage benchmark's database route (``GET /db``): a 10 ms query, what a modest request waits on the database."""
+WORK = sa.text(WORK_SQL)
+
+
+def sync_url(port: int) -> str:
+    """The benchmark database on ``port`` (the outage benchmark's TCP proxy), with psycopg."""
+    return f"postgresql+psycopg://root@127.0.0.1:{port}/test"
+
+
+def async_url(port: int) -> str:
+    """The benchmark database on ``port``, with asyncpg."""
+    return f"postgresql+asyncpg://root@127.0.0.1:{port}/test"
+
 
 COMPARISONS = {
     "poolguard": ("bare", "guarded"),

@@ -2,17 +2,21 @@
 
 No ``from __future__ import annotations`` here: FastAPI reads each route's ``Annotated`` dependency
 at definition time, and the bare variant's dependency is local to its factory.
+
+``outage()`` is the outage benchmark's app (``benchmarks.outage``), with ``async def`` or ``def`` routes.
 """
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Annotated, Any
 
+import sqlalchemy as sa
 from fastapi import Depends, FastAPI
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy.orm import Session, sessionmaker
 
 import poolguard
 from benchmarks.apps import common
-from poolguard.fastapi import DbSession, PoolGuardMiddleware
+from poolguard.fastapi import DbSession, PoolGuardMiddleware, SyncDbSession, poolguard_lifespan
 
 
 def _engine() -> AsyncEngine:
@@ -56,3 +60,108 @@ def make(variant: str) -> FastAPI:
     if variant == "otel":
         return bare(instrumented=True)
     return guarded(**common.guard_options(variant))
+
+
+def outage(variant: str, port: int, *, sync: bool) -> FastAPI:
+    """``GET /db`` (a 10 ms query), ``GET /nodb`` (no database) and ``GET /health/db``, as users write them.
+
+    ``sync``: every route a ``def`` (run in the server's thread pool) on a psycopg engine; otherwise
+    ``async def`` on asyncpg. Variants as in ``flask_app.outage``: ``bare`` (SQLAlchemy's defaults, a
+    ``SELECT 1`` health route), ``guarded`` (the README's ``poolguard.create_engine`` /
+    ``create_async_engine(url, service_name=...)``, ``Guard(engine)``, ``poolguard_lifespan`` and the
+    middleware, defaults throughout), ``own-engine`` (the bare app's engine under the same guard).
+    """
+    if variant == "bare":
+        return _bare_sync(port) if sync else _bare_async(port)
+    if sync:
+        engine: sa.Engine | AsyncEngine = (
+            poolguard.create_engine(common.sync_url(port), service_name="outage-bench")
+            if variant == "guarded"
+            else sa.create_engine(common.sync_url(port))
+        )
+    elif variant == "guarded":
+        engine = poolguard.create_async_engine(common.async_url(port), service_name="outage-bench")
+    else:
+        engine = create_async_engine(common.async_url(port))
+    guard = poolguard.Guard(engine)
+    app = FastAPI(lifespan=poolguard_lifespan(guard))
+    app.add_middleware(PoolGuardMiddleware, guard=guard, health_path="/health/db")
+    if sync:
+
+        @app.get("/db")
+        def sync_work(db: SyncDbSession) -> dict[str, bool]:
+            db.execute(common.WORK)
+            return {"ok": True}
+
+        @app.get("/nodb")
+        def sync_nodb() -> dict[str, bool]:
+            return {"ok": True}
+
+    else:
+
+        @app.get("/db")
+        async def work(db: DbSession) -> dict[str, bool]:
+            await db.execute(common.WORK)
+            return {"ok": True}
+
+        @app.get("/nodb")
+        async def nodb() -> dict[str, bool]:
+            return {"ok": True}
+
+    return app
+
+
+def _bare_async(port: int) -> FastAPI:
+    engine = create_async_engine(common.async_url(port))
+    session_factory = async_sessionmaker(engine)
+
+    async def get_db() -> AsyncIterator[AsyncSession]:
+        async with session_factory.begin() as session:
+            yield session
+
+    app = FastAPI()
+
+    @app.get("/db")
+    async def work(db: Annotated[AsyncSession, Depends(get_db)]) -> dict[str, bool]:
+        await db.execute(common.WORK)
+        return {"ok": True}
+
+    @app.get("/health/db")
+    async def health() -> dict[str, str]:
+        async with engine.connect() as connection:
+            await connection.execute(common.SELECT_1)
+        return {"status": "ok"}
+
+    @app.get("/nodb")
+    async def nodb() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app
+
+
+def _bare_sync(port: int) -> FastAPI:
+    engine = sa.create_engine(common.sync_url(port))
+    session_factory = sessionmaker(engine)
+
+    def get_db() -> Iterator[Session]:
+        with session_factory.begin() as session:
+            yield session
+
+    app = FastAPI()
+
+    @app.get("/db")
+    def work(db: Annotated[Session, Depends(get_db)]) -> dict[str, bool]:
+        db.execute(common.WORK)
+        return {"ok": True}
+
+    @app.get("/health/db")
+    def health() -> dict[str, str]:
+        with engine.connect() as connection:
+            connection.execute(common.SELECT_1)
+        return {"status": "ok"}
+
+    @app.get("/nodb")
+    def nodb() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app

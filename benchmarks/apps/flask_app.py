@@ -1,4 +1,7 @@
-"""The Flask benchmark app, one ``Flask`` per variant (see ``common.COMPARISONS``); psycopg, QueuePool 4 + 0."""
+"""The Flask benchmark app, one ``Flask`` per variant (see ``common.COMPARISONS``); psycopg, QueuePool 4 + 0.
+
+``outage()`` is the outage benchmark's app (``benchmarks.outage``): each variant built as its users build it.
+"""
 
 from __future__ import annotations
 
@@ -49,3 +52,50 @@ def make(variant: str) -> Flask:
     if variant == "otel":
         return bare(instrumented=True)
     return guarded(**common.guard_options(variant))
+
+
+def outage(variant: str, port: int, *, threads: int) -> Flask:
+    """``GET /db`` (a 10 ms query), ``GET /nodb`` (no database) and ``GET /health/db``, as users write them.
+
+    - ``bare``: no poolguard, SQLAlchemy's own defaults (``create_engine(url)``: pool 5 + 10, no
+      timeouts), and the health route such an app has: ``SELECT 1`` on the engine;
+    - ``guarded``: as the README adopts poolguard: ``poolguard.create_engine(url, service_name=...,
+      workers=<server threads>)``, ``PoolGuard(app, poolguard.Guard(engine))``, defaults throughout;
+    - ``own-engine``: the bare app's engine under ``PoolGuard(app, poolguard.Guard(engine))``, as an
+      app that builds its own engine (Flask-SQLAlchemy) adopts poolguard.
+    """
+    url = common.sync_url(port)
+    app = Flask(variant)
+    if variant == "bare":
+        engine = sa.create_engine(url)
+        session_factory = sessionmaker(engine)
+
+        @app.get("/db")
+        def work() -> dict[str, bool]:
+            with session_factory.begin() as session:
+                session.execute(common.WORK)
+            return {"ok": True}
+
+        @app.get("/health/db")
+        def health() -> dict[str, str]:
+            with engine.connect() as connection:
+                connection.execute(common.SELECT_1)
+            return {"status": "ok"}
+
+    else:
+        if variant == "guarded":
+            engine = poolguard.create_engine(url, service_name="outage-bench", workers=threads)
+        else:
+            engine = sa.create_engine(url)
+        PoolGuard(app, poolguard.Guard(engine))
+
+        @app.get("/db")
+        def guarded_work() -> dict[str, bool]:
+            db.execute(common.WORK)
+            return {"ok": True}
+
+    @app.get("/nodb")
+    def nodb() -> dict[str, bool]:
+        return {"ok": True}
+
+    return app

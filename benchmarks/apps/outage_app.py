@@ -1,0 +1,34 @@
+"""What ``benchmarks.outage`` serves: one variant of one row's app, ``app`` (WSGI or ASGI by row).
+
+Environment: ``BENCH_ROW`` (``flask``, ``fastapi-async``, ``fastapi-sync``, ``django-pool``,
+``django-persistent``), ``BENCH_VARIANT`` (``bare``, ``guarded``, ``own-engine``), ``BENCH_DB_PORT``
+(the benchmark's TCP proxy in front of PostgreSQL), ``BENCH_THREADS`` (the server's threads).
+Every app answers ``GET /db`` (a 10 ms query), ``GET /nodb`` (no database) and ``GET /health/db``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+ROW = os.environ["BENCH_ROW"]
+VARIANT = os.environ["BENCH_VARIANT"]
+PORT = int(os.environ["BENCH_DB_PORT"])
+
+
+def _load() -> Any:
+    if ROW == "flask":
+        from benchmarks.apps import flask_app  # noqa: PLC0415
+
+        return flask_app.outage(VARIANT, PORT, threads=int(os.environ["BENCH_THREADS"]))
+    if ROW.startswith("fastapi"):
+        from benchmarks.apps import fastapi_app  # noqa: PLC0415
+
+        return fastapi_app.outage(VARIANT, PORT, sync=ROW == "fastapi-sync")
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "benchmarks.apps.django_project.outage_settings")
+    from django.core.wsgi import get_wsgi_application  # type: ignore[import-untyped]  # noqa: PLC0415
+
+    return get_wsgi_application()
+
+
+app = _load()
