@@ -74,8 +74,8 @@ async def create_tables(app: FastAPI) -> AsyncIterator[None]:
     yield
 
 
-# poolguard_lifespan pings the database at startup, runs create_tables, and at shutdown closes the
-# guard and disposes of the engine.
+# poolguard_lifespan probes the database at startup, runs create_tables, and at shutdown disposes of
+# the engine's connections (the guard stays usable, so the lifespan may run again, e.g. in tests).
 app = FastAPI(title="poolguard FastAPI example", lifespan=poolguard_lifespan(guard, lifespan=create_tables))
 app.add_middleware(PoolGuardMiddleware, guard=guard)
 # Prometheus scrapes GET /metrics: the pool metrics under Prometheus names (poolguard[prometheus]).
