@@ -273,19 +273,20 @@ class Guard:
         self.gate.leaks.sweep()
         return self.gate.snapshot()
 
-    def health(self, *, ping: bool = True) -> HealthReport:
+    def health(self, *, ping: bool = True, max_age: float = HEALTH_MAX_AGE) -> HealthReport:
         """The pool's health, with a probe of the database on a fresh connection.
 
         The probe is shared by concurrent callers, answers for a second (:data:`HEALTH_MAX_AGE`) and
         never needs a pool slot, so a full pool still gets a true answer. It blocks the
-        caller for at most ``ping_timeout``; from asyncio code use :meth:`ahealth`.
+        caller for at most ``ping_timeout``; from asyncio code use :meth:`ahealth`. ``max_age``
+        is how old a shared result may be (0: probe now, as a command-line check wants).
         """
-        result = self.prober.result(max_age=HEALTH_MAX_AGE) if ping else None
+        result = self.prober.result(max_age=max_age) if ping else None
         return HealthReport.of([self._assess(self.stats(), result)])
 
-    async def ahealth(self, *, ping: bool = True) -> HealthReport:
+    async def ahealth(self, *, ping: bool = True, max_age: float = HEALTH_MAX_AGE) -> HealthReport:
         """The pool's health without blocking the event loop; works for every pool kind."""
-        result = await self.prober.aresult(max_age=HEALTH_MAX_AGE) if ping else None
+        result = await self.prober.aresult(max_age=max_age) if ping else None
         return HealthReport.of([self._assess(self.stats(), result)])
 
     def _assess(self, stats: PoolStats, ping: PingResult | None) -> PoolHealth:

@@ -74,8 +74,7 @@ class Prober:
             outcome = self._latest
             if outcome is not None and outcome.started >= oldest:
                 return outcome.result
-            if not any(start >= oldest for start in self._starts) and len(self._starts) < MAX_IN_FLIGHT:
-                self._start(now)
+            self._start_unless_fresh(now, oldest)
             fresh = self._changed.wait_for(
                 lambda: self._latest is not None and self._latest.started >= oldest, self.timeout
             )
@@ -83,6 +82,22 @@ class Prober:
                 assert self._latest is not None
                 return self._latest.result
         return PingResult(None, TIMED_OUT)
+
+    def prepare(self, *, max_age: float = 0.0) -> None:
+        """Starts the probe a :meth:`result` with this ``max_age`` would need, without waiting for it.
+
+        Several pools asked at once (a Django project's aliases) then probe side by side.
+        """
+        now = self._clock()
+        with self._changed:
+            outcome = self._latest
+            if outcome is None or outcome.started < now - max_age:
+                self._start_unless_fresh(now, now - max_age)
+
+    def _start_unless_fresh(self, now: float, oldest: float) -> None:
+        """Called with the condition held."""
+        if not any(start >= oldest for start in self._starts) and len(self._starts) < MAX_IN_FLIGHT:
+            self._start(now)
 
     def poke(self) -> None:
         """Starts a probe now unless :data:`MAX_IN_FLIGHT` are running; does not wait for it."""

@@ -18,7 +18,7 @@ from django.conf import settings  # type: ignore[import-untyped]
 from poolguard._validate import positive_int
 from poolguard.config import PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
-from poolguard.guard import Guard, build_guard
+from poolguard.guard import HEALTH_MAX_AGE, Guard, build_guard
 from poolguard.health import HealthReport
 from poolguard.http import HttpResponse, detail_allowed, health_response, unavailable_response
 from poolguard.pools.django import DjangoPool
@@ -200,10 +200,13 @@ class PoolGuardState:
         detail = detail_allowed(http.health_detail, http.health_token, request, request.headers.get("Authorization"))
         return health_response(self.health(), detail=detail)
 
-    def health(self, *, ping: bool = True) -> HealthReport:
-        """Every guarded alias and the SQLAlchemy pool, each pinged within PING_TIMEOUT."""
+    def health(self, *, ping: bool = True, max_age: float = HEALTH_MAX_AGE) -> HealthReport:
+        """Every guarded alias and the SQLAlchemy pool, probed side by side, within PING_TIMEOUT."""
         guards = [*self.guards.values(), *([self.guard] if self.guard is not None else [])]
-        return HealthReport.of([pool for guard in guards for pool in guard.health(ping=ping).pools])
+        if ping:
+            for guard in guards:
+                guard.prober.prepare(max_age=max_age)
+        return HealthReport.of([pool for guard in guards for pool in guard.health(ping=ping, max_age=max_age).pools])
 
 
 def sqlalchemy_scope(scopes: list[DjangoRequestScope]) -> DjangoRequestScope | None:

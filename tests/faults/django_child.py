@@ -12,6 +12,7 @@ log record (INFO and above) goes to stderr, which the parent searches for the se
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import sys
@@ -98,6 +99,21 @@ def configure(port: int, table: str, mode: str = "per-request") -> None:
     django.setup()
 
 
+def _manage(command: str) -> dict[str, Any]:
+    """Runs a management command in this process; its exit status as an HTTP-like status (0 -> 200, else 503)."""
+    from django.core.management import call_command  # noqa: PLC0415
+    from django.core.management.base import CommandError  # noqa: PLC0415
+
+    out = io.StringIO()
+    try:
+        call_command(command, "doctor", stdout=out)
+        status = 200
+    except CommandError as exc:
+        out.write(f"error: {exc}")
+        status = 503
+    return {"status": status, "headers": {}, "body": out.getvalue()}
+
+
 def main() -> None:
     configure(int(sys.argv[1]), sys.argv[2], *sys.argv[3:4])
     from django.test import Client  # noqa: PLC0415 - needs configured settings
@@ -106,13 +122,16 @@ def main() -> None:
     for line in sys.stdin:
         method, target = line.split()
         started = time.monotonic()
-        response = client.generic(method, target)
-        answer = {
-            "status": response.status_code,
-            "headers": dict(response.headers),
-            "body": response.content.decode(errors="replace"),
-            "seconds": time.monotonic() - started,
-        }
+        if method == "MANAGE":  # ``MANAGE poolguard`` runs ``manage.py poolguard doctor``
+            answer = _manage(target)
+        else:
+            response = client.generic(method, target)
+            answer = {
+                "status": response.status_code,
+                "headers": dict(response.headers),
+                "body": response.content.decode(errors="replace"),
+            }
+        answer["seconds"] = time.monotonic() - started
         print(json.dumps(answer), flush=True)
     connections.close_all()
 

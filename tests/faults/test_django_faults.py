@@ -182,3 +182,23 @@ def test_django_outage_is_shed_and_recovered_within_a_second_or_so(
         log = app.close()
     assert SECRET not in log
     assert "Traceback" not in log
+
+
+def test_doctor_answers_and_the_process_exits_with_a_blackholed_database(proxy: TcpProxy, table: str) -> None:
+    """``manage.py poolguard doctor`` used to join its ping thread forever behind a black hole."""
+    app = DjangoChild(proxy.port, table, "persistent")
+    try:
+        healthy = app.request("MANAGE", "poolguard")
+        assert healthy.status == 200, healthy.body
+        assert "status: ok" in healthy.body.decode()
+        proxy.blackhole()
+        hung = app.request("MANAGE", "poolguard", timeout=10)
+        assert hung.status == 503, hung.body
+        assert hung.seconds < 3.0
+        assert "ping failed (PingTimeout)" in hung.body.decode()
+        started = time.monotonic()
+    finally:
+        log = app.close()
+    assert app.process.returncode == 0, log[-2000:]
+    assert time.monotonic() - started < 5.0, "the process did not exit behind the black hole"
+    assert SECRET not in log

@@ -26,7 +26,7 @@ class Command(BaseCommand):  # type: ignore[misc]
 
     def handle(self, *args: Any, **options: Any) -> None:
         state = apps.get_app_config("poolguard").require_state()
-        report = state.health()
+        report = state.health(max_age=0.0)  # a command-line check asks the database now
         if options["json"]:
             self.stdout.write(json.dumps(report.to_dict(), indent=2))
         else:
