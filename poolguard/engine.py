@@ -90,7 +90,7 @@ def create_engine(
     pool_timeout: float = 5.0,
     pool_recycle: float = 1800.0,
     pool_pre_ping: bool = True,
-    connect_timeout: float = 5.0,
+    connect_timeout: float = 2.0,
     statement_timeout: float | None = 30.0,
     pgbouncer: bool = False,
     **engine_kwargs: Any,
@@ -106,8 +106,10 @@ def create_engine(
       balancer idle timeouts (MySQL ``wait_timeout``, cloud NAT, PgBouncer ``server_lifetime``) cut them.
     - ``pool_timeout=5`` s: never SQLAlchemy's 30 s hang; poolguard's admission control sheds a
       request sooner (``max_wait``), this is only the backstop.
-    - ``connect_timeout=5`` s: an unreachable server fails fast instead of waiting on the OS's TCP
-      timeout (minutes). libpq enforces at least 2 s and whole seconds.
+    - ``connect_timeout=2`` s: an unreachable or silent server fails fast instead of waiting on the
+      OS's TCP timeout (minutes), and within the 2 s in which poolguard's watchdog confirms an
+      outage (a connect already under way cannot be aborted, only bounded). A healthy server
+      accepts in milliseconds; libpq enforces at least 2 s and whole seconds.
     - ``statement_timeout=30`` s, set server-side: a runaway query is cancelled by the server and gives
       its connection back, instead of holding it until the pool is exhausted. ``None`` turns it off.
     - ``hide_parameters=True``: bound parameters (user data, secrets) never appear in SQLAlchemy's
@@ -171,7 +173,7 @@ def create_async_engine(
     pool_timeout: float = 5.0,
     pool_recycle: float = 1800.0,
     pool_pre_ping: bool = True,
-    connect_timeout: float = 5.0,
+    connect_timeout: float = 2.0,
     statement_timeout: float | None = 30.0,
     pgbouncer: bool = False,
     **engine_kwargs: Any,

@@ -28,7 +28,7 @@ from opentelemetry.trace import INVALID_SPAN, get_current_span
 from poolguard._classify import counted_pool, is_checkout_timeout, is_connection_failure, mark_counted
 from poolguard._types import Clock
 from poolguard.admission import Admission
-from poolguard.breaker import Breaker
+from poolguard.breaker import Breaker, BreakerState
 from poolguard.errors import CircuitOpen, PoolSaturated, Unavailable
 from poolguard.leaks import Holder, LeakTracker, capture_stack
 from poolguard.pools import AwaitInGreenlet, PoolAdapter, Unit
@@ -284,6 +284,13 @@ class Gate:
             for observer in self.observers:
                 observer.record_use(use, route)
 
+    def connecting(self) -> None:
+        breaker = self.breaker
+        if breaker is None or breaker.closed or self.unit_var.get() is None:
+            return
+        if breaker.state is BreakerState.OPEN:
+            self._acquire_breaker(breaker)
+
     def connected(self, seconds: float) -> None:
         now = self.clock()
         self.last_progress = now
@@ -345,7 +352,7 @@ class Gate:
         at once with a lost connection (a 503), instead of hanging until the network heals.
         """
         threshold = now - self.stall_threshold(now)
-        aborted = 0
+        aborted = self.pool.abort_connecting()
         for holder in list(self.leaks.by_key.values()):
             if holder.since <= threshold and holder.handle is not None and self.pool.abort(holder.handle):
                 aborted += 1

@@ -123,6 +123,10 @@ class PoolEvents(Protocol):
     def checkin(self, key: Hashable) -> None:
         """A connection registered under ``key`` came back (or was detached or invalidated)."""
 
+    def connecting(self) -> None:
+        """The pool is about to open a new connection: raises ``Unavailable`` for a guarded unit of
+        work while the breaker is open (a reconnect after a failed pre-ping must not hang on a dead server)."""
+
     def connected(self, seconds: float) -> None:
         """The pool opened a new connection, which took ``seconds``."""
 
@@ -163,6 +167,10 @@ class PoolAdapter(Protocol):
         For connections held through an outage the core has confirmed; returns False when the
         driver exposes no socket.
         """
+
+    def abort_connecting(self) -> int:
+        """Shuts the sockets of connections being checked out right now (a pre-ping hung on a silent
+        server); returns how many."""
 
     def discard_stale(self) -> None:
         """Connections made before now are replaced at their next checkout (after an outage)."""

@@ -175,6 +175,11 @@ class DjangoPool:
         raw = handle.connection if hasattr(handle, "settings_dict") else handle
         return raw is not None and shutdown_socket(driver_fileno(raw))
 
+    @staticmethod
+    def abort_connecting() -> int:
+        """Django checks no connection out of a pool with a ping: nothing hangs mid-checkout to abort."""
+        return 0
+
     def discard_stale(self) -> None:
         if self._pool is not None:
             self._pool.drain()

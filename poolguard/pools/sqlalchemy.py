@@ -96,6 +96,8 @@ class SQLAlchemyPool:
         self.db_system = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
         """The OpenTelemetry ``db.system.name`` value."""
         self._events: PoolEvents | None = None
+        self._pinging: dict[int, Any] = {}
+        """DB-API connections in a pre-ping right now, by id: what :meth:`abort_connecting` reaches."""
         self._reads_checked = False
         self._listeners: list[tuple[Any, str, Any]] = []
         self._guarded_class: type[Pool] | None = None
@@ -113,6 +115,7 @@ class SQLAlchemyPool:
         self._listen(self.sync_engine, "connect", self._after_connect)
         self._listen(self.sync_engine, "handle_error", self._on_error)
         self._guard_pool(self.sync_engine.pool)
+        self._watch_pings(self.sync_engine.dialect)
 
     def detach(self) -> None:
         """Idempotent, and it removes only its own hooks: a newer Guard on the engine stays intact."""
@@ -124,6 +127,9 @@ class SQLAlchemyPool:
         pool = self.sync_engine.pool
         if type(pool) is self._guarded_class:
             pool.__class__ = pool.__class__.__bases__[0]
+        dialect = self.sync_engine.dialect
+        if getattr(dialect.__dict__.get("do_ping"), _EVENTS_ATTRIBUTE, None) is self:
+            del dialect.do_ping
         if getattr(self.sync_engine, _EVENTS_ATTRIBUTE, None) is self._events:
             delattr(self.sync_engine, _EVENTS_ATTRIBUTE)
         self._events = None
@@ -170,6 +176,34 @@ class SQLAlchemyPool:
         pool.__class__ = guarded
         self._guarded_class = guarded
 
+    def _watch_pings(self, dialect: Any) -> None:
+        """Keeps the connections in a pre-ping within reach: a ping hung on a silent server holds its
+        thread in the middle of a checkout, where no holder exists yet.
+
+        An attribute of the engine's own dialect instance (SQLAlchemy calls ``self.do_ping``), so
+        only pre-pings of this engine pay for it, and :meth:`detach` removes it.
+        """
+        real_ping = dialect.do_ping
+        pinging = self._pinging
+
+        def do_ping(dbapi_connection: Any) -> bool:
+            key = id(dbapi_connection)
+            pinging[key] = dbapi_connection
+            try:
+                return bool(real_ping(dbapi_connection))
+            finally:
+                pinging.pop(key, None)
+
+        setattr(do_ping, _EVENTS_ATTRIBUTE, self)
+        dialect.do_ping = do_ping
+
+    def abort_connecting(self) -> int:
+        aborted = 0
+        for connection in list(self._pinging.values()):
+            raw = getattr(connection, "driver_connection", connection)
+            aborted += shutdown_socket(driver_fileno(raw))
+        return aborted
+
     def _before_connect(self, dialect: Any, record: ConnectionPoolEntry | None, cargs: Any, cparams: Any) -> None:
         if not self._reads_checked:
             self._reads_checked = True
@@ -188,6 +222,7 @@ class SQLAlchemyPool:
                 bound_probe_connect(dialect.driver, cparams, timeout)
             return
         assert self._events is not None
+        self._events.connecting()
         record.info[_CONNECT_STARTED] = self._events.clock()
 
     def _after_connect(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:

@@ -208,7 +208,7 @@ def test_mariadb_session_gets_statement_timeout_and_program_name(make_engine: En
         assert float(conn.scalar(text("SELECT @@SESSION.max_statement_time"))) == 2.5
         raw: Any = conn.connection.driver_connection
         assert raw._connect_attrs["program_name"] == "orders"
-        assert raw.connect_timeout == 5.0
+        assert raw.connect_timeout == 2.0
         assert raw._read_timeout == raw._write_timeout == 2.5 + CLIENT_MARGIN
     assert engine.pool.size() == 2
     assert _max_overflow(engine.pool) == 1

@@ -206,8 +206,9 @@ FAST = 0.2
 class Load:
     """Threads running one short query per unit of work in a loop, recording (start, seconds, outcome)."""
 
-    def __init__(self, guard: Guard, threads: int = 3) -> None:
+    def __init__(self, guard: Guard, threads: int = 3, pause: float = 0.0) -> None:
         self.guard = guard
+        self.pause = pause
         self.outcomes: list[tuple[float, float, str]] = []
         self._stop = threading.Event()
         self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
@@ -234,8 +235,7 @@ class Load:
                 unavailable = self.guard.unavailable_for(error)
                 outcome = unavailable.reason if unavailable is not None else f"500 {type(error).__name__}"
             self.outcomes.append((started, time.monotonic() - started, outcome))
-            if outcome != "ok":
-                self._stop.wait(0.005)
+            self._stop.wait(self.pause if outcome == "ok" else 0.005)
 
     def since(self, moment: float) -> list[tuple[float, float, str]]:
         return [entry for entry in list(self.outcomes) if entry[0] >= moment]
@@ -251,14 +251,20 @@ def wait_for(condition: Callable[[], bool], within: float) -> float:
     return time.monotonic() - started
 
 
+@pytest.mark.parametrize("pre_ping", [False, True], ids=["plain", "pre-ping"])
 def test_blackholed_database_is_detected_shed_and_recovered_with_defaults(
-    make_guard: GuardFactory, make_sync_engine: EngineFactory, proxy: TcpProxy
+    make_guard: GuardFactory, make_sync_engine: EngineFactory, proxy: TcpProxy, pre_ping: bool
 ):
-    """A plain engine (no timeouts, as most apps build one) and a default Guard: nothing hangs."""
-    engine = make_sync_engine(proxied_url(proxy))
+    """A plain engine (no timeouts, as most apps build one) and a default Guard: nothing hangs.
+
+    With a pre-ping, the hang is inside the checkout (the ping's read), before any holder exists;
+    after the watchdog aborts it, SQLAlchemy's reconnect is refused by the open breaker at once.
+    """
+    engine = make_sync_engine(proxied_url(proxy), pool_pre_ping=pre_ping)
     guard = make_guard(engine)
     assert guard.breaker is not None
-    with Load(guard) as load:
+    # With pauses, idle connections are checked out (and pinged) while the database is already silent.
+    with Load(guard, threads=4, pause=0.1 if pre_ping else 0.0) as load:
         wait_for(lambda: len(load.outcomes) > 10, 5)
         proxy.blackhole()
         outage = time.monotonic()

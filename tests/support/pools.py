@@ -49,6 +49,9 @@ class FixedPool:
         self.aborted.append(handle)
         return True
 
+    def abort_connecting(self) -> int:
+        return 0
+
     def discard_stale(self) -> None:
         self.discards += 1
 
