@@ -12,9 +12,10 @@ So, the first time a Guard is built, an ``os.register_at_fork(after_in_child=...
 registered (once per process). In the child it resets every live guard (it holds them weakly, so it
 keeps none alive): the pool drops the parent's connections unclosed (SQLAlchemy's documented
 ``engine.dispose(close=False)``; Django's per-thread wrapper and psycopg pool), the gate starts with
-full admission, no holders and nothing pending, and the ping thread is forgotten (threads do not
-survive a fork). What the pools dropped is kept referenced here for the child's whole life, so no
-finalizer ever runs on a socket the parent still uses. The breaker keeps its state: it describes
+full admission, no holders and nothing pending, the probes in flight are forgotten and the watchdog
+starts a thread of the child's own (threads do not survive a fork). What the pools dropped is kept
+referenced here for the child's whole life, so no finalizer ever runs on a socket the parent still
+uses. The breaker keeps its state: it describes
 the database, which parent and child share.
 
 This is poolguard's one piece of process-wide state: a fork happens to the process, not to an app.

@@ -139,21 +139,30 @@ def test_a_fork_during_a_held_checkout_leaves_the_child_full_capacity(guard: poo
         assert connection.exec_driver_sql("SELECT 1").scalar() == 1
 
 
-def test_the_child_forgets_the_ping_thread_and_keeps_the_breaker() -> None:
+def test_the_child_probes_and_watches_on_threads_of_its_own_and_keeps_the_breaker() -> None:
     engine = sqlalchemy.create_engine(databases.PG_URL)
     guard = poolguard.Guard(engine, name="ping")
     try:
-        assert guard.health().status == "ok"  # starts the ping thread
+        assert guard.health().status == "ok"  # a probe thread ran; the watchdog's thread runs
         assert guard.breaker is not None
         guard.breaker.record_failure(0.0)
 
         def child() -> dict[str, Any]:
             assert guard.breaker is not None
-            return {"status": guard.health().status, "failure_rate": guard.breaker.failure_rate}
+            watchdogs = [t.name for t in threading.enumerate() if t.name.startswith("poolguard-watchdog")]
+            report = guard.health(max_age=0.0)  # a probe of the child's own, now
+            return {
+                "status": report.status,
+                "pinged": report.pools[0].ping is not None and report.pools[0].ping.seconds is not None,
+                "failure_rate": guard.breaker.failure_rate,
+                "watchdogs": watchdogs,
+            }
 
         seen = in_child(child)
         assert seen["status"] == "ok"
+        assert seen["pinged"]
         assert seen["failure_rate"] > 0
+        assert "poolguard-watchdog-ping" in seen["watchdogs"]  # restarted in the child
     finally:
         guard.close()
         engine.dispose()
