@@ -12,7 +12,7 @@ user always wins):
 
 - psycopg / psycopg2: ``application_name``, ``options="-c statement_timeout=<ms>"``,
   ``connect_timeout`` (whole seconds; libpq's minimum is 2), and TCP keepalives plus
-  ``tcp_user_timeout`` (:data:`TCP_TIMEOUT`), so a read on a silent (black-holed) server fails
+  ``tcp_user_timeout`` (:data:`poolguard.pools.TCP_TIMEOUT`), so a read on a silent (black-holed) server fails
   within seconds instead of waiting on the OS's retransmissions for a quarter of an hour. Neither
   cuts a slow query: the server acknowledges while it works.
 - asyncpg: ``server_settings`` ``application_name`` and ``statement_timeout``, ``timeout``, and
@@ -44,6 +44,7 @@ from sqlalchemy.ext import asyncio as sa_asyncio
 
 from poolguard._validate import non_negative_int, positive_float, positive_int
 from poolguard.errors import ConfigError
+from poolguard.pools import LIBPQ_TCP_BOUNDS
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import Dialect
@@ -57,9 +58,6 @@ DEFAULT_WORKERS = 5
 
 PGBOUNCER_POOL_SIZE = 2
 """Connections kept open per process behind PgBouncer: enough to skip the handshake on a warm path."""
-
-TCP_TIMEOUT = 10.0
-"""Seconds libpq connections wait on unacknowledged data (``tcp_user_timeout``) and idle before keepalives."""
 
 CLIENT_MARGIN = 5.0
 """Seconds a client-side read bound adds to the statement timeout, so the server's own cancel comes first."""
@@ -358,11 +356,7 @@ def _driver_connect_args(
     args: dict[str, Any] = {}
     if driver in _LIBPQ_DRIVERS:
         args["connect_timeout"] = max(1, math.ceil(connect_seconds))
-        args["keepalives"] = 1
-        args["keepalives_idle"] = math.ceil(TCP_TIMEOUT)
-        args["keepalives_interval"] = max(1, math.ceil(TCP_TIMEOUT / 5))
-        args["keepalives_count"] = 3
-        args["tcp_user_timeout"] = round(TCP_TIMEOUT * 1000)
+        args.update(LIBPQ_TCP_BOUNDS)
         if service_name is not None:
             args["application_name"] = service_name
         if statement_ms is not None:

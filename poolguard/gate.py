@@ -60,8 +60,10 @@ class CheckoutObserver(Protocol):
 MEAN_USE_SAMPLES = 16
 """Use times admission averages to predict a wait: enough to smooth one slow query, few enough to follow a change."""
 
-STALL_FLOOR = 0.5
-"""Seconds without progress before a pool with work outstanding is suspected to have stalled, at least."""
+STALL_FLOOR = 0.25
+"""Seconds without progress before a pool with work outstanding is suspected to have stalled, at least.
+
+A suspicion only costs a probe (then none for a while if the database answers), so it can come early."""
 
 STALL_FACTOR = 4.0
 """...or this many times the recent p99 use time, so a service of slow reports is not suspected for being slow."""

@@ -69,9 +69,9 @@ class Guard:
     async_sessionmaker (default: one bound to the engine with ``expire_on_commit=False``, so objects
     stay readable after the block commits); ``clock`` a monotonic clock for tests;
     ``ping_timeout`` bounds every probe of the database (health, stall checks, recovery);
-    ``probe_interval`` is how often an open breaker probes the database, and half the period of
-    the watchdog thread that notices a stalled pool (None: no thread; probes run only for health
-    checks, and an open breaker waits out ``open_for``); ``tracer_provider`` / ``meter_provider``
+    ``probe_interval`` is how often an open breaker probes the database (None: no watchdog thread,
+    which also notices a stalled pool; probes run only for health checks, and an open breaker
+    waits out ``open_for``); ``tracer_provider`` / ``meter_provider``
     replace the global OpenTelemetry providers for this guard's spans and metrics.
     """
 
@@ -142,7 +142,7 @@ class Guard:
         )
         """Probes the database on fresh connections: health, stall confirmation, recovery."""
         self.watchdog = Watchdog(
-            self.gate, self.prober, self.breaker, interval=(self.probe_interval or 0.5) / 2, clock=self.clock
+            self.gate, self.prober, self.breaker, probe_interval=self.probe_interval or 0.5, clock=self.clock
         )
         if self.probe_interval is not None:
             self.watchdog.start()
@@ -281,13 +281,18 @@ class Guard:
         caller for at most ``ping_timeout``; from asyncio code use :meth:`ahealth`. ``max_age``
         is how old a shared result may be (0: probe now, as a command-line check wants).
         """
-        result = self.prober.result(max_age=max_age) if ping else None
+        result = self.prober.result(max_age=max_age) if ping and not self._open() else None
         return HealthReport.of([self._assess(self.stats(), result)])
 
     async def ahealth(self, *, ping: bool = True, max_age: float = HEALTH_MAX_AGE) -> HealthReport:
         """The pool's health without blocking the event loop; works for every pool kind."""
-        result = await self.prober.aresult(max_age=max_age) if ping else None
+        result = await self.prober.aresult(max_age=max_age) if ping and not self._open() else None
         return HealthReport.of([self._assess(self.stats(), result)])
+
+    def _open(self) -> bool:
+        """An open breaker already says "unavailable", and its watchdog probes for the return:
+        health answers at once instead of waiting out another probe."""
+        return self.breaker is not None and self.watchdog.running and self.breaker.state is BreakerState.OPEN
 
     def _assess(self, stats: PoolStats, ping: PingResult | None) -> PoolHealth:
         breaker = self.breaker

@@ -2,7 +2,8 @@
 
 A black-holed database raises nothing: connections hang on their next read, no checkout fails,
 and when every worker thread is stuck behind one, no request is even left to notice. So a daemon
-thread ticks every ``interval`` (a quarter of a second) and asks the gate two cheap questions:
+thread ticks every :data:`TICK` (a tenth of a second; a tick of an idle pool reads a few
+attributes) and asks the gate two cheap questions:
 
 - Closed breaker, but the pool stalled (work outstanding, nothing back for
   :meth:`~poolguard.gate.Gate.stall_threshold`)? Then a probe on a fresh connection decides: if no
@@ -10,7 +11,7 @@ thread ticks every ``interval`` (a quarter of a second) and asks the gate two ch
   breaker trips and the connections hung on the database are aborted. If the server answers, even
   with a refusal (too many connections), the work is only slow: no action, and no new suspicion
   for :data:`QUIET_AFTER_ANSWER`.
-- Breaker not closed? Then probe at most once per ``interval * 2``; the guard turns a probe that
+- Breaker not closed? Then probe at most once per ``probe_interval``; the guard turns a probe that
   answers into :meth:`~poolguard.breaker.Breaker.probe_succeeded`, so traffic is served again
   within about a second of the database's return, whatever ``open_for`` says.
 
@@ -34,6 +35,9 @@ __all__ = ["QUIET_AFTER_ANSWER", "Watchdog"]
 
 _log = logging.getLogger("poolguard")
 
+TICK = 0.1
+"""Seconds between the watchdog's looks: a stall is noticed at most this late."""
+
 QUIET_AFTER_ANSWER = 5.0
 """Seconds a stalled pool is not suspected again after a probe showed the database answers."""
 
@@ -41,11 +45,13 @@ QUIET_AFTER_ANSWER = 5.0
 class Watchdog:
     """Stall detection and active probing for one guard's pool."""
 
-    def __init__(self, gate: Gate, prober: Prober, breaker: Breaker | None, *, interval: float, clock: Clock) -> None:
+    def __init__(
+        self, gate: Gate, prober: Prober, breaker: Breaker | None, *, probe_interval: float, clock: Clock
+    ) -> None:
         self.gate = gate
         self.prober = prober
         self.breaker = breaker
-        self.interval = interval
+        self.probe_interval = probe_interval
         self.clock = clock
         self.suspected_at: float | None = None
         """When the current stall suspicion began (a probe decides it), or None."""
@@ -57,13 +63,13 @@ class Watchdog:
         self._thread: threading.Thread | None = None
 
     def tick(self) -> None:
-        """One look at the pool: what the thread does every ``interval``."""
+        """One look at the pool: what the thread does every :data:`TICK`."""
         now = self.clock()
         breaker = self.breaker
         if breaker is not None and not breaker.closed:
             self.suspected_at = None
             if now >= self._next_probe:
-                self._next_probe = now + 2 * self.interval
+                self._next_probe = now + self.probe_interval
                 self.prober.poke()
             return
         if self.suspected_at is not None:
@@ -95,7 +101,7 @@ class Watchdog:
         self._stop.clear()
         self._thread = threading.Thread(
             target=_run,
-            args=(weakref.ref(self), self._stop, self.interval),
+            args=(weakref.ref(self), self._stop, TICK),
             name=f"poolguard-watchdog-{self.gate.name}",
             daemon=True,
         )

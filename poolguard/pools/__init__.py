@@ -11,11 +11,13 @@ checkin, a connection made, a connection lost.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
-from collections.abc import Awaitable, Callable, Hashable
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from contextvars import ContextVar
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from poolguard._types import Clock
@@ -24,6 +26,23 @@ T = TypeVar("T")
 
 AwaitInGreenlet = Callable[[Awaitable[Any]], Any]
 """Runs a coroutine to completion from synchronous code inside SQLAlchemy's asyncio greenlet."""
+
+
+TCP_TIMEOUT = 10.0
+"""Seconds a libpq connection waits on unacknowledged data (``tcp_user_timeout``), and idles before keepalives."""
+
+
+LIBPQ_TCP_BOUNDS: Mapping[str, int] = MappingProxyType(
+    {
+        "keepalives": 1,
+        "keepalives_idle": math.ceil(TCP_TIMEOUT),
+        "keepalives_interval": max(1, math.ceil(TCP_TIMEOUT / 5)),
+        "keepalives_count": 3,
+        "tcp_user_timeout": round(TCP_TIMEOUT * 1000),
+    }
+)
+"""libpq's TCP keepalives and ``tcp_user_timeout``: a read on a silent server fails within seconds.
+Neither cuts a slow query short: a server at work acknowledges what it is sent."""
 
 
 def shutdown_socket(fileno: int | None) -> bool:

@@ -20,6 +20,7 @@ import contextlib
 import copy
 import functools
 import math
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -28,7 +29,7 @@ from django.db.utils import DatabaseError  # type: ignore[import-untyped]
 
 from poolguard._classify import counted_pool, is_connection_failure
 from poolguard.errors import ConfigError, PoolSaturated
-from poolguard.pools import PoolCounts, PoolEvents, Unit, driver_fileno, shutdown_socket
+from poolguard.pools import LIBPQ_TCP_BOUNDS, PoolCounts, PoolEvents, Unit, driver_fileno, shutdown_socket
 
 __all__ = ["DjangoPool"]
 
@@ -43,6 +44,8 @@ _HOOKED = "_poolguard_hooked"
 _CONNECTING = "_poolguard_connecting"
 _GENERATION = "_poolguard_generation"
 _LIBPQ_MIN_CONNECT_TIMEOUT = 2
+CONNECT_TIMEOUT = 2
+"""Seconds a Django connection of a guarded alias may take to connect, unless ``OPTIONS`` says otherwise."""
 
 
 def _pool_option(settings_dict: dict[str, Any]) -> Any:
@@ -181,8 +184,20 @@ class DjangoPool:
         return 0
 
     def discard_stale(self) -> None:
-        if self._pool is not None:
-            self._pool.drain()
+        """Per-thread connections: closed at their next request. Django's psycopg pool: replaced.
+
+        After an outage psycopg_pool's workers are sleeping in their reconnect backoff (seconds,
+        doubling) and a drained pool would wait for them; a new pool connects at once. Django
+        builds it on the next connect; the old one is closed in the background, its connections
+        still in use closed as they come back.
+        """
+        pool = self._pool
+        if pool is not None:
+            pools: dict[str, Any] = getattr(type(self.handler[self.alias]), "_connection_pools", {})
+            if pools.get(self.alias) is pool:
+                del pools[self.alias]
+            self._pool = None
+            threading.Thread(target=_close_quietly, args=(pool,), name="poolguard-pool-close", daemon=True).start()
         self.generation += 1
 
     def reclaim(self, handle: Any) -> None:
@@ -291,6 +306,11 @@ class DjangoPool:
         return orphans
 
 
+def _close_quietly(pool: Any) -> None:
+    with contextlib.suppress(Exception):
+        pool.close(timeout=5.0)
+
+
 def _driver_broken(raw: Any) -> bool:
     """Whether the DB-API connection says it is dead (psycopg 3 ``broken``, psycopg2 ``closed`` = 2)."""
     if raw is None:
@@ -328,6 +348,7 @@ def _instrument(connection: Any, registry: dict[str, DjangoPool]) -> None:
         return
     connection.__dict__[_HOOKED] = True
     alias = connection.alias
+    _bound_connects(connection)
     if _pool_option(connection.settings_dict) is not None:
         real_connect = connection.connect
 
@@ -373,6 +394,26 @@ class _ExecuteHook:
             if adapter is not None:
                 adapter._on_query_error(exc, context["connection"])
             raise
+
+
+def _bound_connects(connection: Any) -> None:
+    """Connects (and, on PostgreSQL, reads on a silent server) get bounds where ``OPTIONS`` sets none.
+
+    Django passes ``OPTIONS`` to the driver and sets no timeout itself, so a project that did not
+    think of it waits on the OS's TCP timeouts (minutes) when its database goes silent: a connect
+    under way cannot be aborted, only bounded. Whatever ``OPTIONS`` sets wins; the psycopg pool is
+    built from these same parameters.
+    """
+    vendor = connection.vendor
+    if vendor not in ("postgresql", "mysql"):
+        return
+    real_params = connection.get_connection_params
+    defaults = {"connect_timeout": CONNECT_TIMEOUT, **(LIBPQ_TCP_BOUNDS if vendor == "postgresql" else {})}
+
+    def get_connection_params() -> dict[str, Any]:
+        return {**defaults, **real_params()}
+
+    connection.get_connection_params = get_connection_params
 
 
 def _hook_pool(pool: Any, registry: dict[str, DjangoPool], alias: str) -> None:

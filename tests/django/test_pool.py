@@ -73,3 +73,19 @@ def test_pooled_health_and_ping() -> None:
     assert pool["max_overflow"] == 0
     assert pool["ping_seconds"] is not None
     assert pool["checked_out"] == 0
+
+
+def test_guarded_aliases_connect_with_bounds_unless_options_set_them() -> None:
+    """Django sets no connect timeout: a silent database would hold a connecting thread for minutes."""
+    from poolguard.pools import LIBPQ_TCP_BOUNDS  # noqa: PLC0415
+    from poolguard.pools.django import CONNECT_TIMEOUT  # noqa: PLC0415
+
+    with override_settings(POOLGUARD={"DATABASES": ["default", "down"]}):
+        state()  # the guards of both aliases
+        default = connections["default"].get_connection_params()
+        assert default["connect_timeout"] == CONNECT_TIMEOUT
+        assert {key: default[key] for key in LIBPQ_TCP_BOUNDS} == dict(LIBPQ_TCP_BOUNDS)
+        assert connections["down"].get_connection_params()["connect_timeout"] == 2  # OPTIONS wins
+        connections["default"].ensure_connection()  # psycopg took them: a real connection has them
+        raw = connections["default"].connection
+        assert raw.info.get_parameters()["tcp_user_timeout"] == str(LIBPQ_TCP_BOUNDS["tcp_user_timeout"])

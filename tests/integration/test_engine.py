@@ -14,8 +14,9 @@ from sqlalchemy import exc, pool, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 import poolguard.engine as pg_engine
-from poolguard.engine import CLIENT_MARGIN, TCP_TIMEOUT
+from poolguard.engine import CLIENT_MARGIN
 from poolguard.errors import ConfigError
+from poolguard.pools import TCP_TIMEOUT
 from tests.support import databases
 
 EngineFactory = Callable[..., sqlalchemy.Engine]

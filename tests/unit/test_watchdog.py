@@ -202,13 +202,13 @@ def test_an_open_breaker_is_probed_and_recovers_when_the_database_answers(make_g
     guard.watchdog.tick()  # too soon for another probe
     settle(guard)
     assert breaker.state is BreakerState.OPEN
-    clock.advance(guard.watchdog.interval * 2)
+    clock.advance(guard.watchdog.probe_interval)
     guard.watchdog.tick()
     settle(guard)
     assert breaker.state is BreakerState.HALF_OPEN  # well before open_for (30 s)
     assert pool.discards == 1  # connections from before the outage are replaced
     for _ in range(2):  # half_open_calls: probes count as trial calls when no traffic comes
-        clock.advance(guard.watchdog.interval * 2)
+        clock.advance(guard.watchdog.probe_interval)
         guard.watchdog.tick()
         settle(guard)
     assert breaker.state is BreakerState.CLOSED
