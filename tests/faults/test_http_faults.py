@@ -331,3 +331,36 @@ async def test_wrong_password_is_503_and_never_shown(kind: str, cluster: PgClust
     assert health.status == 503
     assert_no_secret(health.body)
     assert_clean(cluster, engine)
+
+
+@pytest.mark.parametrize("guarded", [True, False], ids=["poolguard-engine", "plain-engine"])
+async def test_blackholed_database_is_shed_then_served_again(
+    kind: str, guarded: bool, cluster: PgCluster, proxy: TcpProxy, fleet: Fleet
+) -> None:
+    """A database that stops answering, with a default Guard (the watchdog on): a request already
+    waiting on it is aborted and answered 503 within about 2 s; then 503 at once, health 503, DB-free
+    routes answer; once the network heals the app serves again within about a second."""
+    engine, guard = build(fleet, kind, proxy.port, cluster, guarded=guarded)
+    async with serve(kind, guard, "unused") as call:
+        assert (await call("GET", "/one")).status == 200
+        proxy.blackhole()
+        hung = await call("GET", "/one")
+        assert_503(hung, "circuit_open", within=3.5)
+        assert_503(await call("GET", "/one"), "circuit_open", within=0.2)
+        assert (await call("GET", "/nodb")).status == 200
+        assert (await call("GET", "/health/db")).status == 503
+        proxy.heal()
+        healed = time.monotonic()
+        while (reply := await call("GET", "/one")).status != 200:
+            assert_503(reply, "circuit_open", within=0.5)
+            assert time.monotonic() - healed < 2.5, "not served again after the network healed"
+            await asyncio.sleep(0.05)
+        assert (await call("GET", "/health/db")).status == 200
+    breaker = guard.breaker
+    assert breaker is not None
+    for _ in range(300):  # half-open: trial calls or the watchdog's probes close it
+        if breaker.state is BreakerState.CLOSED:
+            break
+        await asyncio.sleep(0.01)
+    assert breaker.state is BreakerState.CLOSED
+    assert_clean(cluster, engine)
