@@ -204,8 +204,11 @@ class Guard:
         if result.error is None:
             if not breaker.closed:
                 breaker.probe_succeeded()
-        elif breaker.closed and result.unreachable:
-            breaker.record_failure(self.ping_timeout)
+        elif result.unreachable:
+            if breaker.closed:
+                breaker.record_failure(self.ping_timeout)
+            elif breaker.state is BreakerState.HALF_OPEN:
+                breaker.trip()  # gone again before any trial call could tell
 
     def _on_transition(self, old: BreakerState, new: BreakerState) -> None:
         if new is BreakerState.HALF_OPEN:

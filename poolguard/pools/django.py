@@ -88,7 +88,11 @@ class DjangoPool:
             )
         self.alias = alias
         settings_dict = self.handler.settings[alias]
-        self.backend: str = self.handler[alias].vendor
+        wrapper = self.handler[alias]
+        self.backend: str = wrapper.vendor
+        self._wrapper_class: Any = type(wrapper)
+        """The alias's DatabaseWrapper class: probes make their own instance (``handler[alias]`` would
+        make one per thread that asks)."""
         self.db_system = self.backend
         pool = _pool_settings(settings_dict)
         self.pooled = pool is not None
@@ -166,7 +170,7 @@ class DjangoPool:
             for key in ("connect_timeout", "read_timeout", "write_timeout"):
                 options[key] = max(1, math.ceil(timeout))
         settings_dict["OPTIONS"] = options
-        connection = type(self.handler[self.alias])(settings_dict, self.alias)
+        connection = self._wrapper_class(settings_dict, self.alias)
         try:
             with connection.cursor() as cursor:
                 cursor.execute("SELECT 1")
@@ -193,7 +197,7 @@ class DjangoPool:
         """
         pool = self._pool
         if pool is not None:
-            pools: dict[str, Any] = getattr(type(self.handler[self.alias]), "_connection_pools", {})
+            pools: dict[str, Any] = getattr(self._wrapper_class, "_connection_pools", {})
             if pools.get(self.alias) is pool:
                 del pools[self.alias]
             self._pool = None
@@ -298,7 +302,7 @@ class DjangoPool:
             orphans.append(wrapper)
             delattr(storage, self.alias)
         if self.pooled:
-            pools: dict[str, Any] = getattr(type(wrapper or self.handler[self.alias]), "_connection_pools", {})
+            pools: dict[str, Any] = getattr(self._wrapper_class, "_connection_pools", {})
             pool = pools.pop(self.alias, None)
             if pool is not None:
                 orphans.append(pool)

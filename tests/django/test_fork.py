@@ -8,7 +8,7 @@ from django.db import connections
 from django.test import override_settings
 
 from tests.django.helpers import state
-from tests.integration.test_fork import in_child
+from tests.faults.test_fork import in_child
 
 
 def backend_pid(alias: str) -> int:

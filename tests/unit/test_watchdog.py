@@ -278,3 +278,21 @@ def test_a_hung_probe_answers_timeout_at_the_deadline_and_does_not_block_the_nex
         pool.release.set()
     wait_until(lambda: not prober._starts)
     assert prober.latest == PingResult(prober.latest.seconds if prober.latest else None)
+
+
+def test_a_half_open_breaker_whose_database_is_gone_again_reopens_on_the_next_probe(
+    make_guard: Any, clock: FakeClock
+) -> None:
+    pool = FixedPool()
+    guard = make_guard(pool)
+    breaker = guard.breaker
+    assert breaker is not None
+    breaker.trip()
+    guard.watchdog.tick()
+    settle(guard)
+    assert breaker.state is BreakerState.HALF_OPEN
+    pool.probe_error = ConnectionResetError()
+    clock.advance(guard.watchdog.probe_interval)
+    guard.watchdog.tick()
+    settle(guard)
+    assert breaker.state is BreakerState.OPEN
