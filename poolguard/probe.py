@@ -110,11 +110,6 @@ class Prober:
         outcome = self._latest
         return outcome.result if outcome is not None and outcome.started >= since else None
 
-    def in_flight_since(self, since: float) -> bool:
-        """Whether a probe started at or after ``since`` is still running."""
-        with self._changed:
-            return any(start >= since for start in self._starts)
-
     async def aresult(self, *, max_age: float = 0.0) -> PingResult:
         """:meth:`result` without blocking the event loop (the wait runs in the loop's executor)."""
         return await asyncio.get_running_loop().run_in_executor(None, lambda: self.result(max_age=max_age))
