@@ -45,6 +45,28 @@ LIBPQ_TCP_BOUNDS: Mapping[str, int] = MappingProxyType(
 Neither cuts a slow query short: a server at work acknowledges what it is sent."""
 
 
+_LIBPQ_MIN_CONNECT_TIMEOUT = 2  # libpq treats anything lower as 2 s
+
+
+def bound_probe_params(family: str, params: dict[str, Any], timeout: float) -> None:
+    """Bounds a probe's own connection, in place, in its driver's terms: connect, and reads where it can.
+
+    ``family``: ``libpq`` (psycopg, psycopg2), ``asyncpg`` or ``mysql`` (pymysql, mysqlclient);
+    others are left alone. A probe that could hang would defeat its purpose, and a user's engine or
+    Django project often sets no timeout; a shorter one the user set is kept.
+    """
+    if family == "libpq":
+        seconds = max(_LIBPQ_MIN_CONNECT_TIMEOUT, math.ceil(timeout))
+        params["connect_timeout"] = min(int(params.get("connect_timeout") or seconds), seconds)
+        params["tcp_user_timeout"] = max(1, round(timeout * 1000))
+    elif family == "asyncpg":
+        params["timeout"] = min(float(params.get("timeout") or timeout), timeout)
+        params["command_timeout"] = timeout
+    elif family == "mysql":
+        for key in ("connect_timeout", "read_timeout", "write_timeout"):
+            params[key] = max(1, math.ceil(timeout))
+
+
 def shutdown_socket(fileno: int | None) -> bool:
     """Shuts down (both ways) the socket behind ``fileno``; the descriptor stays its owner's to close.
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import math
 import threading
 from collections.abc import Callable
 from typing import Any
@@ -29,7 +28,15 @@ from django.db.utils import DatabaseError  # type: ignore[import-untyped]
 
 from poolguard._classify import counted_pool, is_connection_failure
 from poolguard.errors import ConfigError, PoolSaturated
-from poolguard.pools import LIBPQ_TCP_BOUNDS, PoolCounts, PoolEvents, Unit, driver_fileno, shutdown_socket
+from poolguard.pools import (
+    LIBPQ_TCP_BOUNDS,
+    PoolCounts,
+    PoolEvents,
+    Unit,
+    bound_probe_params,
+    driver_fileno,
+    shutdown_socket,
+)
 
 __all__ = ["DjangoPool"]
 
@@ -43,7 +50,6 @@ _REGISTRY = "_poolguard_adapters"
 _HOOKED = "_poolguard_hooked"
 _CONNECTING = "_poolguard_connecting"
 _GENERATION = "_poolguard_generation"
-_LIBPQ_MIN_CONNECT_TIMEOUT = 2
 CONNECT_TIMEOUT = 2
 """Seconds a Django connection of a guarded alias may take to connect, unless ``OPTIONS`` says otherwise."""
 
@@ -162,13 +168,7 @@ class DjangoPool:
         settings_dict = copy.deepcopy(self.handler.settings[self.alias])
         options = dict(settings_dict.get("OPTIONS") or {})
         options.pop("pool", None)
-        if self.backend == "postgresql":
-            seconds = max(_LIBPQ_MIN_CONNECT_TIMEOUT, math.ceil(timeout))
-            options["connect_timeout"] = min(int(options.get("connect_timeout") or seconds), seconds)
-            options["tcp_user_timeout"] = max(1, round(timeout * 1000))
-        elif self.backend == "mysql":
-            for key in ("connect_timeout", "read_timeout", "write_timeout"):
-                options[key] = max(1, math.ceil(timeout))
+        bound_probe_params("libpq" if self.backend == "postgresql" else self.backend, options, timeout)
         settings_dict["OPTIONS"] = options
         connection = self._wrapper_class(settings_dict, self.alias)
         try:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import time
 from contextvars import ContextVar
 from types import MethodType
@@ -30,15 +29,13 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, Qu
 
 from poolguard._classify import is_connection_failure, mark_pre_ping
 from poolguard.errors import ConfigError
-from poolguard.pools import PoolCounts, PoolEvents, driver_fileno, shutdown_socket
+from poolguard.pools import PoolCounts, PoolEvents, bound_probe_params, driver_fileno, shutdown_socket
 
 _log = logging.getLogger("poolguard")
 
 _CONNECT_STARTED = "poolguard.connect_started"
 _EVENTS_ATTRIBUTE = "_poolguard_events"
 _LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg_async", "psycopg2"})
-_LIBPQ_MIN_CONNECT_TIMEOUT = 2  # libpq treats anything lower as 2 s
-
 _probe_timeout: ContextVar[float | None] = ContextVar("poolguard_probe_timeout", default=None)
 """Set while a probe connects, so the connect listener bounds that one connect (and only it)."""
 
@@ -62,21 +59,9 @@ def unbounded_reads(driver: str, cparams: dict[str, Any]) -> str | None:
     return None if any(cparams.get(key) for key in keys) else suggestion
 
 
-def bound_probe_connect(driver: str, cparams: dict[str, Any], timeout: float) -> None:
-    """Bounds a probe's own connection in the driver's terms: connect, and reads where the driver can.
-
-    A probe that could hang would defeat its purpose, and a user's engine often sets no timeout.
-    """
-    if driver in _LIBPQ_DRIVERS:
-        seconds = max(_LIBPQ_MIN_CONNECT_TIMEOUT, math.ceil(timeout))
-        cparams["connect_timeout"] = min(int(cparams.get("connect_timeout") or seconds), seconds)
-        cparams["tcp_user_timeout"] = max(1, round(timeout * 1000))
-    elif driver == "asyncpg":
-        cparams["timeout"] = min(float(cparams.get("timeout") or timeout), timeout)
-        cparams["command_timeout"] = timeout
-    elif driver in ("pymysql", "mysqldb", "mariadbconnector"):
-        for key in ("connect_timeout", "read_timeout", "write_timeout"):
-            cparams[key] = max(1, math.ceil(timeout))
+_PROBE_FAMILIES = {"psycopg": "libpq", "psycopg_async": "libpq", "psycopg2": "libpq", "asyncpg": "asyncpg",
+                   "pymysql": "mysql", "mysqldb": "mysql"}  # fmt: skip
+"""SQLAlchemy driver names by the family of connect arguments they take."""
 
 
 def _record_key(connection: PoolProxiedConnection) -> int:
@@ -219,7 +204,7 @@ class SQLAlchemyPool:
         if record is None:  # a probe's own connection, not the pool's
             timeout = _probe_timeout.get()
             if timeout is not None:
-                bound_probe_connect(dialect.driver, cparams, timeout)
+                bound_probe_params(_PROBE_FAMILIES.get(dialect.driver, ""), cparams, timeout)
             return
         assert self._events is not None
         self._events.connecting()
