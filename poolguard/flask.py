@@ -32,7 +32,7 @@ from werkzeug.local import LocalProxy
 
 from poolguard.config import PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
-from poolguard.guard import Guard, build_guard
+from poolguard.guard import Guard, build_guard, check_passed_guard
 from poolguard.http import HttpResponse, detail_allowed, health_response, unavailable_response
 from poolguard.work import RequestScope
 
@@ -57,16 +57,21 @@ used several times per request."""
 
 _NO_EXCEPTION_GIVEN: Any = object()
 
+_ended: ContextVar[RequestScope | None] = ContextVar("poolguard_flask_ended", default=None)
+"""A request's unit that ended still holding connections, reclaimed only after the app context's
+teardown: Flask-SQLAlchemy (and any app that removes a scoped session there) returns its own then."""
+
 
 class _AppState:
     """What one app's registration holds; the wrapped dispatch and teardown call its methods."""
 
-    __slots__ = ("config", "extension", "guard")
+    __slots__ = ("app", "config", "extension", "guard")
 
-    def __init__(self, extension: PoolGuard, guard: Guard, config: PoolGuardConfig) -> None:
+    def __init__(self, extension: PoolGuard, guard: Guard, config: PoolGuardConfig, app: Flask) -> None:
         self.extension = extension
         self.guard = guard
         self.config = config
+        self.app = app
 
     def _current(self) -> tuple[RequestScope, Any] | None:
         """This app's unit of work in the current request with the value it replaced (None in the
@@ -97,8 +102,10 @@ class _AppState:
                 raise
             scope.fail(exc)
             return _to_flask(unavailable_response(unavailable))
-        if not response.is_streamed:
-            # Reported now, while the request's span (e.g. OpenTelemetry's) is still open.
+        if not response.is_streamed and not self.app.teardown_appcontext_funcs:
+            # Reported now, while the request's span (e.g. OpenTelemetry's) is still open. Not when the
+            # app ends things of its own with the app context (Flask-SQLAlchemy returns its session's
+            # connection there): what is still held then is reclaimed after that.
             scope.reclaim()
         return response
 
@@ -109,8 +116,9 @@ class _AppState:
             return
         scope, replaced = current
         _current.set(replaced)
+        later = bool(self.app.teardown_appcontext_funcs)
         try:
-            scope.close(exc)
+            scope.close(exc, reclaim=not later)
         except Exception as error:
             # Teardown must not raise; reached only when ``db`` was used after the response was made
             # (inside a streamed body). The class name only: messages may carry SQL parameters.
@@ -119,6 +127,9 @@ class _AppState:
                 scope.route or "(unmatched)",
                 type(error).__name__,
             )
+        finally:
+            if later and scope.held > 0:
+                _ended.set(scope)
 
     def record_error(self, error: BaseException) -> None:
         current = self._current()
@@ -163,8 +174,11 @@ class PoolGuard:
       ``POOLGUARD_BREAKER`` (a dict of :class:`poolguard.Breaker` options such as
       ``{"CONSECUTIVE_FAILURES": 3, "OPEN_FOR": 10}``, or False for no breaker; the flat form
       ``POOLGUARD_BREAKER_OPEN_FOR = 10`` works too, as in the environment): the guard's
-      options. **They apply only when no guard object is passed**: a ``Guard`` you build keeps the
-      options you built it with (pass them to ``Guard(...)`` instead).
+      options. They apply to the guard the extension builds; with a ``Guard`` of your own, setting
+      one that differs from the guard's is a ConfigError at startup (set it on ``Guard(...)``).
+    - With no guard passed and Flask-SQLAlchemy registered on the app (``db.init_app(app)``
+      first), the extension guards Flask-SQLAlchemy's engine: ``PoolGuard(app)`` is the whole
+      adoption, and ``db.session`` / ``Model.query`` keep working as they do.
     - ``POOLGUARD_SQLALCHEMY``: when no guard is passed, a dict with ``URL`` and optional
       :func:`poolguard.create_engine` keywords (``SERVICE_NAME``, ``POOL_SIZE``, ...); the extension
       builds the engine and the guard from it. The app owns them then: dispose with
@@ -195,7 +209,7 @@ class PoolGuard:
                 "Import and use that instance (or get_guard(app)) instead of creating another one."
             )
         config = PoolGuardConfig.load(self.options, settings=app.config, source="Flask config", prefix=_CONFIG_PREFIX)
-        state = _AppState(self, self._guard_for(config), config)
+        state = _AppState(self, self._guard_for(config, app), config, app)
         app.extensions[EXTENSION_KEY] = state
 
         _wrap_request_handling(app, state)
@@ -204,7 +218,7 @@ class PoolGuard:
         if config.http.health_path is not None:
             app.add_url_rule(config.http.health_path, HEALTH_ENDPOINT, state.health, methods=["GET"])
 
-    def _guard_for(self, config: PoolGuardConfig) -> Guard:
+    def _guard_for(self, config: PoolGuardConfig, app: Flask) -> Guard:
         if self.guard is not None:
             if config.sqlalchemy is not None:
                 raise ConfigError(
@@ -212,7 +226,10 @@ class PoolGuard:
                     "(set)",
                     "unset when a Guard is passed to PoolGuard (the guard's engine is used), or pass no guard",
                 )
+            check_passed_guard(self.guard, config)
             guard = self.guard
+        elif config.sqlalchemy is None and _FLASK_SQLALCHEMY in app.extensions:
+            guard = _guard_flask_sqlalchemy(app, config)
         else:
             guard = build_guard(config)
         if guard.is_async:
@@ -224,6 +241,21 @@ class PoolGuard:
         return guard
 
 
+_FLASK_SQLALCHEMY: Final = "sqlalchemy"
+"""Flask-SQLAlchemy's key in ``app.extensions``."""
+
+
+def _guard_flask_sqlalchemy(app: Flask, config: PoolGuardConfig) -> Guard:
+    """A Guard over Flask-SQLAlchemy's default engine, with the guard options of the app's config.
+
+    The engine stays Flask-SQLAlchemy's (it disposes of it); ``db.session`` keeps working as it
+    does, its checkouts now gated, timed and watched. Other binds are not guarded.
+    """
+    with app.app_context():
+        engine = app.extensions[_FLASK_SQLALCHEMY].engine
+    return Guard(engine, **config.guard_options())
+
+
 def _wrap_request_handling(app: Flask, state: _AppState) -> None:
     """Opens the unit of work around ``full_dispatch_request`` and closes it after the teardown functions.
 
@@ -233,10 +265,13 @@ def _wrap_request_handling(app: Flask, state: _AppState) -> None:
     cost more than all of poolguard's own per-request work). The commit comes after Flask has made
     the response (after the app's ``after_request`` hooks); the close after the app's teardown
     functions, so it runs even when the request failed, and after a streamed body has ended.
-    Wrapped on this app object only.
+    Connections still held then are reclaimed after the app context's teardown, where
+    Flask-SQLAlchemy (or an app's own ``scoped_session.remove()``) gives its own back. Wrapped on
+    this app object only.
     """
     dispatch = app.full_dispatch_request
     teardown = app.do_teardown_request
+    teardown_appcontext = app.do_teardown_appcontext
 
     def full_dispatch_request() -> Response:
         return state.dispatch(dispatch)
@@ -249,8 +284,21 @@ def _wrap_request_handling(app: Flask, state: _AppState) -> None:
         finally:
             state.close_scope(exc)
 
+    def do_teardown_appcontext(exc: BaseException | None = _NO_EXCEPTION_GIVEN) -> None:
+        if exc is _NO_EXCEPTION_GIVEN:
+            exc = sys.exc_info()[1]
+        try:
+            teardown_appcontext(exc)
+        finally:
+            # What the request's unit still holds after the app's own teardown was forgotten.
+            ended = _ended.get()
+            if ended is not None:
+                _ended.set(None)
+                ended.reclaim()
+
     app.full_dispatch_request = full_dispatch_request  # type: ignore[method-assign]
     app.do_teardown_request = do_teardown_request  # type: ignore[method-assign]
+    app.do_teardown_appcontext = do_teardown_appcontext  # type: ignore[method-assign]
 
 
 def _watch_view_errors(app: Flask, state: _AppState) -> None:

@@ -340,6 +340,33 @@ class Guard:
         return orphans
 
 
+def check_passed_guard(guard: Guard, config: PoolGuardConfig) -> None:
+    """Guard options the user set in settings must match a Guard the user built: never silently ignored.
+
+    An adapter given its own ``Guard`` cannot apply them (the guard is built already), and a
+    setting that does nothing is worse than an error at startup that says where it belongs.
+    """
+    actual: dict[str, object] = {
+        "max_wait": guard.max_wait,
+        "leak_threshold": guard.leak_threshold,
+        "capture_stacks": guard.gate.capture_stacks,
+        "ping_timeout": guard.ping_timeout,
+        "probe_interval": guard.probe_interval,
+        "breaker": guard.breaker.options if guard.breaker is not None else None,
+    }
+    for name in sorted(config.explicit):
+        wanted = getattr(config.guard, name)
+        if name in actual and actual[name] == wanted:
+            continue
+        shown = wanted if name in actual else type(wanted).__name__
+        raise ConfigError(
+            config.setting(name),
+            shown,
+            f"unset when the adapter is given a Guard of your own (it has {name}={actual.get(name, '...')!r}): "
+            f"set it on that Guard instead, poolguard.Guard(engine, {name}=...)",
+        )
+
+
 def build_guard(config: PoolGuardConfig, pool: PoolAdapter | None = None, *, name: str = "primary") -> Guard:
     """The Guard an adapter builds from settings: over ``pool``, or over an engine made from ``config.sqlalchemy``.
 

@@ -138,15 +138,23 @@ class RequestScope:
         else:
             await _end_offloaded(session, error, offload)
 
-    def close(self, error: BaseException | None = None) -> None:
-        """Ends the unit: last commit (or rollback), session closed, leftovers reclaimed, context left."""
+    def close(self, error: BaseException | None = None, *, reclaim: bool = True) -> None:
+        """Ends the unit: last commit (or rollback), session closed, leftovers reclaimed, context left.
+
+        ``reclaim=False`` leaves the leftovers for a later :meth:`reclaim`: for an adapter whose app
+        returns connections of its own after the unit ends (Flask-SQLAlchemy's session removal at
+        the end of the app context).
+        """
         session: Any
         session, self._session = self._session, None
         try:
             if session is not None:
                 finish_session(session, error or self._failure)
         finally:
-            self._release()
+            if reclaim:
+                self._release()
+            else:
+                self.leave()
 
     async def aclose(self, error: BaseException | None = None, *, offload: Offload | None = None) -> None:
         """The asyncio form of :meth:`close`; a Session's last commit goes through ``offload`` as in :meth:`afinish`."""
