@@ -180,8 +180,9 @@ class PoolGuardConfig:
     prefix: str = field(default="", compare=False)
     """The prefix of the settings' keys (Flask's ``POOLGUARD_``), for error messages."""
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
-    """The guard options the user set (keyword, settings or environment), as opposed to defaults:
-    what must match a Guard the user passes (:func:`poolguard.guard.check_passed_guard`)."""
+    """The options the user set (keyword, settings or environment), as opposed to defaults: the
+    guard options among them must match a Guard the user passes
+    (:func:`poolguard.guard.check_passed_guard`), and an adapter refuses one it has no use for."""
 
     def __post_init__(self) -> None:
         if not self.databases or not all(isinstance(alias, str) and alias for alias in self.databases):
@@ -250,7 +251,7 @@ class PoolGuardConfig:
             engine = values["sqlalchemy"]
             rest["sqlalchemy"] = _lower_keys(engine) if isinstance(engine, Mapping) else engine
         return cls(
-            explicit=frozenset(guard),
+            explicit=frozenset(values),
             guard=GuardOptions(**guard),
             http=HttpOptions(**{name: values[name] for name in HTTP_OPTION_NAMES if name in values}),
             source=source,

@@ -183,7 +183,7 @@ class PoolGuard:
       :func:`poolguard.create_engine` keywords (``SERVICE_NAME``, ``POOL_SIZE``, ...); the extension
       builds the engine and the guard from it. The app owns them then: dispose with
       ``get_guard(app).engine.dispose()`` when the app shuts down.
-    - ``POOLGUARD_DATABASES`` is accepted for symmetry with Django and has no effect here.
+    - ``POOLGUARD_DATABASES`` names Django's database aliases: setting it for Flask is a ConfigError.
 
     Environment variables ``POOLGUARD_<OPTION>`` (and ``POOLGUARD_BREAKER_<OPTION>``) fill in what
     neither the keyword arguments nor the config set.
@@ -209,6 +209,12 @@ class PoolGuard:
                 "Import and use that instance (or get_guard(app)) instead of creating another one."
             )
         config = PoolGuardConfig.load(self.options, settings=app.config, source="Flask config", prefix=_CONFIG_PREFIX)
+        if "databases" in config.explicit:
+            raise ConfigError(
+                config.setting("databases"),
+                config.databases,
+                "unset: it names Django's database aliases, and a Flask app's PoolGuard guards one engine",
+            )
         state = _AppState(self, self._guard_for(config, app), config, app)
         app.extensions[EXTENSION_KEY] = state
 

@@ -22,7 +22,7 @@ from poolguard import _fork
 from poolguard._types import Clock
 from poolguard._validate import non_negative_float, optional_positive_float, positive_float
 from poolguard.breaker import Breaker, BreakerState
-from poolguard.config import BreakerOptions, PoolGuardConfig
+from poolguard.config import GUARD_OPTION_NAMES, BreakerOptions, PoolGuardConfig
 from poolguard.errors import ConfigError, PoolGuardError, Unavailable
 from poolguard.gate import Gate
 from poolguard.health import HealthReport, PingResult, PoolHealth, assess
@@ -354,7 +354,7 @@ def check_passed_guard(guard: Guard, config: PoolGuardConfig) -> None:
         "probe_interval": guard.probe_interval,
         "breaker": guard.breaker.options if guard.breaker is not None else None,
     }
-    for name in sorted(config.explicit):
+    for name in sorted(config.explicit.intersection(GUARD_OPTION_NAMES)):
         wanted = getattr(config.guard, name)
         if name in actual and actual[name] == wanted:
             continue

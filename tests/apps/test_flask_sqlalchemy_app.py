@@ -173,3 +173,15 @@ def test_guard_options_in_the_config_never_silently_miss_a_guard_you_pass() -> N
         guard.close()
         with app.app_context():
             db.engine.dispose()
+
+
+def test_a_django_only_option_is_refused_not_ignored() -> None:
+    app = Flask(__name__)
+    app.config.update(SQLALCHEMY_DATABASE_URI=PG_URL, POOLGUARD_DATABASES=["default"])
+    db.init_app(app)
+    try:
+        with pytest.raises(poolguard.ConfigError, match="POOLGUARD_DATABASES"):
+            PoolGuard(app)
+    finally:
+        with app.app_context():
+            db.engine.dispose()
