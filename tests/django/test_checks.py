@@ -96,8 +96,12 @@ def test_asgi_signals_at_check_time(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     package = tmp_path / "asgisite"
     package.mkdir()
     (package / "__init__.py").write_text("")
-    (package / "asgi.py").write_text("from django.core.asgi import get_asgi_application\napplication = get_asgi_application()\n")
-    (package / "wsgi.py").write_text("from django.core.wsgi import get_wsgi_application\napplication = get_wsgi_application()\n")
+    (package / "asgi.py").write_text(
+        "from django.core.asgi import get_asgi_application\napplication = get_asgi_application()\n"
+    )
+    (package / "wsgi.py").write_text(
+        "from django.core.wsgi import get_wsgi_application\napplication = get_wsgi_application()\n"
+    )
     monkeypatch.syspath_prepend(str(tmp_path))
     both = SimpleNamespace(SETTINGS_MODULE="asgisite.settings", WSGI_APPLICATION="asgisite.wsgi.application")
     assert serving.asgi_signal(None, both, environ={}, argv=[]) is None
@@ -158,7 +162,9 @@ def test_w002_names_where_the_processes_come_from(monkeypatch: pytest.MonkeyPatc
     assert "'pooled' may get 500 connections from this project (500 processes, from WEB_CONCURRENCY)" in message.msg
 
 
-@override_settings(POOLGUARD={"DATABASES": ["default"], "SQLALCHEMY": {"URL": PG_URL, "POOL_SIZE": 4, "MAX_OVERFLOW": 0}})
+@override_settings(
+    POOLGUARD={"DATABASES": ["default"], "SQLALCHEMY": {"URL": PG_URL, "POOL_SIZE": 4, "MAX_OVERFLOW": 0}}
+)
 def test_max_overflow_zero_is_accepted_and_counted_as_zero() -> None:
     assert checks.check_settings() == []
     engine = state().guard.engine
@@ -174,8 +180,14 @@ def test_budget_counts_the_sqlalchemy_pool_as_create_engine_sizes_it() -> None:
 @pytest.mark.parametrize(
     ("poolguard", "expected"),
     [
-        ({"BREAKER": "yes"}, "invalid value for settings.POOLGUARD['BREAKER']: 'yes'; accepted: True, False, or a dict"),
-        ({"DATABASES": "default"}, "invalid value for settings.POOLGUARD['DATABASES']: 'default'; accepted: a non-empty list"),
+        (
+            {"BREAKER": "yes"},
+            "invalid value for settings.POOLGUARD['BREAKER']: 'yes'; accepted: True, False, or a dict",
+        ),
+        (
+            {"DATABASES": "default"},
+            "invalid value for settings.POOLGUARD['DATABASES']: 'default'; accepted: a non-empty list",
+        ),
         ({"DATABASES": {"default": {}}}, "settings.POOLGUARD['DATABASES']"),
         ({"SQLALCHEMY": "postgresql+psycopg://h/db"}, "settings.POOLGUARD['SQLALCHEMY']"),
     ],
