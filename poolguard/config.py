@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, fields
 from typing import Any
 
 from poolguard import _validate
-from poolguard.errors import ConfigError
+from poolguard.errors import ConfigError, Unavailable
 
 ENV_PREFIX = "POOLGUARD_"
 
@@ -32,6 +32,10 @@ HEALTH_DETAIL_MODES = ("never", "when-authorized", "always")
 
 HealthToken = str | Callable[[Any], bool] | None
 """A bearer token compared in constant time, or a callable deciding from the framework's request."""
+
+UnavailableBody = Callable[[Unavailable], tuple[bytes | str | Mapping[str, Any] | list[Any], str]]
+"""Renders the 503's body the app's way: takes the ``Unavailable`` error, returns ``(body, content type)``;
+bytes and str are sent as they are, a dict or a list as JSON. Status and headers stay poolguard's."""
 
 ENGINE_OPTIONS = (
     "url",
@@ -138,8 +142,15 @@ class HttpOptions:
     health_path: str | None = "/health/db"
     health_detail: str = "never"
     health_token: HealthToken = None
+    unavailable_body: UnavailableBody | None = None
 
     def __post_init__(self) -> None:
+        if self.unavailable_body is not None and not callable(self.unavailable_body):
+            raise ConfigError(
+                "unavailable_body",
+                self.unavailable_body,
+                "None, or a callable taking the Unavailable error and returning (body, content type)",
+            )
         if self.health_path is not None and (
             not isinstance(self.health_path, str) or not self.health_path.startswith("/")
         ):
@@ -185,18 +196,21 @@ class PoolGuardConfig:
     (:func:`poolguard.guard.check_passed_guard`), and an adapter refuses one it has no use for."""
 
     def __post_init__(self) -> None:
-        if not self.databases or not all(isinstance(alias, str) and alias for alias in self.databases):
-            raise ConfigError("databases", self.databases, "a non-empty list of database aliases")
+        databases = self.databases
+        if isinstance(databases, list):
+            object.__setattr__(self, "databases", databases := tuple(databases))
+        if (
+            not isinstance(databases, tuple)
+            or not databases
+            or not all(isinstance(alias, str) and alias for alias in databases)
+        ):
+            raise ConfigError(self.setting("databases"), databases, "a non-empty list of database aliases: ['default']")
         if self.sqlalchemy is not None:
             _check_engine_options(self.sqlalchemy, self.setting("sqlalchemy"))
 
     def setting(self, name: str) -> str:
         """How the user spelled option ``name`` where it came from, for error messages."""
-        if self.prefix:
-            return self.prefix + name.upper()
-        if self.source == "settings":
-            return name
-        return f"{self.source}['{name.upper()}']"
+        return _spelling(name, self.source, self.prefix)
 
     def guard_options(self) -> dict[str, Any]:
         """The keyword arguments for ``Guard(...)`` that this configuration decides (``breaker``:
@@ -242,7 +256,7 @@ class PoolGuardConfig:
             values[key] = value
         guard = {name: values[name] for name in GUARD_OPTION_NAMES if name in values}
         if "breaker" in guard:
-            guard["breaker"] = _breaker_options(guard["breaker"])
+            guard["breaker"] = _breaker_options(guard["breaker"], _spelling("breaker", source, prefix))
         rest: dict[str, Any] = {}
         if "databases" in values:
             databases = values["databases"]
@@ -260,21 +274,30 @@ class PoolGuardConfig:
         )
 
 
+def _spelling(name: str, source: str, prefix: str) -> str:
+    """How the user spelled option ``name`` where it came from (``settings.POOLGUARD['BREAKER']``)."""
+    if prefix:
+        return prefix + name.upper()
+    if source == "settings":
+        return name
+    return f"{source}['{name.upper()}']"
+
+
 def _lower_keys(mapping: Mapping[Any, Any]) -> dict[str, Any]:
     return {str(key).lower(): value for key, value in mapping.items()}
 
 
-def _breaker_options(value: object) -> BreakerOptions | None:
+def _breaker_options(value: object, setting: str = "breaker") -> BreakerOptions | None:
     if value is True:
         return BreakerOptions()
     if value is False or value is None:
         return None
     if not isinstance(value, Mapping):
-        raise ConfigError("breaker", value, "True, False, or a dict of breaker options")
+        raise ConfigError(setting, value, "True, False, or a dict of breaker options such as {'OPEN_FOR': 10}")
     options = _lower_keys(value)
     unknown = sorted(set(options) - set(BreakerOptions.names()))
     if unknown:
-        raise ConfigError("breaker", unknown[0], "breaker options: " + ", ".join(BreakerOptions.names()))
+        raise ConfigError(setting, unknown[0], "breaker options: " + ", ".join(BreakerOptions.names()))
     return BreakerOptions(**options)
 
 
@@ -383,3 +406,18 @@ def _parse_bool(key: str, raw: str) -> bool:
     if lowered in ("0", "false", "no", "off"):
         return False
     raise ConfigError(key, raw, "true or false (1/0, yes/no, on/off)")
+
+
+def environment_options(environ: Mapping[str, str]) -> dict[str, Any]:
+    """The options the ``POOLGUARD_*`` variables set, parsed (the breaker's as one ``breaker`` value);
+    an adapter compares them with its settings so that neither is ignored without a word."""
+    return _from_environment(environ)
+
+
+def settings_options(settings: Mapping[str, Any], source: str, prefix: str = "") -> dict[str, Any]:
+    """The options a framework's settings set, by option name, as :meth:`PoolGuardConfig.load` reads them."""
+    return _from_settings(settings, source, prefix)
+
+
+parse_number = _parse_number
+parse_bool = _parse_bool

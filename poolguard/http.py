@@ -10,13 +10,17 @@ from __future__ import annotations
 
 import hmac
 import json
+import logging
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from poolguard.config import HealthToken
+from poolguard.config import HealthToken, UnavailableBody
 from poolguard.errors import Unavailable
 from poolguard.health import HealthReport
+
+logger = logging.getLogger("poolguard")
 
 JSON_CONTENT_TYPE = "application/json"
 HEALTH_METHODS = ("GET", "HEAD")
@@ -32,7 +36,7 @@ class HttpResponse:
     body: bytes
 
 
-def _encode(payload: dict[str, Any]) -> bytes:
+def _encode(payload: Mapping[str, Any] | list[Any]) -> bytes:
     return json.dumps(payload, separators=(",", ":"), allow_nan=False).encode()
 
 
@@ -43,19 +47,58 @@ def retry_after_seconds(retry_after: float) -> int:
     return max(1, math.ceil(retry_after))
 
 
-def unavailable_response(exc: Unavailable) -> HttpResponse:
-    """The 503 every adapter returns when a request needs the database and cannot have it."""
+def unavailable_payload(exc: Unavailable) -> dict[str, Any]:
+    """poolguard's own 503 body, as a dict (a ``unavailable_body`` hook may start from it)."""
+    return {"error": "database_unavailable", "reason": exc.reason, "retry_after": retry_after_seconds(exc.retry_after)}
+
+
+def unavailable_response(exc: Unavailable, body: UnavailableBody | None = None) -> HttpResponse:
+    """The 503 every adapter returns when a request needs the database and cannot have it.
+
+    ``body`` is the ``unavailable_body`` option (``config.http.unavailable_body``): it renders the body
+    and names its content type, the app's way (DRF's error shape, problem+json); the status,
+    ``Retry-After`` and ``Cache-Control`` stay poolguard's. A hook that raises or returns something
+    else is logged (without the traceback) and poolguard's own body is sent: the 503 still goes out.
+    """
     seconds = retry_after_seconds(exc.retry_after)
-    body = _encode({"error": "database_unavailable", "reason": exc.reason, "retry_after": seconds})
+    rendered = _render(body, exc) if body is not None else None
+    content_type, encoded = rendered or (JSON_CONTENT_TYPE, _encode(unavailable_payload(exc)))
     return HttpResponse(
         status=503,
         headers=(
-            ("Content-Type", JSON_CONTENT_TYPE),
+            ("Content-Type", content_type),
             ("Retry-After", str(seconds)),
             ("Cache-Control", "no-store"),
         ),
-        body=body,
+        body=encoded,
     )
+
+
+def _render(hook: UnavailableBody, exc: Unavailable) -> tuple[str, bytes] | None:
+    """The hook's (content type, encoded body), or None after logging why it cannot be used."""
+    try:
+        result = hook(exc)
+    except Exception as error:
+        logger.error("poolguard: unavailable_body raised %s; sent poolguard's own 503 body", type(error).__name__)
+        return None
+    if isinstance(result, tuple) and len(result) == 2:
+        payload, content_type = result
+        if isinstance(content_type, str) and content_type and "\n" not in content_type and "\r" not in content_type:
+            if isinstance(payload, bytes):
+                return content_type, payload
+            if isinstance(payload, str):
+                return content_type, payload.encode()
+            if isinstance(payload, Mapping | list):
+                try:
+                    return content_type, _encode(payload)
+                except (TypeError, ValueError):
+                    pass
+    logger.error(
+        "poolguard: unavailable_body returned %s, not (bytes | str | dict | list, content type); "
+        "sent poolguard's own 503 body",
+        type(result).__name__,
+    )
+    return None
 
 
 def health_response(report: HealthReport, *, detail: bool) -> HttpResponse:

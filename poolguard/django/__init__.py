@@ -13,6 +13,7 @@ and, with ``POOLGUARD["SQLALCHEMY"]``, gives each request a SQLAlchemy session: 
 
 from __future__ import annotations
 
+from poolguard.django import checks as _checks  # noqa: F401  (registers the system checks, with or without the app)
 from poolguard.django.middleware import PoolGuardMiddleware as PoolGuardMiddleware
 from poolguard.django.middleware import get_session as get_session
 

@@ -9,14 +9,22 @@ Guard per guarded alias, the optional SQLAlchemy Guard) lives on the AppConfig.
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
+import os
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
 from django.conf import settings  # type: ignore[import-untyped]
 
 from poolguard._validate import positive_int
-from poolguard.config import PoolGuardConfig
+from poolguard.config import (
+    ENV_PREFIX,
+    PoolGuardConfig,
+    environment_options,
+    parse_bool,
+    parse_number,
+    settings_options,
+)
 from poolguard.errors import ConfigError, Unavailable
 from poolguard.guard import HEALTH_MAX_AGE, Guard, build_guard
 from poolguard.health import HealthReport
@@ -27,38 +35,130 @@ from poolguard.work import RequestScope
 logger = logging.getLogger("poolguard")
 
 SOURCE = "settings.POOLGUARD"
-DJANGO_ONLY_OPTIONS = ("PROCESSES", "THREADS")
-"""Keys only the Django integration reads: the connection budget check (poolguard.W002) uses them."""
+DJANGO_ONLY_OPTIONS = ("PROCESSES", "THREADS", "ASGI")
+"""Keys only the Django integration reads; they describe how the project is served, for the system
+checks: ``PROCESSES`` and ``THREADS`` for the connection budget (poolguard.W002), ``ASGI`` for the
+persistent-connections warning (poolguard.W001). Also ``POOLGUARD_<KEY>`` environment variables."""
 SQLALCHEMY_GUARD_NAME = "sqlalchemy"
 
 
 @dataclass(frozen=True, slots=True)
 class DjangoSettings:
-    """The validated ``settings.POOLGUARD``: the shared config plus the Django-only keys."""
+    """The validated ``settings.POOLGUARD``: the shared config plus the Django-only keys (None: not set,
+    the checks then read the server's own variables; see :mod:`poolguard.django.serving`)."""
 
     config: PoolGuardConfig
-    processes: int = 1
-    threads: int = 1
+    processes: int | None = None
+    threads: int | None = None
+    asgi: bool | None = None
 
 
-def configure_settings(raw: Mapping[str, Any] | None = None) -> DjangoSettings:
+def configure_settings(
+    raw: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+) -> DjangoSettings:
     """Reads and validates ``settings.POOLGUARD`` (or ``raw``); raises ConfigError naming the bad key.
 
-    ``POOLGUARD_*`` environment variables fill the options the dict leaves out, as in every adapter.
-    ``PROCESSES`` and ``THREADS`` (default 1 each) describe how the project is served, for the
-    connection budget check.
+    ``POOLGUARD_*`` environment variables fill the options the dict leaves out, as in every adapter;
+    a variable that the dict also sets, to another value, is a ConfigError naming both (it would
+    otherwise be ignored without a word). ``UNAVAILABLE_BODY`` may be a dotted path, as Django's
+    settings usually name callables.
     """
     if raw is None:
         raw = getattr(settings, "POOLGUARD", None) or {}
     if not isinstance(raw, Mapping):
         raise ConfigError(SOURCE, type(raw).__name__, "a dict of poolguard options")
+    environ = os.environ if environ is None else environ
     shared = {key: value for key, value in raw.items() if str(key).upper() not in DJANGO_ONLY_OPTIONS}
     extra = {str(key).upper(): value for key, value in raw.items() if str(key).upper() in DJANGO_ONLY_OPTIONS}
-    return DjangoSettings(
-        config=PoolGuardConfig.load(settings=shared, source=SOURCE),
-        processes=positive_int(f"{SOURCE}['PROCESSES']", extra.get("PROCESSES", 1)),
-        threads=positive_int(f"{SOURCE}['THREADS']", extra.get("THREADS", 1)),
+    shared = _with_environment(shared, environ)
+    if isinstance(shared.get("UNAVAILABLE_BODY"), str):
+        shared["UNAVAILABLE_BODY"] = _import_callable(f"{SOURCE}['UNAVAILABLE_BODY']", shared["UNAVAILABLE_BODY"])
+    django_only = _django_only(extra, environ)
+    return DjangoSettings(config=PoolGuardConfig.load(settings=shared, environ=environ, source=SOURCE), **django_only)
+
+
+def _with_environment(shared: dict[Any, Any], environ: Mapping[str, str]) -> dict[Any, Any]:
+    """``shared`` with the environment's breaker options it leaves out; ConfigError for a variable the
+    dict overrides with another value."""
+    from_env = environment_options(environ)
+    ours = settings_options(shared, SOURCE)
+    for name in sorted(from_env.keys() & ours.keys()):
+        if name != "breaker":
+            theirs, mine = from_env[name], ours[name]
+            if isinstance(mine, list):
+                mine = tuple(mine)
+            if theirs != mine:
+                _conflict(ENV_PREFIX + name.upper(), environ, name.upper(), mine)
+    if "breaker" not in from_env:
+        return shared
+    theirs, mine = from_env["breaker"], ours.get("breaker", True)
+    if not (mine is None or isinstance(mine, bool | Mapping)):
+        return shared  # invalid: the loader names it
+    if (theirs is False) != (mine is False or mine is None):
+        _conflict(ENV_PREFIX + "BREAKER", environ, "BREAKER", mine)
+    if theirs is False or mine is False or mine is None:
+        return shared
+    env_options = {str(key).lower(): value for key, value in (theirs if isinstance(theirs, Mapping) else {}).items()}
+    own_options = {str(key).lower(): value for key, value in (mine if isinstance(mine, Mapping) else {}).items()}
+    for option in sorted(env_options.keys() & own_options.keys()):
+        if env_options[option] != own_options[option]:
+            _conflict(
+                f"{ENV_PREFIX}BREAKER_{option.upper()}", environ, f"BREAKER']['{option.upper()}", own_options[option]
+            )
+    if not env_options.keys() - own_options.keys():
+        return shared
+    merged = {key: value for key, value in shared.items() if not str(key).upper().startswith("BREAKER")}
+    merged["BREAKER"] = {**env_options, **own_options}
+    return merged
+
+
+def _conflict(variable: str, environ: Mapping[str, str], key: str, value: object) -> None:
+    shown = "<hidden>" if "TOKEN" in variable else environ.get(variable)
+    shown_setting = "<hidden>" if "TOKEN" in variable else repr(value)
+    raise ConfigError(
+        variable,
+        shown,
+        f"unset, or the value {SOURCE}['{key}'] has ({shown_setting}): the option is set in both places, "
+        "and the environment variable would be ignored; set it in one place",
     )
+
+
+def _django_only(extra: Mapping[str, Any], environ: Mapping[str, str]) -> dict[str, Any]:
+    """PROCESSES, THREADS and ASGI from the dict, else from ``POOLGUARD_<KEY>``; both set and different: ConfigError."""
+    values: dict[str, Any] = {}
+    for key in DJANGO_ONLY_OPTIONS:
+        variable = ENV_PREFIX + key
+        validate: Callable[[str, object], int] = _flag if key == "ASGI" else positive_int
+        from_env: int | None = None
+        if variable in environ:
+            raw = environ[variable]
+            parsed = parse_bool(variable, raw) if key == "ASGI" else parse_number(variable, raw, integer=True)
+            from_env = validate(variable, parsed)
+        if key in extra:
+            mine = validate(f"{SOURCE}['{key}']", extra[key])
+            if from_env is not None and from_env != mine:
+                _conflict(variable, environ, key, mine)
+            values[key.lower()] = mine
+        elif from_env is not None:
+            values[key.lower()] = from_env
+    return values
+
+
+def _flag(setting: str, value: object) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(setting, value, "True or False")
+    return value
+
+
+def _import_callable(setting: str, path: str) -> Any:
+    from django.utils.module_loading import import_string  # type: ignore[import-untyped]  # noqa: PLC0415
+
+    try:
+        return import_string(path)
+    except ImportError:
+        raise ConfigError(
+            setting, path, "a callable, or the dotted path of one (myproject.errors.unavailable_body)"
+        ) from None
 
 
 def route_of(request: Any) -> str | None:
@@ -191,7 +291,7 @@ class PoolGuardState:
 
     def unavailable_http(self, exc: BaseException) -> HttpResponse | None:
         unavailable = self.as_unavailable(exc)
-        return None if unavailable is None else unavailable_response(unavailable)
+        return None if unavailable is None else unavailable_response(unavailable, self.config.http.unavailable_body)
 
     # -- health --------------------------------------------------------------------------------------
 

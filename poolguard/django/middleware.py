@@ -32,7 +32,8 @@ def _app_config() -> Any:
         return apps.get_app_config(APP_LABEL)
     except LookupError:
         raise ImproperlyConfigured(
-            "poolguard.django.PoolGuardMiddleware needs the app: add 'poolguard.django' to INSTALLED_APPS"
+            "poolguard.django.PoolGuardMiddleware needs the app: add 'poolguard.django' to INSTALLED_APPS "
+            "(poolguard.E003)"
         ) from None
 
 

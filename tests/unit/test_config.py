@@ -23,7 +23,7 @@ def test_the_options_are_grouped_by_who_reads_them() -> None:
     config = PoolGuardConfig.load({"health_path": "/-/db", "max_wait": 0.5}, environ={})
     assert config.http == HttpOptions(health_path="/-/db")
     assert config.guard == GuardOptions(max_wait=0.5)
-    assert set(HTTP_OPTION_NAMES) == {"health_path", "health_detail", "health_token"}
+    assert set(HTTP_OPTION_NAMES) == {"health_path", "health_detail", "health_token", "unavailable_body"}
     assert "breaker" in GUARD_OPTION_NAMES
     assert "health_path" not in GUARD_OPTION_NAMES
 
@@ -131,3 +131,22 @@ def test_guard_kwargs_build_the_guard_the_settings_describe() -> None:
 def test_each_invalid_option_is_named(options: dict[str, object], setting: str) -> None:
     with pytest.raises(ConfigError, match=setting):
         PoolGuardConfig.load(options, environ={})
+
+
+def test_unavailable_body_must_be_callable() -> None:
+    with pytest.raises(ConfigError, match="unavailable_body"):
+        HttpOptions(unavailable_body="not callable")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("settings", "setting"),
+    [
+        ({"BREAKER": "yes"}, "settings.POOLGUARD['BREAKER']"),
+        ({"DATABASES": "default"}, "settings.POOLGUARD['DATABASES']"),
+        ({"DATABASES": {"default": {}}}, "settings.POOLGUARD['DATABASES']"),
+    ],
+)
+def test_a_string_where_a_dict_or_list_belongs_names_the_setting(settings: dict[str, object], setting: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        PoolGuardConfig.load(settings=settings, environ={}, source="settings.POOLGUARD")
+    assert caught.value.setting == setting

@@ -259,3 +259,19 @@ def test_redact_hides_a_password_with_a_slash_that_sqlalchemy_accepts() -> None:
 )
 def test_redact_leaves_text_without_secrets_alone(text: str) -> None:
     assert redact(text) == text
+
+
+def test_unavailable_body_hook_renders_the_body_and_keeps_the_headers() -> None:
+    from poolguard.errors import PoolSaturated  # noqa: PLC0415
+    from poolguard.http import unavailable_payload, unavailable_response  # noqa: PLC0415
+
+    error = PoolSaturated("full", retry_after=1.2)
+    plain = unavailable_response(error)
+    hooked = unavailable_response(error, lambda exc: ({"title": exc.reason}, "application/problem+json"))
+    assert hooked.status == plain.status == 503
+    assert hooked.body == b'{"title":"pool_saturated"}'
+    assert hooked.headers == (("Content-Type", "application/problem+json"), *plain.headers[1:])
+    assert unavailable_response(error, lambda exc: ("<p>down</p>", "text/html")).body == b"<p>down</p>"
+    assert unavailable_payload(error) == {"error": "database_unavailable", "reason": "pool_saturated", "retry_after": 2}
+    bad_header = unavailable_response(error, lambda exc: (b"x", "text/plain\r\nSet-Cookie: a=b"))
+    assert bad_header == plain
