@@ -101,7 +101,7 @@ class _AppState:
             if unavailable is None:
                 raise
             scope.fail(exc)
-            return _to_flask(unavailable_response(unavailable))
+            return self.unavailable(unavailable)
         if not response.is_streamed and not self.app.teardown_appcontext_funcs:
             # Reported now, while the request's span (e.g. OpenTelemetry's) is still open. Not when the
             # app ends things of its own with the app context (Flask-SQLAlchemy returns its session's
@@ -135,6 +135,10 @@ class _AppState:
         current = self._current()
         if current is not None:
             current[0].fail(error)
+
+    def unavailable(self, exc: Unavailable) -> Response:
+        """The 503, its body rendered by the ``unavailable_body`` hook when the app sets one."""
+        return _to_flask(unavailable_response(exc, self.config.http.unavailable_body))
 
     def health(self) -> Response:
         http = self.config.http
@@ -219,7 +223,7 @@ class PoolGuard:
         app.extensions[EXTENSION_KEY] = state
 
         _wrap_request_handling(app, state)
-        app.register_error_handler(Unavailable, _unavailable)
+        app.register_error_handler(Unavailable, state.unavailable)
         _watch_view_errors(app, state)
         if config.http.health_path is not None:
             app.add_url_rule(config.http.health_path, HEALTH_ENDPOINT, state.health, methods=["GET"])
@@ -322,14 +326,10 @@ def _watch_view_errors(app: Flask, state: _AppState) -> None:
         unavailable = state.guard.unavailable_for(e)
         if unavailable is not None and not isinstance(e, Unavailable):
             # A connection failure the breaker counted: the same 503 as a refused request, not a 500.
-            return _unavailable(unavailable)
+            return state.unavailable(unavailable)
         return original(e)
 
     app.handle_user_exception = handle_user_exception  # type: ignore[method-assign]
-
-
-def _unavailable(exc: Unavailable) -> Response:
-    return _to_flask(unavailable_response(exc))
 
 
 def _to_flask(response: HttpResponse) -> Response:

@@ -185,3 +185,24 @@ def test_a_django_only_option_is_refused_not_ignored() -> None:
     finally:
         with app.app_context():
             db.engine.dispose()
+
+
+def problem(exc: poolguard.Unavailable) -> tuple[dict[str, Any], str]:
+    return {"type": "about:blank", "title": "Service Unavailable", "status": 503, "detail": exc.reason}, (
+        "application/problem+json"
+    )
+
+
+def test_the_503_body_in_the_apps_own_shape(make_app: AppFactory) -> None:
+    app = make_app(SQLALCHEMY_DATABASE_URI=pg_url(port=DEAD_PORT), POOLGUARD_UNAVAILABLE_BODY=problem)
+    response = app.test_client().get("/authors")
+    assert response.status_code == 503
+    assert response.headers["Content-Type"] == "application/problem+json"
+    assert response.headers["Retry-After"] == "1"  # status and headers stay poolguard's
+    assert response.headers["Cache-Control"] == "no-store"
+    assert body(response) == {
+        "type": "about:blank",
+        "title": "Service Unavailable",
+        "status": 503,
+        "detail": "circuit_open",
+    }
