@@ -210,9 +210,9 @@ def get_session(request: HTTPConnection) -> Any:
             "Middleware(poolguard.starlette.PoolGuardMiddleware, guard=guard) to the application's middleware"
         ) from None
     _take_route(request_scope, scope)
-    if _FASTAPI_STACK in scope and _WATCHED not in scope:
+    if _FASTAPI_STACK in scope and WATCHED not in scope:
         # FastAPI's per-endpoint exit stack: what the endpoint raises, handled or not, passes through it.
-        scope[_WATCHED] = True
+        scope[WATCHED] = True
         scope[_FASTAPI_STACK].push(_failing(request_scope))
     return request_scope.session
 
@@ -220,7 +220,8 @@ def get_session(request: HTTPConnection) -> Any:
 _FASTAPI_STACK: Final = "fastapi_function_astack"
 """The key of FastAPI's exit stack around the endpoint's call (FastAPI 0.120 and later), where the
 exceptions it turns into responses still pass."""
-_WATCHED: Final = "poolguard.watched"
+WATCHED: Final = "poolguard.watched"
+"""Set in the request's scope once something rolls the request back when the endpoint raises."""
 
 
 def _failing(request_scope: RequestScope) -> Callable[..., bool]:
