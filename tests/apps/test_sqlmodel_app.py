@@ -1,6 +1,6 @@
 """The SQLModel app of ``tests/apps/sqlmodel_app`` on the real PostgreSQL server, through FastAPI's TestClient.
 
-The app is adopted as docs/adopting-fastapi.md says (``SessionDep = SyncDbSession[Session]``, a guard
+The app is adopted as docs/fastapi.md says (``SessionDep = SyncDbSession[Session]``, a guard
 whose ``session_factory`` makes ``sqlmodel.Session``, ``poolguard_lifespan`` and the middleware) and
 tested the way its users test it: ``with TestClient(create_app(...)) as client``. Each test gets a
 schema of its own (``search_path``), so the tutorial's ``hero`` table never meets another test's.
