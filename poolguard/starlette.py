@@ -218,8 +218,8 @@ def get_session(request: HTTPConnection) -> Any:
 
 
 _FASTAPI_STACK: Final = "fastapi_function_astack"
-"""The key of FastAPI's exit stack around the endpoint's call (FastAPI 0.120 and later), where the
-exceptions it turns into responses still pass."""
+"""The key of FastAPI's exit stack around the endpoint's call (in the FastAPI versions that have one):
+the exceptions FastAPI turns into responses still pass through it."""
 WATCHED: Final = "poolguard.watched"
 """Set in the request's scope once something rolls the request back when the endpoint raises."""
 
