@@ -1,6 +1,6 @@
 """FastAPI: the request's session as an ``Annotated`` dependency, on top of :mod:`poolguard.starlette`.
 
-Usage::
+Usage (an AsyncEngine and ``async def`` routes)::
 
     from fastapi import FastAPI
     from poolguard.fastapi import DbSession, PoolGuardMiddleware, poolguard_lifespan
@@ -12,6 +12,17 @@ Usage::
     async def create_order(db: DbSession) -> dict[str, int]:
         ...
 
+A synchronous Engine and ``def`` routes take :data:`SyncDbSession` instead. Both are generic in the
+session class, defaulting to SQLAlchemy's: ``SyncDbSession[sqlmodel.Session]`` (or ``DbSession[MySession]``)
+is the same dependency typed as the app's own class, so a SQLModel app keeps its tutorial's alias::
+
+    SessionDep = SyncDbSession[Session]          # Session from sqlmodel; the guard makes them:
+    guard = poolguard.Guard(engine, session_factory=sessionmaker(engine, class_=Session))
+
+Startup (the lifespan, through the middleware or :func:`poolguard_lifespan`) checks every route:
+``DbSession`` on a synchronous engine, ``SyncDbSession`` on an AsyncEngine, or a session class the
+guard's ``session_factory`` does not make, is a ConfigError naming the route and the right choice.
+
 The dependency only hands out the session the middleware's request scope owns; the middleware
 decides when it commits (when the response starts, so a ``StreamingResponse`` never holds a
 connection idle in a transaction) and turns ``Unavailable`` into the 503. The same session object
@@ -22,21 +33,31 @@ endpoint that raises (``HTTPException`` included) is rolled back, as in every ot
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Iterator
-from typing import Annotated
+import typing
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Annotated, Any
 
 from fastapi import Depends, Request
+from fastapi.dependencies.models import Dependant
+from fastapi.dependencies.utils import get_typed_signature
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
+from typing_extensions import TypeVar
 
-from poolguard.starlette import STATE_KEY, PoolGuardMiddleware, get_session, poolguard_lifespan
+from poolguard.errors import ConfigError
+from poolguard.guard import Guard
+from poolguard.starlette import STARTUP_CHECKS, STATE_KEY, WATCHED, PoolGuardMiddleware, get_session, poolguard_lifespan
 from poolguard.work import RequestScope
 
 __all__ = ["DbSession", "PoolGuardMiddleware", "SyncDbSession", "get_session", "poolguard_lifespan"]
 
+AsyncSessionT = TypeVar("AsyncSessionT", bound=AsyncSession, default=AsyncSession)
+SessionT = TypeVar("SessionT", bound=Session, default=Session)
+
 
 async def _async_session(request: Request) -> AsyncIterator[AsyncSession]:
     """``async def`` so FastAPI resolves it on the event loop, not in a worker thread."""
+    request.scope[WATCHED] = True  # this dependency rolls back itself: get_session need not watch
     session = get_session(request)
     if not isinstance(session, AsyncSession):
         raise TypeError(
@@ -48,6 +69,7 @@ async def _async_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 async def _sync_session(request: Request) -> AsyncIterator[Session]:
+    request.scope[WATCHED] = True
     session = get_session(request)
     if not isinstance(session, Session):
         raise TypeError(
@@ -72,8 +94,84 @@ def _rollback_on_error(request: Request) -> Iterator[None]:
         raise
 
 
-DbSession = Annotated[AsyncSession, Depends(_async_session)]
-"""The request's ``AsyncSession`` (the guard's engine is an AsyncEngine): ``async def view(db: DbSession)``."""
+DbSession = Annotated[AsyncSessionT, Depends(_async_session)]
+"""The request's ``AsyncSession`` (the guard's engine is an AsyncEngine): ``async def view(db: DbSession)``.
 
-SyncDbSession = Annotated[Session, Depends(_sync_session)]
-"""The request's ``Session`` (the guard's engine is a synchronous Engine), for ``def`` endpoints."""
+``DbSession[MyAsyncSession]`` types it as the class the guard's ``session_factory`` makes
+(``async_sessionmaker(engine, class_=MyAsyncSession)``, e.g. SQLModel's ``AsyncSession``)."""
+
+SyncDbSession = Annotated[SessionT, Depends(_sync_session)]
+"""The request's ``Session`` (the guard's engine is a synchronous Engine), for ``def`` endpoints.
+
+``SyncDbSession[sqlmodel.Session]`` types it as the class the guard's ``session_factory`` makes
+(``sessionmaker(engine, class_=sqlmodel.Session)``), so ``session.exec(select(Hero))`` type-checks."""
+
+
+_DEPENDENCIES: dict[Callable[..., Any], tuple[str, bool]] = {
+    _async_session: ("DbSession", True),
+    _sync_session: ("SyncDbSession", False),
+}
+"""Each dependency: its public name, and whether it needs an AsyncEngine."""
+
+
+def _check_routes(guard: Guard, app: Any) -> None:
+    """Refuses an app whose routes take a session that does not fit the guard (a STARTUP_CHECKS entry)."""
+    for route in _routes(app):
+        dependant = getattr(route, "dependant", None)
+        if isinstance(dependant, Dependant):
+            methods = ",".join(sorted(getattr(route, "methods", None) or ()))
+            _check_dependant(guard, dependant, f"{methods} {getattr(route, 'path', '?')}".strip())
+
+
+def _routes(app: Any, depth: int = 0) -> Iterator[Any]:
+    """The app's routes, and those of the routers and apps mounted in it."""
+    for route in getattr(app, "routes", None) or ():
+        yield route
+        if depth < 8 and getattr(route, "routes", None):
+            yield from _routes(route, depth + 1)
+
+
+def _check_dependant(guard: Guard, dependant: Dependant, where: str) -> None:
+    for sub in dependant.dependencies:
+        known = _DEPENDENCIES.get(sub.call) if sub.call is not None else None
+        if known is not None:
+            _check_parameter(guard, dependant, sub.name or "?", known, where)
+        _check_dependant(guard, sub, where)
+
+
+def _check_parameter(guard: Guard, parent: Dependant, name: str, known: tuple[str, bool], where: str) -> None:
+    alias, needs_async = known
+    setting = f"the annotation of parameter {name!r} of {where}"
+    factory = guard.session_factory
+    if factory is None:
+        raise ConfigError(setting, alias, f"a guard over a SQLAlchemy engine (pool {guard.name!r} has no sessions)")
+    if needs_async != guard.is_async:
+        right, engine = ("DbSession", "an AsyncEngine") if guard.is_async else ("SyncDbSession", "a synchronous Engine")
+        raise ConfigError(setting, alias, f"poolguard.fastapi.{right}: the engine of guard {guard.name!r} is {engine}")
+    wanted = _annotated_class(parent, name)
+    made = getattr(factory, "class_", None)
+    if isinstance(wanted, type) and isinstance(made, type) and not issubclass(made, wanted):
+        qualified = f"{wanted.__module__}.{wanted.__qualname__}"
+        maker = "async_sessionmaker" if guard.is_async else "sessionmaker"
+        raise ConfigError(
+            setting,
+            f"{alias}[{wanted.__qualname__}]",
+            f"a class guard {guard.name!r} makes ({made.__module__}.{made.__qualname__}); for {qualified}, "
+            f"pass poolguard.Guard(engine, session_factory={maker}(engine, class_={wanted.__qualname__}))",
+        )
+
+
+def _annotated_class(parent: Dependant, name: str) -> Any:
+    """The session class a parameter's ``Annotated[...]`` names (None when it cannot be read)."""
+    if parent.call is None:
+        return None
+    try:
+        parameter = get_typed_signature(parent.call).parameters.get(name)
+    except Exception:  # an annotation FastAPI itself resolved in its own way: nothing to compare
+        return None
+    if parameter is None or typing.get_origin(parameter.annotation) is not Annotated:
+        return None
+    return typing.get_args(parameter.annotation)[0]
+
+
+STARTUP_CHECKS.append(_check_routes)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Final
@@ -41,18 +42,23 @@ from starlette.datastructures import Headers
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from poolguard.config import GUARD_OPTION_NAMES, HTTP_OPTION_NAMES, HealthToken, PoolGuardConfig
+from poolguard.config import ENV_PREFIX, GUARD_OPTION_NAMES, HTTP_OPTION_NAMES, HealthToken, PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
 from poolguard.guard import Guard
 from poolguard.http import HEALTH_METHODS, HttpResponse, detail_allowed, health_response, unavailable_response
 from poolguard.work import RequestScope
 
-__all__ = ["STATE_KEY", "PoolGuardMiddleware", "get_session", "poolguard_lifespan"]
+__all__ = ["STARTUP_CHECKS", "STATE_KEY", "PoolGuardMiddleware", "check_app", "get_session", "poolguard_lifespan"]
 
 logger = logging.getLogger("poolguard")
 
 STATE_KEY: Final = "poolguard"
 """The key of the request's :class:`RequestScope` in ``scope["state"]`` (``request.state.poolguard``)."""
+
+STARTUP_CHECKS: list[Callable[[Guard, Any], None]] = []
+"""Checks of the application run at startup (the lifespan), each given the guard and the ASGI app;
+one raises ConfigError to refuse to start. :mod:`poolguard.fastapi` adds the one that finds routes
+whose session dependency does not fit the guard's engine."""
 
 _INTERNAL_ERROR: Final = HttpResponse(
     status=500, headers=(("Content-Type", "text/plain; charset=utf-8"),), body=b"Internal Server Error"
@@ -67,9 +73,12 @@ class PoolGuardMiddleware:
     (``"never"``, ``"when-authorized"``, ``"always"``) and ``health_token`` (a bearer token or a
     callable taking the ``Request``). Pool options (``max_wait``, the breaker, ...) belong to the
     :class:`~poolguard.Guard`; passing them here raises ConfigError rather than being ignored, and so
-    does an unknown or invalid option, when the middleware is built (at startup).
+    does an unknown or invalid option, when the middleware is built (at startup). A ``POOLGUARD_*``
+    variable of a pool option (``POOLGUARD_MAX_WAIT``, ``POOLGUARD_BREAKER_OPEN_FOR``, ...) must agree
+    with the guard passed in, or the middleware refuses it the same way.
 
-    Only ``http`` scopes are handled: ``websocket`` and ``lifespan`` pass through untouched.
+    Only ``http`` scopes are handled: ``websocket`` passes through untouched, and so does ``lifespan``
+    once the startup checks (:data:`STARTUP_CHECKS`) found nothing wrong with the application.
     """
 
     if TYPE_CHECKING:
@@ -107,13 +116,16 @@ class PoolGuardMiddleware:
                 raise ConfigError(
                     f"PoolGuardMiddleware.{name}",
                     "(an option of the Guard)",
-                    f"pass {name} to poolguard.Guard(...); the middleware takes " + ", ".join(HTTP_OPTION_NAMES),
+                    f"set it on the Guard you pass: poolguard.Guard(engine, {name}=...); the middleware takes "
+                    + ", ".join(HTTP_OPTION_NAMES),
                 )
             if name not in HTTP_OPTION_NAMES:
                 raise ConfigError(
                     f"PoolGuardMiddleware.{name}", "(unknown option)", "one of guard, " + ", ".join(HTTP_OPTION_NAMES)
                 )
-        http = PoolGuardConfig.load(options).http
+        config = PoolGuardConfig.load(options)
+        _refuse_ignored_environment(config, guard)
+        http = config.http
         self.app = app
         self.guard = guard
         self.health_path = http.health_path
@@ -122,6 +134,8 @@ class PoolGuardMiddleware:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
+            if scope["type"] == "lifespan":
+                await _refuse_to_start(self.guard, scope, receive, send)
             await self.app(scope, receive, send)
             return
         if self.health_path is not None and scope["method"] in HEALTH_METHODS and _path(scope) == self.health_path:
@@ -181,16 +195,44 @@ def get_session(request: HTTPConnection) -> Any:
     It is created on first call and checks out a connection only when first used (so a route that
     never queries keeps working during an outage). It commits when the response starts and rolls
     back when the endpoint raises; do not commit or close it yourself unless you mean to.
+
+    Also a FastAPI dependency (``db: Session = Depends(get_session)``): an ``HTTPException`` the
+    endpoint raises rolls back there too, although FastAPI turns it into a response before the
+    middleware sees it. (A plain Starlette endpoint that raises ``HTTPException`` is answered by
+    Starlette inside the application, so its work is committed: roll back yourself before raising.)
     """
+    scope = request.scope
     try:
-        request_scope: RequestScope = request.scope["state"][STATE_KEY]
+        request_scope: RequestScope = scope["state"][STATE_KEY]
     except KeyError:
         raise RuntimeError(
             "poolguard.starlette.get_session() found no request scope: add "
             "Middleware(poolguard.starlette.PoolGuardMiddleware, guard=guard) to the application's middleware"
         ) from None
-    _take_route(request_scope, request.scope)
+    _take_route(request_scope, scope)
+    if _FASTAPI_STACK in scope and WATCHED not in scope:
+        # FastAPI's per-endpoint exit stack: what the endpoint raises, handled or not, passes through it.
+        scope[WATCHED] = True
+        scope[_FASTAPI_STACK].push(_failing(request_scope))
     return request_scope.session
+
+
+_FASTAPI_STACK: Final = "fastapi_function_astack"
+"""The key of FastAPI's exit stack around the endpoint's call (in the FastAPI versions that have one):
+the exceptions FastAPI turns into responses still pass through it."""
+WATCHED: Final = "poolguard.watched"
+"""Set in the request's scope once something rolls the request back when the endpoint raises."""
+
+
+def _failing(request_scope: RequestScope) -> Callable[..., bool]:
+    """An exit callback that marks the unit of work failed when the endpoint raised."""
+
+    def exit_callback(exc_type: type[BaseException] | None, exc: BaseException | None, traceback: object) -> bool:
+        if exc is not None:
+            request_scope.fail(exc)
+        return False
+
+    return exit_callback
 
 
 def poolguard_lifespan(
@@ -212,6 +254,7 @@ def poolguard_lifespan(
 
     @contextlib.asynccontextmanager
     async def poolguard_lifespan_context(app: Any) -> AsyncIterator[Any]:
+        check_app(guard, app)
         await _check_database(guard)
         try:
             if lifespan is None:
@@ -228,6 +271,61 @@ def poolguard_lifespan(
                     await run_in_threadpool(engine.dispose)
 
     return poolguard_lifespan_context
+
+
+def check_app(guard: Guard, app: Any) -> None:
+    """Runs the :data:`STARTUP_CHECKS` on ``app`` (a Starlette or FastAPI application); ConfigError if one fails."""
+    if app is None:
+        return
+    for check in STARTUP_CHECKS:
+        check(guard, app)
+
+
+async def _refuse_to_start(guard: Guard, scope: Scope, receive: Receive, send: Send) -> None:
+    """The middleware's startup check: a failing one answers the server's startup with the reason and raises.
+
+    The server learns why (uvicorn logs the message and exits, a ``TestClient`` raises), rather than
+    taking an error before startup for "lifespan not supported" and serving anyway.
+    """
+    try:
+        check_app(guard, scope.get("app"))
+    except ConfigError as exc:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.failed", "message": str(exc)})
+        raise
+
+
+def _refuse_ignored_environment(config: PoolGuardConfig, guard: Guard) -> None:
+    """A ``POOLGUARD_*`` variable of a pool option that the guard passed in does not follow is a ConfigError.
+
+    The guard is the user's, built before the middleware: the variable cannot apply to it, and
+    ignoring it silently would leave the deployment believing it did. A value the guard already has
+    (a guard built from ``PoolGuardConfig.load().guard_options()``) is fine.
+    """
+    options = config.guard
+    own: dict[str, object] = {
+        "max_wait": guard.max_wait,
+        "leak_threshold": guard.leak_threshold,
+        "capture_stacks": guard.gate.capture_stacks,
+        "ping_timeout": guard.ping_timeout,
+        "probe_interval": guard.probe_interval,
+        "breaker": guard.breaker.options if guard.breaker is not None else None,
+    }
+    for name, value in own.items():
+        key = ENV_PREFIX + name.upper()
+        if name == "breaker":
+            set_here = sorted(k for k in os.environ if k == key or k.startswith(key + "_"))
+        else:
+            set_here = [key] if key in os.environ else []
+        if set_here and getattr(options, name) != value:
+            example = "breaker=poolguard.Breaker(...)" if name == "breaker" else f"{name}=..."
+            raise ConfigError(
+                set_here[0],
+                os.environ[set_here[0]],
+                f"unset it, or set it on the Guard you pass: poolguard.Guard(engine, {example}) "
+                f"(PoolGuardMiddleware got a Guard whose {name} differs)",
+            )
 
 
 async def _check_database(guard: Guard) -> None:

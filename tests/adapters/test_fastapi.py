@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from typing import Annotated, Any
 
 import httpx
 import pytest
 import sqlalchemy
-from fastapi import BackgroundTasks, FastAPI, HTTPException
+from fastapi import BackgroundTasks, Depends, FastAPI, HTTPException
 from fastapi.responses import StreamingResponse
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Session
 
-from poolguard import Breaker, Guard
-from poolguard.fastapi import DbSession, PoolGuardMiddleware, SyncDbSession, poolguard_lifespan
+from poolguard import Breaker, ConfigError, Guard
+from poolguard.fastapi import DbSession, PoolGuardMiddleware, SyncDbSession, get_session, poolguard_lifespan
 from tests.adapters.test_starlette import (
     TOKEN,
     Resources,
@@ -46,9 +47,12 @@ def build_api(
     observer: sqlalchemy.Engine | None = None,
     probes: list[tuple[int, int, bool]] | None = None,
     lifespan: Any = None,
+    wrong: bool = False,
     **options: Any,
 ) -> FastAPI:
-    """The same routes for both engines: async views with DbSession, def views with SyncDbSession."""
+    """The same routes for both engines: async views with DbSession, def views with SyncDbSession.
+
+    ``wrong``: also a route taking the dependency meant for the other kind of engine."""
     app = FastAPI(lifespan=lifespan)
     app.add_middleware(PoolGuardMiddleware, guard=guard, **options)
     insert = text(f"INSERT INTO {table} (name) VALUES (:name)")
@@ -104,10 +108,6 @@ def build_api(
             tasks.add_task(later, db, name)
             return {"written": name}
 
-        @app.get("/wrong-annotation")
-        def wrong(db: SyncDbSession) -> dict[str, str]:
-            return {"never": "reached"}
-
     else:
 
         @app.post("/items/{name}")
@@ -149,6 +149,14 @@ def build_api(
             db.execute(insert, {"name": name})
             tasks.add_task(later_sync, db, name)
             return {"written": name}
+
+    if guard.is_async and wrong:
+
+        @app.get("/wrong-annotation")
+        def wrong_sync(db: SyncDbSession) -> dict[str, str]:
+            return {"never": "reached"}
+
+    elif wrong:
 
         @app.get("/wrong-annotation")
         async def wrong_async(db: DbSession) -> dict[str, str]:
@@ -246,7 +254,7 @@ async def test_health_status_only_unless_authorized(resources: Resources, flavor
 
 async def test_session_annotation_must_match_the_engine(resources: Resources, flavor: str, table: str):
     guard = resources.guard(resources.engine(flavor))
-    transport = httpx.ASGITransport(app=build_api(guard, table))
+    transport = httpx.ASGITransport(app=build_api(guard, table, wrong=True))  # no lifespan: found per request
     expected = "SyncDbSession" if flavor == "sync" else "DbSession"
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
         with pytest.raises(TypeError, match=f"use poolguard.fastapi.{expected}|with poolguard.fastapi.{expected}"):
@@ -263,3 +271,59 @@ async def test_lifespan_and_middleware_in_a_fastapi_app(resources: Resources, ob
     resources.closed.append(guard)
     assert names(observer, table) == ["served"]
     assert checked_out(engine) == 0
+
+
+async def test_get_session_as_a_dependency_rolls_back_on_http_exception(
+    resources: Resources, flavor: str, observer: Any, table: str
+):
+    """``Depends(poolguard.starlette.get_session)`` behaves as DbSession does: an HTTPException rolls back."""
+    guard = resources.guard(resources.engine(flavor))
+    app = FastAPI()
+    app.add_middleware(PoolGuardMiddleware, guard=guard)
+    insert = text(f"INSERT INTO {table} (name) VALUES (:name)")
+
+    if guard.is_async:
+
+        @app.post("/items/{name}")
+        async def write(name: str, db: Annotated[AsyncSession, Depends(get_session)]) -> dict[str, str]:
+            await db.execute(insert, {"name": name})
+            if name.startswith("refused"):
+                raise HTTPException(status_code=409, detail="conflict after writing")
+            return {"written": name}
+
+    else:
+
+        @app.post("/items/{name}")
+        def write_sync(name: str, db: Annotated[Session, Depends(get_session)]) -> dict[str, str]:
+            db.execute(insert, {"name": name})
+            if name.startswith("refused"):
+                raise HTTPException(status_code=409, detail="conflict after writing")
+            return {"written": name}
+
+    async with client(app) as http:
+        refused = await http.post("/items/refused")
+        kept = await http.post("/items/kept")
+        refused_again = await http.post("/items/refused-again")
+    assert refused.status_code == 409
+    assert refused_again.status_code == 409
+    assert kept.json() == {"written": "kept"}
+    assert names(observer, table) == ["kept"]
+
+
+async def test_wrong_session_dependency_fails_at_startup(resources: Resources, flavor: str, table: str):
+    """Through the lifespan the server runs: startup fails, naming the route and the dependency to use."""
+    guard = resources.guard(resources.engine(flavor))
+    expected = "DbSession" if flavor == "async" else "SyncDbSession"
+    pattern = rf"GET /wrong-annotation.*poolguard\.fastapi\.{expected}:"
+    for lifespan in (None, poolguard_lifespan(guard, dispose_engine=False)):
+        app = build_api(guard, table, lifespan=lifespan, wrong=True)
+        inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        outbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        scope = {"type": "lifespan", "asgi": {"version": "3.0"}, "state": {}}
+        task = asyncio.create_task(app(scope, inbox.get, outbox.put))
+        await inbox.put({"type": "lifespan.startup"})
+        answer = await outbox.get()
+        assert answer["type"] == "lifespan.startup.failed"  # the server is told why, and does not serve
+        assert re.search(pattern, answer["message"])
+        with pytest.raises(ConfigError, match=pattern):
+            await task

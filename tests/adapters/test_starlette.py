@@ -30,7 +30,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from poolguard import Breaker, CircuitOpen, ConfigError, Guard, PoolSaturated
+from poolguard import Breaker, CircuitOpen, ConfigError, Guard, PoolGuardConfig, PoolSaturated
 from poolguard.http import unavailable_response
 from poolguard.starlette import PoolGuardMiddleware, get_session, poolguard_lifespan
 from tests.support.databases import PG_ASYNC_URL, PG_URL, pg_url
@@ -603,3 +603,48 @@ async def test_whole_stack_with_a_sync_engine(resources: Resources, observer: An
     resources.closed.append(guard)
     assert names(observer, table) == ["whole-stack"]
     assert checked_out(engine) == 0
+
+
+def test_guard_options_in_the_environment_must_agree_with_the_guard_passed(monkeypatch: pytest.MonkeyPatch):
+    """A POOLGUARD_* pool option cannot apply to a Guard built before: refused, unless the guard has that value."""
+    engines: list[sqlalchemy.Engine] = []
+    guards: list[Guard] = []
+
+    def guard(**options: Any) -> Guard:
+        """A guard over an engine of its own (one guard per engine); nothing connects."""
+        engines.append(sqlalchemy.create_engine(PG_URL))
+        guards.append(Guard(engines[-1], **{"probe_interval": None, **options}))
+        return guards[-1]
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        return None
+
+    monkeypatch.setenv("POOLGUARD_PROBE_INTERVAL", "none")  # as every guard here has it: agreed
+    try:
+        monkeypatch.setenv("POOLGUARD_MAX_WAIT", "2.5")
+        with pytest.raises(ConfigError, match=r"POOLGUARD_MAX_WAIT.*poolguard\.Guard\(engine, max_wait=\.\.\.\)"):
+            PoolGuardMiddleware(app, guard=guard())
+        PoolGuardMiddleware(app, guard=guard(max_wait=2.5))  # the guard has it: nothing ignored
+        monkeypatch.delenv("POOLGUARD_MAX_WAIT")
+
+        monkeypatch.setenv("POOLGUARD_BREAKER_OPEN_FOR", "10")
+        with pytest.raises(ConfigError, match=r"POOLGUARD_BREAKER_OPEN_FOR.*breaker=poolguard\.Breaker"):
+            PoolGuardMiddleware(app, guard=guard())
+        PoolGuardMiddleware(app, guard=guard(breaker=Breaker(open_for=10)))
+        # The documented way to let the variables tune a guard of one's own:
+        PoolGuardMiddleware(app, guard=guard(**PoolGuardConfig.load().guard_options()))
+        monkeypatch.delenv("POOLGUARD_BREAKER_OPEN_FOR")
+
+        monkeypatch.setenv("POOLGUARD_BREAKER", "false")
+        with pytest.raises(ConfigError, match="POOLGUARD_BREAKER"):
+            PoolGuardMiddleware(app, guard=guard())
+        PoolGuardMiddleware(app, guard=guard(breaker=False))
+        monkeypatch.setenv("POOLGUARD_CAPTURE_STACKS", "true")
+        with pytest.raises(ConfigError, match="POOLGUARD_CAPTURE_STACKS"):
+            PoolGuardMiddleware(app, guard=guard(breaker=False))
+        PoolGuardMiddleware(app, guard=guard(breaker=False, capture_stacks=True))
+    finally:
+        for made in guards:
+            made.close()
+        for engine in engines:
+            engine.dispose()
