@@ -30,6 +30,7 @@ ends (rolled back if that later work raises).
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import AsyncIterator, Callable, Mapping
@@ -131,6 +132,8 @@ class PoolGuardMiddleware:
         self.health_path = http.health_path
         self.health_detail = http.health_detail
         self.health_token = http.health_token
+        self._unavailable = functools.partial(unavailable_response, body=http.unavailable_body)
+        """The 503, its body rendered by the ``unavailable_body`` hook when the app sets one."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -159,7 +162,7 @@ class PoolGuardMiddleware:
                 except Exception as exc:
                     answered = True
                     unavailable = _unavailable(exc, self.guard)
-                    await _answer(send, unavailable_response(unavailable) if unavailable else _INTERNAL_ERROR)
+                    await _answer(send, self._unavailable(unavailable) if unavailable else _INTERNAL_ERROR)
                     raise
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
                 # The body is complete: report leftovers while the request's span is still open.
@@ -173,7 +176,7 @@ class PoolGuardMiddleware:
             await request_scope.aclose(exc, offload=run_in_threadpool)
             unavailable = _unavailable(exc, self.guard)
             if unavailable is not None and not started:
-                await _answer(send, unavailable_response(unavailable))
+                await _answer(send, self._unavailable(unavailable))
                 return
             if unavailable is not None and answered:
                 return  # the 503 went out already; shedding load is not an error to log

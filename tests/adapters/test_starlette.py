@@ -335,6 +335,22 @@ async def test_503_is_byte_identical_to_poolguard_http(resources: Resources, tab
     assert sent == [(k.lower(), v) for k, v in expected.headers]
 
 
+async def test_the_503_body_in_the_apps_own_shape(resources: Resources, table: str):
+    def problem(exc: Any) -> tuple[dict[str, Any], str]:
+        return {"title": "Service Unavailable", "status": 503, "detail": exc.reason}, "application/problem+json"
+
+    engine = resources.engine("async", unreachable_url("async"))
+    guard = resources.guard(engine, breaker=Breaker(consecutive_failures=1))
+    async with client(build_app(guard, table, unavailable_body=problem)) as http:
+        await http.post("/write/x")
+        shed = await http.post("/write/x")
+    assert shed.status_code == 503
+    assert shed.headers["content-type"] == "application/problem+json"
+    assert shed.headers["cache-control"] == "no-store"
+    assert int(shed.headers["retry-after"]) >= 1  # status and headers stay poolguard's
+    assert shed.json() == {"title": "Service Unavailable", "status": 503, "detail": "circuit_open"}
+
+
 async def test_saturated_pool_sheds_within_the_wait_budget(resources: Resources, flavor: str, table: str):
     engine = resources.engine(flavor, pool_size=1, max_overflow=0)
     guard = resources.guard(engine, max_wait=0.3)
