@@ -340,11 +340,15 @@ class Guard:
         return orphans
 
 
-def check_passed_guard(guard: Guard, config: PoolGuardConfig) -> None:
+def check_passed_guard(
+    guard: Guard, config: PoolGuardConfig, *, setting_of: Callable[[str], str] | None = None
+) -> None:
     """Guard options the user set in settings must match a Guard the user built: never silently ignored.
 
     An adapter given its own ``Guard`` cannot apply them (the guard is built already), and a
     setting that does nothing is worse than an error at startup that says where it belongs.
+    ``setting_of`` names an option as the user spelled it (default: ``config.setting``; Starlette
+    names the environment variable).
     """
     actual: dict[str, object] = {
         "max_wait": guard.max_wait,
@@ -358,12 +362,12 @@ def check_passed_guard(guard: Guard, config: PoolGuardConfig) -> None:
         wanted = getattr(config.guard, name)
         if name in actual and actual[name] == wanted:
             continue
-        shown = wanted if name in actual else type(wanted).__name__
+        example = "breaker=poolguard.Breaker(...)" if name == "breaker" else f"{name}=..."
         raise ConfigError(
-            config.setting(name),
-            shown,
-            f"unset when the adapter is given a Guard of your own (it has {name}={actual.get(name, '...')!r}): "
-            f"set it on that Guard instead, poolguard.Guard(engine, {name}=...)",
+            (setting_of or config.setting)(name),
+            wanted if name in actual else type(wanted).__name__,
+            f"unset, or set it on the Guard you pass instead: poolguard.Guard(engine, {example}) "
+            f"(the adapter was given a Guard whose {name} differs)",
         )
 
 

@@ -45,7 +45,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from poolguard.config import ENV_PREFIX, GUARD_OPTION_NAMES, HTTP_OPTION_NAMES, HealthToken, PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
-from poolguard.guard import Guard
+from poolguard.guard import Guard, check_passed_guard
 from poolguard.http import HEALTH_METHODS, HttpResponse, detail_allowed, health_response, unavailable_response
 from poolguard.work import RequestScope
 
@@ -125,7 +125,7 @@ class PoolGuardMiddleware:
                     f"PoolGuardMiddleware.{name}", "(unknown option)", "one of guard, " + ", ".join(HTTP_OPTION_NAMES)
                 )
         config = PoolGuardConfig.load(options)
-        _refuse_ignored_environment(config, guard)
+        check_passed_guard(guard, config, setting_of=_environment_key)
         http = config.http
         self.app = app
         self.guard = guard
@@ -299,36 +299,13 @@ async def _refuse_to_start(guard: Guard, scope: Scope, receive: Receive, send: S
         raise
 
 
-def _refuse_ignored_environment(config: PoolGuardConfig, guard: Guard) -> None:
-    """A ``POOLGUARD_*`` variable of a pool option that the guard passed in does not follow is a ConfigError.
-
-    The guard is the user's, built before the middleware: the variable cannot apply to it, and
-    ignoring it silently would leave the deployment believing it did. A value the guard already has
-    (a guard built from ``PoolGuardConfig.load().guard_options()``) is fine.
-    """
-    options = config.guard
-    own: dict[str, object] = {
-        "max_wait": guard.max_wait,
-        "leak_threshold": guard.leak_threshold,
-        "capture_stacks": guard.gate.capture_stacks,
-        "ping_timeout": guard.ping_timeout,
-        "probe_interval": guard.probe_interval,
-        "breaker": guard.breaker.options if guard.breaker is not None else None,
-    }
-    for name, value in own.items():
-        key = ENV_PREFIX + name.upper()
-        if name == "breaker":
-            set_here = sorted(k for k in os.environ if k == key or k.startswith(key + "_"))
-        else:
-            set_here = [key] if key in os.environ else []
-        if set_here and getattr(options, name) != value:
-            example = "breaker=poolguard.Breaker(...)" if name == "breaker" else f"{name}=..."
-            raise ConfigError(
-                set_here[0],
-                os.environ[set_here[0]],
-                f"unset it, or set it on the Guard you pass: poolguard.Guard(engine, {example}) "
-                f"(PoolGuardMiddleware got a Guard whose {name} differs)",
-            )
+def _environment_key(name: str) -> str:
+    """The ``POOLGUARD_*`` variable that set option ``name`` (the middleware reads guard options only there)."""
+    key = ENV_PREFIX + name.upper()
+    if name == "breaker":
+        flat = sorted(k for k in os.environ if k == key or k.startswith(key + "_"))
+        return flat[0] if flat else key
+    return key
 
 
 async def _check_database(guard: Guard) -> None:
