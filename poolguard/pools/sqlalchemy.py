@@ -40,11 +40,12 @@ _probe_timeout: ContextVar[float | None] = ContextVar("poolguard_probe_timeout",
 """Set while a probe connects, so the connect listener bounds that one connect (and only it)."""
 
 
+_LIBPQ_READ_BOUNDS = (("tcp_user_timeout", "keepalives_idle"), "{'tcp_user_timeout': 10000, 'keepalives_idle': 10}")
 _READ_BOUNDS: dict[str, tuple[tuple[str, ...], str]] = {
     # driver: (any of these connect arguments bounds a read on a silent server, what to add)
-    "psycopg": (("tcp_user_timeout", "keepalives_idle"), "{'tcp_user_timeout': 10000, 'keepalives_idle': 10}"),
-    "psycopg_async": (("tcp_user_timeout", "keepalives_idle"), "{'tcp_user_timeout': 10000, 'keepalives_idle': 10}"),
-    "psycopg2": (("tcp_user_timeout", "keepalives_idle"), "{'tcp_user_timeout': 10000, 'keepalives_idle': 10}"),
+    "psycopg": _LIBPQ_READ_BOUNDS,
+    "psycopg_async": _LIBPQ_READ_BOUNDS,
+    "psycopg2": _LIBPQ_READ_BOUNDS,
     "asyncpg": (("command_timeout",), "{'command_timeout': 35}"),
     "pymysql": (("read_timeout",), "{'read_timeout': 35, 'write_timeout': 35}"),
 }

@@ -28,7 +28,6 @@ from tests.adapters.test_starlette import (
     client,
     flavor,
     names,
-    observer,
     resources,
     serving,
     table,
@@ -37,7 +36,7 @@ from tests.adapters.test_starlette import (
 
 pytestmark = pytest.mark.postgres
 
-__all__ = ["flavor", "observer", "resources", "table"]  # fixtures shared with test_starlette.py
+__all__ = ["flavor", "resources", "table"]  # fixtures shared with test_starlette.py (observer: tests/conftest.py)
 
 
 def build_api(

@@ -21,7 +21,6 @@ import sqlalchemy
 from sqlalchemy import event, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.orm import Session
-from sqlalchemy.pool import NullPool
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
@@ -116,14 +115,6 @@ async def resources() -> AsyncIterator[Resources]:
 @pytest.fixture(params=["async", "sync"])
 def flavor(request: pytest.FixtureRequest) -> str:
     return str(request.param)
-
-
-@pytest.fixture
-def observer() -> Iterator[sqlalchemy.Engine]:
-    """An unguarded engine with its own connections, to see what was really committed."""
-    engine = sqlalchemy.create_engine(PG_URL, poolclass=NullPool)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

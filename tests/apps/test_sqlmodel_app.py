@@ -22,7 +22,6 @@ from fastapi import FastAPI
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import sessionmaker
-from sqlalchemy.pool import NullPool
 from sqlmodel import Session
 
 import poolguard
@@ -43,13 +42,6 @@ with warnings.catch_warnings():
 pytestmark = pytest.mark.postgres
 
 APP = Path(__file__).parent / "sqlmodel_app"
-
-
-@pytest.fixture
-def observer() -> Iterator[sqlalchemy.Engine]:
-    engine = sqlalchemy.create_engine(PG_URL, poolclass=NullPool)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture

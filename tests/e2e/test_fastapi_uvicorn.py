@@ -20,10 +20,9 @@ import httpx
 import pytest
 import sqlalchemy
 from sqlalchemy import text
-from sqlalchemy.pool import NullPool
 
 from tests.e2e.saturation import TOKEN, check_full_pool_is_shed
-from tests.support.databases import PG_ASYNC_URL, PG_URL, pg_url
+from tests.support.databases import PG_ASYNC_URL, pg_url
 
 pytestmark = pytest.mark.postgres
 
@@ -90,13 +89,6 @@ def serve(tmp_path: Path) -> Iterator[Callable[[dict[str, str]], Server]]:
     yield start
     for server in servers:
         server.stop()
-
-
-@pytest.fixture
-def observer() -> Iterator[sqlalchemy.Engine]:
-    engine = sqlalchemy.create_engine(PG_URL, poolclass=NullPool)
-    yield engine
-    engine.dispose()
 
 
 @pytest.fixture
