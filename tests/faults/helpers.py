@@ -14,6 +14,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine
 
 import poolguard
+from tests.support.clock import drive_the_watchdog
 from tests.support.pgcluster import PgCluster
 
 SECRET = "Fault-Pw-7c1e9"
@@ -58,7 +59,7 @@ class Fleet:
         return engine
 
     def guard(self, engine: Engine, **options: Any) -> poolguard.Guard:
-        guard = poolguard.Guard(engine, **options)
+        guard = poolguard.Guard(engine, **drive_the_watchdog(options))
         self.guards.append(guard)
         return guard
 

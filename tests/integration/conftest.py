@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine  # noqa: E402
 from sqlalchemy.ext.asyncio import create_async_engine as sa_create_async_engine  # noqa: E402
 
 import poolguard  # noqa: E402
-from tests.support.clock import FakeClock  # noqa: E402
+from tests.support.clock import FakeClock, drive_the_watchdog  # noqa: E402
 
 
 @pytest.fixture
@@ -87,9 +87,7 @@ def _guard_factory() -> tuple[Callable[..., poolguard.Guard], Callable[[], None]
     guards: list[poolguard.Guard] = []
 
     def factory(engine: Any, **kwargs: Any) -> poolguard.Guard:
-        if "clock" in kwargs:  # a test that drives time drives the watchdog too (guard.watchdog.tick())
-            kwargs.setdefault("probe_interval", None)
-        guard = poolguard.Guard(engine, **kwargs)
+        guard = poolguard.Guard(engine, **drive_the_watchdog(kwargs))
         guards.append(guard)
         return guard
 

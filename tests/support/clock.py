@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
+from typing import Any
 
 
 class FakeClock:
@@ -27,3 +28,15 @@ def wait_until(condition: Callable[[], bool], steps: int = 5000) -> None:
             return
         pause.wait(0.001)
     assert condition(), "condition never became true"
+
+
+def drive_the_watchdog(options: dict[str, Any]) -> dict[str, Any]:
+    """Guard options for a test: with an injected ``clock``, no watchdog thread (``probe_interval=None``).
+
+    A test that moves a fake clock decides when time passes; a real thread probing behind it would
+    change the breaker's state at moments the test does not choose. Such a test calls
+    ``guard.watchdog.tick()`` itself when it wants the watchdog.
+    """
+    if "clock" in options:
+        options.setdefault("probe_interval", None)
+    return options

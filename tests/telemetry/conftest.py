@@ -26,7 +26,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import poolguard
 from poolguard import Guard, PoolSaturated
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, drive_the_watchdog
 from tests.support.databases import PG_ASYNC_URL, PG_URL
 
 POOL_NAME = "db.client.connection.pool.name"
@@ -111,7 +111,7 @@ def guard_on(otel: Otel) -> Iterator[Callable[..., poolguard.Guard]]:
         sa_engine = sqlalchemy.create_engine(url, **{"pool_size": 2, "max_overflow": 0, **(engine or {})})
         options.setdefault("tracer_provider", otel.tracer_provider)
         options.setdefault("meter_provider", otel.meter_provider)
-        guard = poolguard.Guard(sa_engine, **options)
+        guard = poolguard.Guard(sa_engine, **drive_the_watchdog(options))
         made.append((guard, sa_engine))
         return guard
 
@@ -132,7 +132,7 @@ async def async_guard_on(otel: Otel) -> AsyncIterator[Callable[..., poolguard.Gu
         sa_engine = create_async_engine(url, **{"pool_size": 2, "max_overflow": 0, **(engine or {})})
         options.setdefault("tracer_provider", otel.tracer_provider)
         options.setdefault("meter_provider", otel.meter_provider)
-        guard = poolguard.Guard(sa_engine, **options)
+        guard = poolguard.Guard(sa_engine, **drive_the_watchdog(options))
         made.append((guard, sa_engine))
         return guard
 
