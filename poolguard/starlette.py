@@ -73,14 +73,24 @@ class PoolGuardMiddleware:
     ``health_path`` (default ``"/health/db"``, ``None`` turns the route off), ``health_detail``
     (``"never"``, ``"when-authorized"``, ``"always"``) and ``health_token`` (a bearer token or a
     callable taking the ``Request``). Pool options (``max_wait``, the breaker, ...) belong to the
-    :class:`~poolguard.Guard`; passing them here raises ConfigError rather than being ignored, and so
-    does an unknown or invalid option, when the middleware is built (at startup). A ``POOLGUARD_*``
-    variable of a pool option (``POOLGUARD_MAX_WAIT``, ``POOLGUARD_BREAKER_OPEN_FOR``, ...) must agree
-    with the guard passed in, or the middleware refuses it the same way.
+    :class:`~poolguard.Guard`; passing them here is refused rather than ignored, and so is an unknown
+    or invalid option. A ``POOLGUARD_*`` variable of a pool option (``POOLGUARD_MAX_WAIT``,
+    ``POOLGUARD_BREAKER_OPEN_FOR``, ...) must agree with the guard passed in, or it is refused the same way.
+
+    A refusal is a ConfigError that fails the server's startup: the lifespan answers
+    ``lifespan.startup.failed`` with the message (uvicorn logs it and exits; a ``TestClient`` raises it),
+    and under a server that runs no lifespan every request raises it. It cannot be raised when the
+    middleware is built: Starlette and FastAPI build their middleware inside the first ASGI call, the
+    lifespan, and a server that sees that call fail takes it for "lifespan not supported" and serves
+    500s (uvicorn's default ``--lifespan auto`` does).
 
     Only ``http`` scopes are handled: ``websocket`` passes through untouched, and so does ``lifespan``
     once the startup checks (:data:`STARTUP_CHECKS`) found nothing wrong with the application.
     """
+
+    app: ASGIApp
+    _refusal: ConfigError | None
+    """Why this middleware must not serve: raised at startup and on every request."""
 
     if TYPE_CHECKING:
         # What type checkers see: the options by name. Starlette's Middleware()/add_middleware() check
@@ -98,10 +108,15 @@ class PoolGuardMiddleware:
     else:
 
         def __init__(self, app: ASGIApp, **options: Any) -> None:
-            # Any keyword reaches _configure, so a misspelt option is a ConfigError like everywhere else.
-            self._configure(app, options)
+            self.app = app
+            self._refusal = None
+            try:
+                # Any keyword reaches _configure, so a misspelt option is a ConfigError like everywhere else.
+                self._configure(options)
+            except ConfigError as exc:
+                self._refusal = exc
 
-    def _configure(self, app: ASGIApp, options: dict[str, Any]) -> None:
+    def _configure(self, options: dict[str, Any]) -> None:
         """Validates the options (explicit ones over ``POOLGUARD_*`` variables) once, at construction."""
         options = dict(options)
         if "guard" not in options:
@@ -127,7 +142,6 @@ class PoolGuardMiddleware:
         config = PoolGuardConfig.load(options)
         check_passed_guard(guard, config, setting_of=_environment_key)
         http = config.http
-        self.app = app
         self.guard = guard
         self.health_path = http.health_path
         self.health_detail = http.health_detail
@@ -138,9 +152,11 @@ class PoolGuardMiddleware:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                await _refuse_to_start(self.guard, scope, receive, send)
+                await self._start(scope, receive, send)
             await self.app(scope, receive, send)
             return
+        if self._refusal is not None:
+            raise self._refusal.with_traceback(None)
         if self.health_path is not None and scope["method"] in HEALTH_METHODS and _path(scope) == self.health_path:
             await self._health(scope, receive, send)
             return
@@ -183,6 +199,25 @@ class PoolGuardMiddleware:
             raise
         _take_route(request_scope, scope)
         await request_scope.aclose(offload=run_in_threadpool)
+
+    async def _start(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """Refuses the server's startup, with the reason, when an option or a startup check is wrong.
+
+        The server learns why (uvicorn logs the message and exits, a ``TestClient`` raises), rather
+        than taking an error before startup for "lifespan not supported" and serving anyway.
+        """
+        refusal = self._refusal
+        if refusal is None:
+            try:
+                check_app(self.guard, scope.get("app"))
+            except ConfigError as exc:
+                refusal = exc
+        if refusal is None:
+            return
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.failed", "message": str(refusal)})
+        raise refusal.with_traceback(None)
 
     async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
         """Answers from the guard's health alone: no request scope, so it works while the pool is full."""
@@ -282,21 +317,6 @@ def check_app(guard: Guard, app: Any) -> None:
         return
     for check in STARTUP_CHECKS:
         check(guard, app)
-
-
-async def _refuse_to_start(guard: Guard, scope: Scope, receive: Receive, send: Send) -> None:
-    """The middleware's startup check: a failing one answers the server's startup with the reason and raises.
-
-    The server learns why (uvicorn logs the message and exits, a ``TestClient`` raises), rather than
-    taking an error before startup for "lifespan not supported" and serving anyway.
-    """
-    try:
-        check_app(guard, scope.get("app"))
-    except ConfigError as exc:
-        message = await receive()
-        if message["type"] == "lifespan.startup":
-            await send({"type": "lifespan.startup.failed", "message": str(exc)})
-        raise
 
 
 def _environment_key(name: str) -> str:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import socket
 import time
+import traceback
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -32,6 +33,7 @@ from starlette.routing import Route
 from poolguard import Breaker, CircuitOpen, ConfigError, Guard, PoolGuardConfig, PoolSaturated
 from poolguard.http import unavailable_response
 from poolguard.starlette import PoolGuardMiddleware, get_session, poolguard_lifespan
+from tests.support.asgi import start
 from tests.support.databases import PG_ASYNC_URL, PG_URL, pg_url
 
 pytestmark = pytest.mark.postgres
@@ -485,7 +487,25 @@ async def test_websocket_and_lifespan_scopes_pass_through_untouched(resources: R
         assert seen[-1][0] is scope
 
 
-def test_options_are_validated_at_construction(monkeypatch: pytest.MonkeyPatch):
+async def test_a_refused_middleware_serves_nothing_without_a_lifespan():
+    """Under a server that runs no lifespan, every request raises the refusal (the server's 500 and its log)."""
+    guard = Guard(sqlalchemy.create_engine(PG_URL), probe_interval=None)
+    try:
+        app = Starlette(routes=[Route("/", lambda request: PlainTextResponse("free"))])
+        app.add_middleware(PoolGuardMiddleware, guard=guard, health_pth="/x")  # type: ignore[call-arg]
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            depths = []
+            for _ in range(3):
+                with pytest.raises(ConfigError, match="health_pth") as raised:
+                    await http.get("/")
+                depths.append(len(list(traceback.walk_tb(raised.value.__traceback__))))
+        assert depths[0] == depths[2]  # one error raised again and again: its traceback must not grow
+    finally:
+        guard.close()
+
+
+def test_bad_options_fail_the_startup(monkeypatch: pytest.MonkeyPatch):
     engine = sqlalchemy.create_engine(PG_URL)
     guard = Guard(engine)
     try:
@@ -494,20 +514,20 @@ def test_options_are_validated_at_construction(monkeypatch: pytest.MonkeyPatch):
             return None
 
         with pytest.raises(ConfigError, match="health_pth"):
-            PoolGuardMiddleware(app, guard=guard, health_pth="/x")  # type: ignore[call-arg]
+            start(PoolGuardMiddleware(app, guard=guard, health_pth="/x"))  # type: ignore[call-arg]
         with pytest.raises(ConfigError, match=r"max_wait.*poolguard\.Guard"):
-            PoolGuardMiddleware(app, guard=guard, max_wait=2.0)  # type: ignore[call-arg]
+            start(PoolGuardMiddleware(app, guard=guard, max_wait=2.0))  # type: ignore[call-arg]
         with pytest.raises(ConfigError, match="guard"):
-            PoolGuardMiddleware(app)  # type: ignore[call-arg]
+            start(PoolGuardMiddleware(app))  # type: ignore[call-arg]
         with pytest.raises(ConfigError, match="health_detail"):
-            PoolGuardMiddleware(app, guard=guard, health_detail="sometimes")
+            start(PoolGuardMiddleware(app, guard=guard, health_detail="sometimes"))
         with pytest.raises(ConfigError, match="health_token"):
-            PoolGuardMiddleware(app, guard=guard, health_detail="when-authorized")
+            start(PoolGuardMiddleware(app, guard=guard, health_detail="when-authorized"))
         with pytest.raises(ConfigError, match="guard"):
-            PoolGuardMiddleware(app, guard=engine)  # type: ignore[arg-type]
+            start(PoolGuardMiddleware(app, guard=engine))  # type: ignore[arg-type]
         monkeypatch.setenv("POOLGUARD_HEALTH_DETAIL", "sometimes")
         with pytest.raises(ConfigError, match="health_detail"):
-            PoolGuardMiddleware(app, guard=guard)
+            start(PoolGuardMiddleware(app, guard=guard))
     finally:
         guard.close()
         engine.dispose()
@@ -630,26 +650,26 @@ def test_guard_options_in_the_environment_must_agree_with_the_guard_passed(monke
     try:
         monkeypatch.setenv("POOLGUARD_MAX_WAIT", "2.5")
         with pytest.raises(ConfigError, match=r"POOLGUARD_MAX_WAIT.*poolguard\.Guard\(engine, max_wait=\.\.\.\)"):
-            PoolGuardMiddleware(app, guard=guard())
-        PoolGuardMiddleware(app, guard=guard(max_wait=2.5))  # the guard has it: nothing ignored
+            start(PoolGuardMiddleware(app, guard=guard()))
+        start(PoolGuardMiddleware(app, guard=guard(max_wait=2.5)))  # the guard has it: nothing ignored
         monkeypatch.delenv("POOLGUARD_MAX_WAIT")
 
         monkeypatch.setenv("POOLGUARD_BREAKER_OPEN_FOR", "10")
         with pytest.raises(ConfigError, match=r"POOLGUARD_BREAKER_OPEN_FOR.*breaker=poolguard\.Breaker"):
-            PoolGuardMiddleware(app, guard=guard())
-        PoolGuardMiddleware(app, guard=guard(breaker=Breaker(open_for=10)))
+            start(PoolGuardMiddleware(app, guard=guard()))
+        start(PoolGuardMiddleware(app, guard=guard(breaker=Breaker(open_for=10))))
         # The documented way to let the variables tune a guard of one's own:
-        PoolGuardMiddleware(app, guard=guard(**PoolGuardConfig.load().guard_options()))
+        start(PoolGuardMiddleware(app, guard=guard(**PoolGuardConfig.load().guard_options())))
         monkeypatch.delenv("POOLGUARD_BREAKER_OPEN_FOR")
 
         monkeypatch.setenv("POOLGUARD_BREAKER", "false")
         with pytest.raises(ConfigError, match="POOLGUARD_BREAKER"):
-            PoolGuardMiddleware(app, guard=guard())
-        PoolGuardMiddleware(app, guard=guard(breaker=False))
+            start(PoolGuardMiddleware(app, guard=guard()))
+        start(PoolGuardMiddleware(app, guard=guard(breaker=False)))
         monkeypatch.setenv("POOLGUARD_CAPTURE_STACKS", "true")
         with pytest.raises(ConfigError, match="POOLGUARD_CAPTURE_STACKS"):
-            PoolGuardMiddleware(app, guard=guard(breaker=False))
-        PoolGuardMiddleware(app, guard=guard(breaker=False, capture_stacks=True))
+            start(PoolGuardMiddleware(app, guard=guard(breaker=False)))
+        start(PoolGuardMiddleware(app, guard=guard(breaker=False, capture_stacks=True)))
     finally:
         for made in guards:
             made.close()

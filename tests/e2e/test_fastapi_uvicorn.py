@@ -190,3 +190,25 @@ def test_example_app_during_an_outage(serve: Callable[[dict[str, str]], Server],
     output = server.output()
     assert "unavailable at startup" in output
     assert SECRET not in output
+
+
+def test_a_misspelt_option_stops_uvicorn_at_startup(tmp_path: Path):
+    """``add_middleware`` builds the middleware inside the first ASGI call, the lifespan: a ConfigError
+    raised there would be taken by uvicorn's default ``--lifespan auto`` for "lifespan not supported",
+    and every request would get a 500. The server must refuse to start instead, saying why."""
+    (tmp_path / "misspelt_app.py").write_text(
+        "import poolguard\n"
+        "from fastapi import FastAPI\n"
+        "from poolguard.fastapi import PoolGuardMiddleware\n"
+        f"guard = poolguard.Guard(poolguard.create_async_engine({PG_ASYNC_URL!r}))\n"
+        "app = FastAPI()\n"
+        "app.add_middleware(PoolGuardMiddleware, guard=guard, health_detial='always')\n"
+    )
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("POOLGUARD_")}
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "misspelt_app:app", "--port", str(port)]
+    env = {**clean, "PYTHONPATH": str(ROOT)}
+    started = subprocess.run(command, check=False, cwd=tmp_path, env=env, capture_output=True, timeout=30, text=True)
+    assert started.returncode != 0
+    assert "PoolGuardMiddleware.health_detial" in started.stderr
+    assert "Application startup failed" in started.stderr

@@ -28,6 +28,7 @@ from poolguard.flask import PoolGuard
 from poolguard.starlette import PoolGuardMiddleware
 from tests.faults.apps import serve
 from tests.faults.helpers import SECRET, Fleet, assert_clean
+from tests.support.asgi import start
 from tests.support.pgcluster import PgCluster, free_port
 from tests.support.tcpproxy import TcpProxy
 
@@ -145,9 +146,9 @@ def test_bad_adapter_options_fail_at_startup(cluster: PgCluster, fleet: Fleet) -
     with pytest.raises(ConfigError, match=r"(?i)health_detail"):
         PoolGuard(app, guard)
     with pytest.raises(ConfigError, match="health_pth"):
-        PoolGuardMiddleware(Starlette(), guard=guard, health_pth="/x")  # type: ignore[call-arg]
+        start(PoolGuardMiddleware(Starlette(), guard=guard, health_pth="/x"))  # type: ignore[call-arg]
     with pytest.raises(ConfigError) as raised:
-        PoolGuardMiddleware(Starlette(), guard=guard, health_token=SECRET, health_detail="bogus")
+        start(PoolGuardMiddleware(Starlette(), guard=guard, health_token=SECRET, health_detail="bogus"))
     assert SECRET not in str(raised.value)
     with pytest.raises(ConfigError):
         poolguard.retry(attempts=0)
