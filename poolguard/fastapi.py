@@ -46,7 +46,7 @@ from typing_extensions import TypeVar
 
 from poolguard.errors import ConfigError
 from poolguard.guard import Guard
-from poolguard.starlette import STARTUP_CHECKS, STATE_KEY, WATCHED, PoolGuardMiddleware, get_session, poolguard_lifespan
+from poolguard.starlette import STARTUP_CHECKS, STATE_KEY, PoolGuardMiddleware, get_session, poolguard_lifespan
 from poolguard.work import RequestScope
 
 __all__ = ["DbSession", "PoolGuardMiddleware", "SyncDbSession", "get_session", "poolguard_lifespan"]
@@ -57,7 +57,6 @@ SessionT = TypeVar("SessionT", bound=Session, default=Session)
 
 async def _async_session(request: Request) -> AsyncIterator[AsyncSession]:
     """``async def`` so FastAPI resolves it on the event loop, not in a worker thread."""
-    request.scope[WATCHED] = True  # this dependency rolls back itself: get_session need not watch
     session = get_session(request)
     if not isinstance(session, AsyncSession):
         raise TypeError(
@@ -69,7 +68,6 @@ async def _async_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 async def _sync_session(request: Request) -> AsyncIterator[Session]:
-    request.scope[WATCHED] = True
     session = get_session(request)
     if not isinstance(session, Session):
         raise TypeError(

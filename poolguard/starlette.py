@@ -38,8 +38,10 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.ext.asyncio import AsyncEngine
+from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
+from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -110,6 +112,7 @@ class PoolGuardMiddleware:
         def __init__(self, app: ASGIApp, **options: Any) -> None:
             self.app = app
             self._refusal = None
+            _watch_handled_errors(app)
             try:
                 # Any keyword reaches _configure, so a misspelt option is a ConfigError like everywhere else.
                 self._configure(options)
@@ -232,12 +235,9 @@ def get_session(request: HTTPConnection) -> Any:
 
     It is created on first call and checks out a connection only when first used (so a route that
     never queries keeps working during an outage). It commits when the response starts and rolls
-    back when the endpoint raises; do not commit or close it yourself unless you mean to.
-
-    Also a FastAPI dependency (``db: Session = Depends(get_session)``): an ``HTTPException`` the
-    endpoint raises rolls back there too, although FastAPI turns it into a response before the
-    middleware sees it. (A plain Starlette endpoint that raises ``HTTPException`` is answered by
-    Starlette inside the application, so its work is committed: roll back yourself before raising.)
+    back when the endpoint raises, also an error the app answers itself (``HTTPException``, an
+    exception handler's); do not commit or close it yourself unless you mean to. Also a FastAPI
+    dependency: ``db: Session = Depends(get_session)``.
     """
     scope = request.scope
     try:
@@ -248,29 +248,62 @@ def get_session(request: HTTPConnection) -> Any:
             "Middleware(poolguard.starlette.PoolGuardMiddleware, guard=guard) to the application's middleware"
         ) from None
     _take_route(request_scope, scope)
-    if _FASTAPI_STACK in scope and WATCHED not in scope:
-        # FastAPI's per-endpoint exit stack: what the endpoint raises, handled or not, passes through it.
-        scope[WATCHED] = True
-        scope[_FASTAPI_STACK].push(_failing(request_scope))
     return request_scope.session
 
 
-_FASTAPI_STACK: Final = "fastapi_function_astack"
-"""The key of FastAPI's exit stack around the endpoint's call (in the FastAPI versions that have one):
-the exceptions FastAPI turns into responses still pass through it."""
-WATCHED: Final = "poolguard.watched"
-"""Set in the request's scope once something rolls the request back when the endpoint raises."""
+def _watch_handled_errors(app: ASGIApp) -> None:
+    """Wraps the exception handlers of the app's exception middleware so a handled error rolls back.
+
+    Starlette answers an ``HTTPException`` (and any error with a handler) inside the application,
+    below this middleware, which then sees only the response; without this a write followed by
+    ``raise HTTPException(409)`` would be committed. Starlette and FastAPI build their middleware
+    innermost first, so the exception middleware below this one exists by now. Its handler tables
+    are private attributes: if they are missing, the endpoint has to roll back itself.
+    """
+    inner: Any = app
+    for _ in range(32):  # the middleware between this one and the router
+        if isinstance(inner, ExceptionMiddleware):
+            for table in (getattr(inner, "_exception_handlers", None), getattr(inner, "_status_handlers", None)):
+                if isinstance(table, dict):
+                    for key, handler in table.items():
+                        table[key] = _failing_first(handler)
+            return
+        inner = getattr(inner, "app", None)
+        if inner is None:
+            return
 
 
-def _failing(request_scope: RequestScope) -> Callable[..., bool]:
-    """An exit callback that marks the unit of work failed when the endpoint raised."""
+_WATCHED_HANDLER: Final = "poolguard_watched"
+"""Marks a handler already wrapped (a second middleware over the same stack must not wrap it again)."""
 
-    def exit_callback(exc_type: type[BaseException] | None, exc: BaseException | None, traceback: object) -> bool:
-        if exc is not None:
+
+def _failing_first(handler: Callable[..., Any]) -> Callable[..., Any]:
+    """``handler``, after marking the request's unit of work failed (sync or async, as it was)."""
+    if getattr(handler, _WATCHED_HANDLER, False):
+        return handler
+
+    def fail(conn: HTTPConnection, exc: Exception) -> None:
+        request_scope = conn.scope.get("state", {}).get(STATE_KEY)
+        if isinstance(request_scope, RequestScope):
             request_scope.fail(exc)
-        return False
 
-    return exit_callback
+    watched: Callable[..., Any]
+    if is_async_callable(handler):
+
+        async def watched_async(conn: HTTPConnection, exc: Exception) -> Any:
+            fail(conn, exc)
+            return await handler(conn, exc)
+
+        watched = watched_async
+    else:
+
+        def watched_sync(conn: HTTPConnection, exc: Exception) -> Any:
+            fail(conn, exc)
+            return handler(conn, exc)
+
+        watched = watched_sync
+    setattr(watched, _WATCHED_HANDLER, True)
+    return watched
 
 
 def poolguard_lifespan(

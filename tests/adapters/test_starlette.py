@@ -25,6 +25,7 @@ from sqlalchemy.orm import Session
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -192,6 +193,14 @@ def build_app(
         await execute(get_session(request), insert, {"name": request.path_params["name"]})
         raise RuntimeError("the view failed after writing")
 
+    async def conflict(request: Request) -> Response:
+        await execute(get_session(request), insert, {"name": request.path_params["name"]})
+        raise HTTPException(409, "taken")
+
+    def refuse(request: Request) -> Response:
+        get_session(request).execute(insert, {"name": request.path_params["name"]})
+        raise Refused
+
     async def sleep(request: Request) -> Response:
         await execute(get_session(request), text("SELECT pg_sleep(0.5)"))
         return PlainTextResponse("slept")
@@ -230,12 +239,22 @@ def build_app(
         Route("/write/{name}", write, methods=["POST"]),
         Route("/write-def/{name}", write_def, methods=["POST"]),
         Route("/fail/{name}", fail, methods=["POST"]),
+        Route("/conflict/{name}", conflict, methods=["POST"]),
+        Route("/refuse/{name}", refuse, methods=["POST"]),
         Route("/sleep", sleep),
         Route("/stream/{name}", stream),
         Route("/background/{name}", background, methods=["POST"]),
         Route("/route/{anything}", route_name),
     ]
-    return Starlette(routes=routes, middleware=[Middleware(PoolGuardMiddleware, guard=guard, **options)])
+    return Starlette(
+        routes=routes,
+        middleware=[Middleware(PoolGuardMiddleware, guard=guard, **options)],
+        exception_handlers={Refused: lambda request, exc: PlainTextResponse("refused", status_code=422)},
+    )
+
+
+class Refused(Exception):
+    """An application error the app answers with an exception handler of its own (a sync one)."""
 
 
 # --- commit, rollback, streaming, background tasks ----------------------------------------------------
@@ -264,6 +283,19 @@ async def test_write_that_raises_rolls_back(resources: Resources, flavor: str, o
         kept = await http.post("/write/kept")
     assert failed.status_code == 500
     assert kept.status_code == 200
+    assert names(observer, table) == ["kept"]
+
+
+async def test_a_handled_error_rolls_back(resources: Resources, flavor: str, observer: Any, table: str):
+    """Starlette answers ``HTTPException`` and errors with a handler inside the app, below the middleware."""
+    guard = resources.guard(resources.engine(flavor))
+    async with client(build_app(guard, table)) as http:
+        conflict = await http.post("/conflict/gone")
+        kept = await http.post("/write/kept")
+        refused = await http.post("/refuse/gone-too") if flavor == "sync" else None
+    assert conflict.status_code == 409
+    assert kept.status_code == 200
+    assert refused is None or refused.status_code == 422
     assert names(observer, table) == ["kept"]
 
 
