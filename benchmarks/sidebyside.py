@@ -1,0 +1,160 @@
+"""Requests per second of two servers side by side, bare and guarded, wrk alternating between them.
+
+    python -m benchmarks.sidebyside --app fsa|select1 [--connections 8,16] [--rounds 4] [--duration 10]
+        [--threads 8]
+
+(from the repository root; needs ``wrk`` on PATH and PostgreSQL on 127.0.0.1:5432, user root,
+database test). Two gunicorn servers (gthread, 1 worker x ``--threads``) run the same app, one
+without poolguard and one with it as its users adopt it (``benchmarks/apps/sidebyside.py``). For
+each number of connections, every round runs wrk for ``--duration`` s on one server, then on the
+other (which goes first alternates by round), after a warm-up of both. A round's ratio is guarded
+over bare requests per second; the figure is the median ratio over rounds, with the range. This is
+what a user sees in throughput (everything that grows with concurrency included: lock contention,
+GIL hand-offs, collection), where ``benchmarks.server`` takes CPU per request inside one server.
+Any answer other than 2xx fails the run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+
+from benchmarks.server import HOST, ROOT, free_port, versions
+
+PATHS = {"fsa": "/authors/1", "select1": "/select1"}
+VARIANTS = ("bare", "guarded")
+WARMUP = 3
+
+
+class Server:
+    """One gunicorn process serving one variant."""
+
+    def __init__(self, app: str, variant: str, threads: int) -> None:
+        self.variant = variant
+        self.port = free_port()
+        self.base = f"http://{HOST}:{self.port}"
+        env = {key: value for key, value in os.environ.items() if not key.startswith("POOLGUARD_")}
+        env.update(
+            PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
+            BENCH_APP=app,
+            BENCH_VARIANT=variant,
+        )
+        command = [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1",
+                   "--threads", str(threads), "--bind", f"{HOST}:{self.port}", "--log-level", "warning",
+                   "benchmarks.apps.sidebyside:wsgi"]  # fmt: skip
+        self.process = subprocess.Popen(command, cwd=ROOT, env=env, start_new_session=True)
+
+    def wait_until_up(self, path: str) -> None:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(self.base + path, timeout=5) as response:
+                    if response.status == 200:
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.process.poll() is not None:
+                raise RuntimeError(f"the {self.variant} server did not answer {path}")
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        os.killpg(self.process.pid, signal.SIGTERM)
+        self.process.wait(timeout=30)
+
+
+def wrk(url: str, seconds: int, connections: int) -> float:
+    """Requests per second; an error or an answer other than 2xx fails the run."""
+    output = subprocess.run(
+        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "5s", url],
+        capture_output=True, text=True, check=True, timeout=seconds + 30,
+    ).stdout  # fmt: skip
+    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output) or re.search(r"Socket errors: (.*)", output)
+    if rate is None or errors is not None:
+        raise RuntimeError(f"wrk saw errors or answers other than 2xx:\n{output}")
+    return float(rate.group(1))
+
+
+def seed(app: str) -> None:
+    """The fsa app's table and the author its route reads."""
+    if app != "fsa":
+        return
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    from tests.apps.flask_sqlalchemy_app import models  # noqa: PLC0415
+
+    engine = sa.create_engine("postgresql+psycopg://root@127.0.0.1:5432/test")
+    models.Author.metadata.create_all(engine)
+    with engine.begin() as connection:
+        connection.execute(sa.delete(models.Author.__table__))
+        connection.execute(sa.insert(models.Author.__table__).values(id=1, name="Ursula"))
+    engine.dispose()
+
+
+def unseed(app: str) -> None:
+    if app != "fsa":
+        return
+    import sqlalchemy as sa  # noqa: PLC0415
+
+    from tests.apps.flask_sqlalchemy_app import models  # noqa: PLC0415
+
+    engine = sa.create_engine("postgresql+psycopg://root@127.0.0.1:5432/test")
+    models.Author.metadata.drop_all(engine)
+    engine.dispose()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--app", choices=tuple(PATHS), default="fsa")
+    parser.add_argument("--connections", default="8,16", help="comma-separated wrk connection counts")
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--duration", type=int, default=10, help="seconds of load per server per round")
+    parser.add_argument("--threads", type=int, default=8, help="gunicorn gthread threads per server")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        parser.error("wrk is not on PATH (Debian package 'wrk')")
+    counts = [int(count) for count in args.connections.split(",")]
+    path = PATHS[args.app]
+    print(f"--app {args.app}, --threads {args.threads}, {args.duration} s per server per round: {versions()}")
+    seed(args.app)
+    servers = {variant: Server(args.app, variant, args.threads) for variant in VARIANTS}
+    try:
+        for server in servers.values():
+            server.wait_until_up(path)
+        print("\n| connections | round | bare req/s | guarded req/s | guarded / bare |\n|---:|---:|---:|---:|---:|")
+        summary = []
+        for connections in counts:
+            for server in servers.values():
+                wrk(server.base + path, WARMUP, connections)
+            ratios = []
+            rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+            for number in range(1, args.rounds + 1):
+                order = VARIANTS if number % 2 else VARIANTS[::-1]
+                for variant in order:
+                    rates[variant].append(wrk(servers[variant].base + path, args.duration, connections))
+                ratios.append(rates["guarded"][-1] / rates["bare"][-1])
+                print(f"| {connections} | {number} | {rates['bare'][-1]:,.0f} | {rates['guarded'][-1]:,.0f} | "
+                      f"{ratios[-1]:.3f} |", flush=True)  # fmt: skip
+            summary.append(
+                f"- {connections} connections: guarded / bare {statistics.median(ratios):.3f} "
+                f"({min(ratios):.3f} to {max(ratios):.3f}); bare {statistics.median(rates['bare']):,.0f} req/s, "
+                f"guarded {statistics.median(rates['guarded']):,.0f} req/s (medians)"
+            )
+        print("\nMedian over rounds (range):\n" + "\n".join(summary))
+    finally:
+        for server in servers.values():
+            server.stop()
+        unseed(args.app)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
