@@ -7,6 +7,16 @@ only as long as its remaining wait budget, and not at all when the predicted wai
 the live mean use time, spread over the capacity) already exceeds that budget. Shedding early is
 what lets the pool keep serving its capacity at full speed while the excess gets a fast 503.
 
+A budget of ``max_wait`` (1 s) is right for a burst, which the pool works off, but under sustained
+overload it lets a standing queue form in which every admitted request waits most of a second. So
+the queue is watched as CoDel watches a router's (Nichols and Jacobson; Facebook's "Fail at Scale"
+applies it to request queues): when for a whole :data:`INTERVAL` no request got a slot without
+waiting more than :data:`TARGET`, the queue is standing, and newcomers may wait only
+:data:`OVERLOAD_WAIT` (the controlled delay); those who cannot get a slot within it are refused at
+once. Requests already waiting keep the budget they came with, so a burst is served. The short
+budget holds until an interval in which more requests found a slot free than were refused: demand
+is back below capacity.
+
 Waiters of both kinds share one queue: threads park on a lock of their own, asyncio tasks on a
 future of their loop. The bookkeeping lock is held for a few operations, never while waiting.
 """
@@ -14,6 +24,7 @@ future of their loop. The bookkeeping lock is held for a few operations, never w
 from __future__ import annotations
 
 import asyncio
+import math
 import threading
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -23,12 +34,22 @@ from poolguard.errors import PoolSaturated
 
 _MIN_RETRY_AFTER = 1.0
 
+TARGET = 0.005
+"""Seconds of queueing tolerated as normal: a queue whose shortest wait stays above it is standing."""
+INTERVAL = 0.1
+"""Seconds a queue must stand before it counts as overload (longer than a burst's first wave)."""
+OVERLOAD_WAIT = 2 * TARGET
+"""The wait budget of a newcomer under sustained overload (folly's Codel: its "slough timeout")."""
+
 
 class _Waiter:
-    __slots__ = ("future", "granted", "lock", "loop")
+    __slots__ = ("budget", "future", "granted", "lock", "loop", "since")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, since: float, budget: float) -> None:
         self.granted = False
+        self.since = since
+        self.budget = budget
+        """How long it may wait: the caller's budget, or less under overload."""
         self.loop = loop
         self.lock: threading.Lock | None = None
         self.future: asyncio.Future[None] | None = None
@@ -73,6 +94,15 @@ class Admission:
         self._lock = threading.Lock()
         self._waiters: deque[_Waiter] = deque()
         self.in_use = 0
+        self.overloaded = False
+        """Whether the queue is standing: newcomers get :data:`OVERLOAD_WAIT` at most."""
+        self._interval_end = 0.0
+        self._shortest_wait = math.inf
+        """The shortest wait of a slot handed to a waiter in this interval."""
+        self._free = 0
+        """Slots taken at once (no wait) in this interval."""
+        self._refused = 0
+        """Requests refused in this interval."""
 
     @property
     def waiting(self) -> int:
@@ -88,21 +118,40 @@ class Admission:
         with self._lock:
             if self.capacity is None or (self.in_use < self.capacity and not self._waiters):
                 self.in_use += 1
+                self._free += 1
                 return None
+            now = self._clock()
+            if now >= self._interval_end:
+                self._next_interval(now)
+            if self.overloaded:
+                budget = min(budget, OVERLOAD_WAIT)
             predicted = self.predicted_wait(len(self._waiters))
             if budget <= 0 or predicted > budget:
+                self._refused += 1
                 raise self._saturated(budget, predicted)
-            waiter = _Waiter(loop)
+            waiter = _Waiter(loop, now, budget)
             self._waiters.append(waiter)
             return waiter
 
-    def _give_up(self, waiter: _Waiter, budget: float) -> bool:
+    def _next_interval(self, now: float) -> None:
+        """Decides, once per interval, whether the queue stands (under the lock)."""
+        if self.overloaded:
+            self.overloaded = self._refused >= self._free
+        else:
+            self.overloaded = self._free == 0 and self._shortest_wait > TARGET
+        self._interval_end = now + INTERVAL
+        self._shortest_wait = math.inf
+        self._free = 0
+        self._refused = 0
+
+    def _give_up(self, waiter: _Waiter) -> bool:
         """After a timed-out wait: True if the slot was granted meanwhile (then it is ours)."""
         with self._lock:
             if waiter.granted:
                 return True
             self._waiters.remove(waiter)
-        raise self._saturated(budget, self.predicted_wait(len(self._waiters)))
+            self._refused += 1
+        raise self._saturated(waiter.budget, self.predicted_wait(len(self._waiters)))
 
     def acquire(self, budget: float, await_in_greenlet: Callable[[Awaitable[None]], object] | None = None) -> None:
         """Takes a slot within ``budget`` seconds or raises PoolSaturated.
@@ -114,6 +163,7 @@ class Admission:
         with self._lock:
             if self.capacity is None or (self.in_use < self.capacity and not self._waiters):
                 self.in_use += 1
+                self._free += 1
                 return
         if await_in_greenlet is not None:
             await_in_greenlet(self.acquire_async(budget))
@@ -122,8 +172,8 @@ class Admission:
         if waiter is None:
             return
         assert waiter.lock is not None
-        if not waiter.lock.acquire(timeout=budget):
-            self._give_up(waiter, budget)
+        if not waiter.lock.acquire(timeout=waiter.budget):
+            self._give_up(waiter)
 
     async def acquire_async(self, budget: float) -> None:
         """Takes a slot within ``budget`` seconds or raises PoolSaturated (for asyncio tasks)."""
@@ -132,9 +182,9 @@ class Admission:
             return
         assert waiter.future is not None
         try:
-            await asyncio.wait_for(asyncio.shield(waiter.future), budget)
+            await asyncio.wait_for(asyncio.shield(waiter.future), waiter.budget)
         except TimeoutError:
-            self._give_up(waiter, budget)
+            self._give_up(waiter)
         except BaseException:
             if self._give_up_quietly(waiter):
                 self.release()
@@ -154,6 +204,8 @@ class Admission:
             if self._waiters:
                 waiter = self._waiters.popleft()
                 waiter.granted = True
+                waited = self._clock() - waiter.since
+                self._shortest_wait = min(self._shortest_wait, waited)
             else:
                 self.in_use -= 1
                 return
@@ -172,3 +224,8 @@ class Admission:
         self._lock = threading.Lock()
         self._waiters = deque()
         self.in_use = 0
+        self.overloaded = False
+        self._interval_end = 0.0
+        self._shortest_wait = math.inf
+        self._free = 0
+        self._refused = 0

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import pytest
 
-from poolguard.admission import Admission
+from poolguard.admission import INTERVAL, OVERLOAD_WAIT, Admission
 from poolguard.errors import PoolSaturated, Unavailable
 from tests.support.clock import wait_until
 from tests.unit.conftest import FakeClock
@@ -378,3 +378,86 @@ async def test_a_task_cancelled_after_its_grant_hands_the_slot_back(clock: FakeC
 
     assert admission.waiting == 0
     assert admission.in_use == 0
+
+
+# -- a standing queue (controlled delay) ----------------------------------------------------------------
+
+
+def stand_a_queue(clock: FakeClock, admission: Admission, order: list[str]) -> ThreadWaiter:
+    """One slot held, a waiter served after 50 ms and another queued behind: then an interval ends."""
+    admission.acquire(0.0)
+    first = ThreadWaiter(admission, "first", order).start_queued(expected_waiting=1)
+    clock.advance(0.05)
+    admission.release()  # to "first", after a 50 ms wait: over TARGET
+    first.join()
+    second = ThreadWaiter(admission, "second", order).start_queued(expected_waiting=1)
+    clock.advance(INTERVAL)
+    return second
+
+
+def test_a_queue_standing_for_an_interval_gives_newcomers_the_short_budget(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.008))
+    order: list[str] = []
+    second = stand_a_queue(clock, admission, order)
+    assert not admission.overloaded
+    # Behind "second", a newcomer would wait ~16 ms: within its own 1 s, not within OVERLOAD_WAIT.
+    with pytest.raises(PoolSaturated):
+        admission.acquire(1.0)
+    assert admission.overloaded
+    assert admission.waiting == 1
+    # The waiter that queued before keeps the budget it came with: a burst is served.
+    admission.release()
+    second.join()
+    assert second.error is None
+    assert order == ["first", "second"]
+
+
+def test_under_overload_a_newcomer_waits_at_most_the_short_budget(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.008))
+    order: list[str] = []
+    second = stand_a_queue(clock, admission, order)
+    with pytest.raises(PoolSaturated):
+        admission.acquire(1.0)
+    admission.release()
+    second.join()
+    # Head of the queue: ~8 ms predicted, within OVERLOAD_WAIT, so it queues, but it gives up after it
+    # (real time: a 10 ms lock timeout) although its caller allowed 30 s.
+    late = ThreadWaiter(admission, "late", order).start_queued(expected_waiting=1)
+    late.join()
+    assert isinstance(late.error, PoolSaturated)
+    assert "0.010s" in str(late.error)  # the budget it had: OVERLOAD_WAIT, not the caller's 30 s
+    assert pytest.approx(0.010) == OVERLOAD_WAIT
+
+
+def test_overload_ends_when_more_find_a_free_slot_than_are_refused(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.008))
+    second = stand_a_queue(clock, admission, [])
+    with pytest.raises(PoolSaturated):
+        admission.acquire(1.0)  # refused: one refusal in this interval
+    admission.release()
+    second.join()
+    admission.release()
+    for _ in range(2):  # two requests find the slot free: demand is below capacity again
+        admission.acquire(1.0)
+        admission.release()
+    admission.acquire(0.0)
+    clock.advance(INTERVAL)
+    with pytest.raises(PoolSaturated):
+        admission.acquire(0.0)  # the slow path, at the interval's end, decides
+    assert not admission.overloaded
+
+
+def test_a_moment_with_a_free_slot_is_not_a_standing_queue(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.008))
+    order: list[str] = []
+    second = stand_a_queue(clock, admission, order)
+    admission.release()
+    second.join()
+    admission.release()
+    admission.acquire(0.0)  # the queue drained and a request found the slot free
+    clock.advance(INTERVAL)
+    newcomer = ThreadWaiter(admission, "newcomer", order, budget=1.0).start_queued(expected_waiting=1)
+    assert not admission.overloaded
+    admission.release()
+    newcomer.join()
+    assert newcomer.error is None
