@@ -40,7 +40,7 @@ from poolguard.config import ENV_PREFIX
 from poolguard.django import serving
 from poolguard.django.conf import DjangoSettings, configure_settings
 from poolguard.errors import ConfigError
-from poolguard.pools.django import _pool_settings
+from poolguard.pools.django_settings import pool_settings
 
 TAG = "poolguard"
 
@@ -176,7 +176,7 @@ def check_connection_budget(app_configs: Any = None, databases: Any = None, **kw
 
 def connection_budget(loaded: DjangoSettings, alias: str) -> int:
     """The most connections the project opens on ``alias`` across every process."""
-    pool = _pool_settings(connections.settings[alias])
+    pool = pool_settings(connections.settings[alias])
     per_process = pool[0] if pool is not None else serving.threads(loaded.threads)[0]
     sqlalchemy = loaded.config.sqlalchemy
     if sqlalchemy is not None and _same_server(str(sqlalchemy["url"]), connections.settings[alias]):

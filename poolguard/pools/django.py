@@ -37,11 +37,9 @@ from poolguard.pools import (
     driver_fileno,
     shutdown_socket,
 )
+from poolguard.pools.django_settings import pool_option, pool_settings
 
 __all__ = ["DjangoPool"]
-
-PSYCOPG_POOL_DEFAULT_MIN_SIZE = 4
-"""psycopg_pool's own default ``min_size`` (and ``max_size`` follows it when unset)."""
 
 _MIN_GETCONN_WAIT = 0.05
 """Even with the wait budget spent, the pool gets this long to hand over a connection being returned."""
@@ -52,31 +50,6 @@ _CONNECTING = "_poolguard_connecting"
 _GENERATION = "_poolguard_generation"
 CONNECT_TIMEOUT = 2
 """Seconds a Django connection of a guarded alias may take to connect, unless ``OPTIONS`` says otherwise."""
-
-
-def _pool_option(settings_dict: dict[str, Any]) -> Any:
-    """``OPTIONS["pool"]`` of a PostgreSQL alias when it turns Django's psycopg pool on, else None."""
-    options = settings_dict.get("OPTIONS") or {}
-    pool = options.get("pool") if isinstance(options, dict) else None
-    if not pool or not str(settings_dict.get("ENGINE", "")).endswith("postgresql"):
-        return None
-    return pool
-
-
-def _pool_settings(settings_dict: dict[str, Any]) -> tuple[int, int] | None:
-    """(max_size, min_size) of Django's psycopg pool for this alias, or None without one."""
-    pool = _pool_option(settings_dict)
-    if pool is None:
-        return None
-    if pool is True:
-        return PSYCOPG_POOL_DEFAULT_MIN_SIZE, PSYCOPG_POOL_DEFAULT_MIN_SIZE
-    if not isinstance(pool, dict):
-        raise ConfigError(
-            "DATABASES[...]['OPTIONS']['pool']", pool, "True or a dict of psycopg_pool.ConnectionPool options"
-        )
-    min_size = int(pool.get("min_size", PSYCOPG_POOL_DEFAULT_MIN_SIZE))
-    max_size = pool.get("max_size")
-    return (int(max_size) if max_size is not None else min_size), min_size
 
 
 class DjangoPool:
@@ -100,13 +73,16 @@ class DjangoPool:
         """The alias's DatabaseWrapper class: probes make their own instance (``handler[alias]`` would
         make one per thread that asks)."""
         self.db_system = self.backend
-        pool = _pool_settings(settings_dict)
+        pool = pool_settings(settings_dict)
         self.pooled = pool is not None
         self.max_size: int | None = pool[0] if pool is not None else None
         self.min_size: int | None = pool[1] if pool is not None else None
         self.conn_max_age: float | None = settings_dict.get("CONN_MAX_AGE", 0)
         self._events: PoolEvents | None = None
         self._pool: Any = None
+        self._checking: dict[int, Any] = {}
+        """Psycopg connections in the pool's own check (``CONN_HEALTH_CHECKS``) right now, by id:
+        what :meth:`abort_connecting` reaches."""
         self._connect_errors = 0
         self.generation = 0
         """Bumped by :meth:`discard_stale`: a per-thread connection of an older generation is closed
@@ -182,10 +158,13 @@ class DjangoPool:
         raw = handle.connection if hasattr(handle, "settings_dict") else handle
         return raw is not None and shutdown_socket(driver_fileno(raw))
 
-    @staticmethod
-    def abort_connecting() -> int:
-        """Django checks no connection out of a pool with a ping: nothing hangs mid-checkout to abort."""
-        return 0
+    def abort_connecting(self) -> int:
+        """Connections in the psycopg pool's check: with ``CONN_HEALTH_CHECKS`` Django has the pool ping
+        each connection inside ``getconn``, which a silent database leaves hanging mid-checkout."""
+        aborted = 0
+        for connection in list(self._checking.values()):
+            aborted += shutdown_socket(driver_fileno(connection))
+        return aborted
 
     def discard_stale(self) -> None:
         """Per-thread connections: closed at their next request. Django's psycopg pool: replaced.
@@ -353,7 +332,7 @@ def _instrument(connection: Any, registry: dict[str, DjangoPool]) -> None:
     connection.__dict__[_HOOKED] = True
     alias = connection.alias
     _bound_connects(connection)
-    if _pool_option(connection.settings_dict) is not None:
+    if pool_option(connection.settings_dict) is not None:
         real_connect = connection.connect
 
         pools: dict[str, Any] = getattr(type(connection), "_connection_pools", {})
@@ -452,6 +431,8 @@ def _hook_pool(pool: Any, registry: dict[str, DjangoPool], alias: str) -> None:
             try:
                 return real_getconn(limit)
             except Exception as exc:
+                if type(exc).__name__ == "PoolTimeout":
+                    events.connecting()  # the breaker opened while the pool checked: its 503, not a timeout
                 if type(exc).__name__ == "PoolTimeout" and adapter._pool_busy(pool):
                     raise PoolSaturated(
                         f"pool {alias!r} is saturated: every psycopg pool connection is in use "
@@ -473,4 +454,32 @@ def _hook_pool(pool: Any, registry: dict[str, DjangoPool], alias: str) -> None:
 
     pool.getconn = getconn
     pool.putconn = putconn
+    check = pool.__dict__.get("_check")
+    if check is not None:
+        pool._check = _tracked_check(check, registry, alias)
     pool.__dict__[_HOOKED] = True
+
+
+def _tracked_check(check: Callable[[Any], None], registry: dict[str, DjangoPool], alias: str) -> Callable[[Any], None]:
+    """psycopg_pool's check of a connection it hands out (``CONN_HEALTH_CHECKS``), made abortable.
+
+    The check is a ping inside ``getconn``: on a silent database it never returns, and no bound of
+    ``getconn`` reaches it. Registered while it runs, its socket can be shut down when the watchdog
+    confirms the outage; while the breaker is open a guarded request's check is refused at once
+    (psycopg_pool then tries another connection until its deadline, refused the same way).
+    """
+
+    def tracked(connection: Any) -> None:
+        adapter = registry.get(alias)
+        if adapter is None or adapter._events is None:
+            check(connection)
+            return
+        adapter._events.connecting()
+        key = id(connection)
+        adapter._checking[key] = connection
+        try:
+            check(connection)
+        finally:
+            adapter._checking.pop(key, None)
+
+    return tracked

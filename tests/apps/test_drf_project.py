@@ -7,8 +7,8 @@ schema of its own (``DB_SEARCH_PATH``), and each server gets an ``application_na
 runs sharing the database never see each other's tables or sessions.
 
 The last test black-holes the database (tests/support/tcpproxy.py): with persistent connections the hung
-request is answered 503 within seconds; with Django's psycopg pool and ``CONN_HEALTH_CHECKS = True`` (the
-project's setting) it hangs, a poolguard bug kept as a strict xfail until fixed.
+request is answered 503 within seconds, also with Django's psycopg pool and ``CONN_HEALTH_CHECKS = True`` (the
+project's setting), whose ping inside ``getconn`` poolguard aborts.
 """
 
 from __future__ import annotations
@@ -372,15 +372,6 @@ def test_check_deploy_reports_no_poolguard_issue_until_the_middleware_is_misplac
 HUNG_LIMIT = 8.0
 """Seconds a client waits for an answer while the database hangs; poolguard's answer must come well before."""
 
-POOL_CHECK_HANGS = pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "poolguard bug: with CONN_HEALTH_CHECKS = True Django's psycopg pool pings each connection inside getconn "
-        "(psycopg_pool check_connection); DjangoPool.abort_connecting() returns 0, so a hung ping is never aborted"
-    ),
-)
-
-
 def _get(client: httpx.Client, url: str) -> tuple[httpx.Response | None, float]:
     """The answer (None when the client gave up after HUNG_LIMIT) and the seconds it took."""
     started = time.monotonic()
@@ -396,10 +387,7 @@ def _get(client: httpx.Client, url: str) -> tuple[httpx.Response | None, float]:
         "persistent",
         pytest.param(
             "pool",
-            marks=[
-                pytest.mark.skipif(django.VERSION < (5, 1), reason="Django's psycopg pool needs Django 5.1"),
-                POOL_CHECK_HANGS,
-            ],
+            marks=pytest.mark.skipif(django.VERSION < (5, 1), reason="Django's psycopg pool needs Django 5.1"),
         ),
     ],
 )

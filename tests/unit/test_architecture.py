@@ -39,6 +39,7 @@ LAYERS: dict[str, int] = {
     "poolguard.pools": 3,
     "poolguard.pools.sqlalchemy": 3,
     "poolguard.pools.django": 3,
+    "poolguard.pools.django_settings": 3,
     "poolguard.metrics": 4,
     "poolguard.telemetry": 5,
     "poolguard.http": 4,
@@ -54,6 +55,8 @@ LAYERS: dict[str, int] = {
 BOTTOM = 2
 POOL_MODULES = ("poolguard.pools.sqlalchemy", "poolguard.pools.django")
 POOLS_MAY_IMPORT = frozenset({"poolguard.pools", "poolguard.errors", "poolguard._classify", "poolguard._types"})
+POOL_HELPERS = {"poolguard.pools.django": frozenset({"poolguard.pools.django_settings"})}
+"""A pool module's own helper modules, split off to keep it under the size limit."""
 
 FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "flask": ("poolguard.flask",),
@@ -183,7 +186,8 @@ def test_the_bottom_layer_imports_nothing_above_it(name: str) -> None:
 
 @pytest.mark.parametrize("name", POOL_MODULES)
 def test_pool_modules_know_only_their_driver_and_the_pool_protocol(name: str) -> None:
-    assert graph()[name] <= POOLS_MAY_IMPORT, graph()[name] - POOLS_MAY_IMPORT
+    allowed = POOLS_MAY_IMPORT | POOL_HELPERS.get(name, frozenset())
+    assert graph()[name] <= allowed, graph()[name] - allowed
 
 
 @pytest.mark.parametrize("name", sorted(MODULES))
