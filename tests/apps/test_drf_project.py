@@ -372,6 +372,7 @@ def test_check_deploy_reports_no_poolguard_issue_until_the_middleware_is_misplac
 HUNG_LIMIT = 8.0
 """Seconds a client waits for an answer while the database hangs; poolguard's answer must come well before."""
 
+
 def _get(client: httpx.Client, url: str) -> tuple[httpx.Response | None, float]:
     """The answer (None when the client gave up after HUNG_LIMIT) and the seconds it took."""
     started = time.monotonic()
