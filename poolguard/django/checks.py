@@ -21,6 +21,10 @@
 - ``poolguard.W003``: ``POOLGUARD`` is set but the middleware is not in ``MIDDLEWARE``: nothing is
   guarded and the health URL answers 404.
 - ``poolguard.W004``: the middleware is not first in ``MIDDLEWARE``: what runs before it is unguarded.
+- ``poolguard.W008``: the server runs no more threads per process than a guarded alias has
+  connections (its psycopg pool's ``max_size``; for per-thread connections ``POOLGUARD["CAPACITY"]``,
+  else one per thread), so requests beyond it queue in the server, where poolguard cannot refuse
+  them. Only when the threads are known (``POOLGUARD["THREADS"]``, gunicorn's ``--threads``).
 - ``--deploy`` only: ``poolguard.W005`` health detail for everyone (``HEALTH_DETAIL = "always"``),
   ``poolguard.W006`` a health token shorter than 32 characters, ``poolguard.W007`` the breaker off.
   (``"when-authorized"`` with no token at all is E001, in every environment.)
@@ -36,9 +40,10 @@ from django.core.checks import CheckMessage, Error, Tags, register  # type: igno
 from django.core.checks import Warning as CheckWarning
 from django.db import connections  # type: ignore[import-untyped]
 
+from poolguard._serving import DEFAULT, queue_hidden, threads_advice
 from poolguard.config import ENV_PREFIX
 from poolguard.django import serving
-from poolguard.django.conf import DjangoSettings, configure_settings
+from poolguard.django.conf import DjangoSettings, configure_settings, per_thread_capacity
 from poolguard.errors import ConfigError
 from poolguard.pools.django_settings import pool_settings
 
@@ -171,6 +176,31 @@ def check_connection_budget(app_configs: Any = None, databases: Any = None, **kw
                     id="poolguard.W002",
                 )
             )
+    return messages
+
+
+@_register(TAG)
+def check_threads_exceed_capacity(app_configs: Any = None, **kwargs: Any) -> list[CheckMessage]:
+    """poolguard.W008: the queue must form where poolguard can shed it, so threads must outnumber connections."""
+    loaded = _loaded()
+    if loaded is None:
+        return []
+    count, source = serving.threads(loaded.threads)
+    if source == DEFAULT:
+        return []
+    messages: list[CheckMessage] = []
+    for alias in loaded.config.databases:
+        if alias not in settings.DATABASES:
+            continue
+        pool = pool_settings(connections.settings[alias])
+        capacity = pool[0] if pool is not None else per_thread_capacity(loaded)
+        if capacity is None or not queue_hidden(count, capacity):
+            continue
+        hint = f"Run more threads (gunicorn --threads {2 * capacity}, or POOLGUARD['THREADS'] if set)" + (
+            " or a smaller psycopg pool." if pool is not None else f", or set POOLGUARD['CAPACITY'] below {count}."
+        )
+        message = f"poolguard: database {alias!r}: {threads_advice(count, source, capacity)}."
+        messages.append(CheckWarning(message, hint=hint, id="poolguard.W008"))
     return messages
 
 

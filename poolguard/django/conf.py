@@ -16,6 +16,7 @@ from typing import Any, cast
 
 from django.conf import settings  # type: ignore[import-untyped]
 
+from poolguard._serving import DEFAULT, threads
 from poolguard._validate import positive_int
 from poolguard.config import (
     ENV_PREFIX,
@@ -35,10 +36,13 @@ from poolguard.work import RequestScope
 logger = logging.getLogger("poolguard")
 
 SOURCE = "settings.POOLGUARD"
-DJANGO_ONLY_OPTIONS = ("PROCESSES", "THREADS", "ASGI")
-"""Keys only the Django integration reads; they describe how the project is served, for the system
-checks: ``PROCESSES`` and ``THREADS`` for the connection budget (poolguard.W002), ``ASGI`` for the
-persistent-connections warning (poolguard.W001). Also ``POOLGUARD_<KEY>`` environment variables."""
+DJANGO_ONLY_OPTIONS = ("PROCESSES", "THREADS", "ASGI", "CAPACITY")
+"""Keys only the Django integration reads. Three describe how the project is served, for the system
+checks: ``PROCESSES`` and ``THREADS`` for the connection budget (poolguard.W002) and the visible
+queue (poolguard.W008), ``ASGI`` for the persistent-connections warning (poolguard.W001).
+``CAPACITY``: how many of a process's threads may use an alias without Django's psycopg pool at
+once (per-thread connections); default the server's threads when known. Also ``POOLGUARD_<KEY>``
+environment variables."""
 SQLALCHEMY_GUARD_NAME = "sqlalchemy"
 
 
@@ -51,6 +55,7 @@ class DjangoSettings:
     processes: int | None = None
     threads: int | None = None
     asgi: bool | None = None
+    capacity: int | None = None
 
 
 def configure_settings(
@@ -208,6 +213,15 @@ class DjangoRequestScope(RequestScope):
         self._named = value
 
 
+def per_thread_capacity(loaded: DjangoSettings) -> int | None:
+    """Connections a process may use at once on an alias with per-thread connections: ``CAPACITY``, else
+    the server's threads when they are known (each thread holds one), else None (unbounded)."""
+    if loaded.capacity is not None:
+        return loaded.capacity
+    count, source = threads(loaded.threads)
+    return None if source == DEFAULT else count
+
+
 class PoolGuardState:
     """Everything poolguard keeps per process for Django: built by the AppConfig, closed on rebuild.
 
@@ -222,8 +236,10 @@ class PoolGuardState:
         self.guards: dict[str, Guard] = {}
         self.guard: Guard | None = None
         try:
+            capacity = per_thread_capacity(loaded)
             for alias in config.databases:
-                self.guards[alias] = build_guard(config, DjangoPool(alias, handler=handler), name=alias)
+                pool = DjangoPool(alias, handler=handler, capacity=capacity)
+                self.guards[alias] = build_guard(config, pool, name=alias)
             if config.sqlalchemy is not None:
                 self.guard = build_guard(config, name=SQLALCHEMY_GUARD_NAME)
         except BaseException:

@@ -10,21 +10,21 @@ so each answer comes from what a deployment leaves where ``manage.py`` sees it t
   project whose ``asgi.py`` calls ``get_asgi_application`` while ``WSGI_APPLICATION`` names no module
   that exists. An ``asgi.py`` alone is no signal: ``startproject`` writes one next to ``wsgi.py``
   in every project, including the ones served by WSGI.
-- Processes: ``POOLGUARD["PROCESSES"]`` (or ``POOLGUARD_PROCESSES``); else gunicorn's ``--workers``
-  in ``GUNICORN_CMD_ARGS``; else ``WEB_CONCURRENCY`` (read by gunicorn and uvicorn, set by Heroku
-  and Render); else 1.
-- Threads: ``POOLGUARD["THREADS"]`` (or ``POOLGUARD_THREADS``); else gunicorn's ``--threads`` in
-  ``GUNICORN_CMD_ARGS``; else 1.
+- Processes and threads: ``POOLGUARD["PROCESSES"]`` / ``["THREADS"]`` (or ``POOLGUARD_<KEY>``);
+  else what :mod:`poolguard._serving` reads from the server (gunicorn's options, ``WEB_CONCURRENCY``).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
-import shlex
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from poolguard._serving import gunicorn_option, processes, threads
+
+__all__ = ["ASGI_SERVERS", "asgi_signal", "gunicorn_option", "processes", "threads"]
 
 ASGI_SERVERS = ("uvicorn", "daphne", "hypercorn", "granian")
 
@@ -86,54 +86,3 @@ def _module_source(name: str) -> str | None:
             return source.read()
     except OSError:
         return None
-
-
-def gunicorn_option(environ: Mapping[str, str], names: tuple[str, ...]) -> str | None:
-    """The value of one of gunicorn's options in ``GUNICORN_CMD_ARGS`` (the last one given), or None."""
-    try:
-        words = shlex.split(environ.get("GUNICORN_CMD_ARGS", ""))
-    except ValueError:
-        return None
-    found = None
-    for index, word in enumerate(words):
-        for name in names:
-            if word == name and index + 1 < len(words):
-                found = words[index + 1]
-            elif name.startswith("--") and word.startswith(name + "="):
-                found = word[len(name) + 1 :]
-            elif not name.startswith("--") and word.startswith(name) and len(word) > len(name):
-                found = word[len(name) :]
-    return found
-
-
-def _count(value: str | None) -> int | None:
-    try:
-        number = int(value) if value is not None else None
-    except ValueError:
-        return None
-    return number if number is not None and number > 0 else None
-
-
-def processes(configured: int | None, environ: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """The server's processes, and where that number comes from."""
-    environ = os.environ if environ is None else environ
-    if configured is not None:
-        return configured, "PROCESSES"
-    workers = _count(gunicorn_option(environ, ("-w", "--workers")))
-    if workers is not None:
-        return workers, "gunicorn --workers"
-    concurrency = _count(environ.get("WEB_CONCURRENCY"))
-    if concurrency is not None:
-        return concurrency, "WEB_CONCURRENCY"
-    return 1, "default"
-
-
-def threads(configured: int | None, environ: Mapping[str, str] | None = None) -> tuple[int, str]:
-    """Threads per process, and where that number comes from."""
-    environ = os.environ if environ is None else environ
-    if configured is not None:
-        return configured, "THREADS"
-    count = _count(gunicorn_option(environ, ("--threads",)))
-    if count is not None:
-        return count, "gunicorn --threads"
-    return 1, "default"

@@ -57,7 +57,7 @@ class DjangoPool:
 
     is_async = False
 
-    def __init__(self, alias: str, *, handler: Any = None) -> None:
+    def __init__(self, alias: str, *, handler: Any = None, capacity: int | None = None) -> None:
         self.handler: Any = handler if handler is not None else default_connections
         if alias not in self.handler.settings:
             raise ConfigError(
@@ -78,6 +78,8 @@ class DjangoPool:
         self.max_size: int | None = pool[0] if pool is not None else None
         self.min_size: int | None = pool[1] if pool is not None else None
         self.conn_max_age: float | None = settings_dict.get("CONN_MAX_AGE", 0)
+        self._per_thread_capacity = None if self.pooled else capacity
+        """Per-thread connections: how many threads may use the alias at once (None: unbounded)."""
         self._events: PoolEvents | None = None
         self._pool: Any = None
         self._checking: dict[int, Any] = {}
@@ -90,8 +92,9 @@ class DjangoPool:
 
     @property
     def capacity(self) -> int | None:
-        """Connections the alias can hand out at once: the pool's max_size, None for per-thread connections."""
-        return self.max_size
+        """Connections the alias can hand out at once: the pool's max_size; for per-thread connections
+        the configured or detected capacity (None when unknown: unbounded)."""
+        return self.max_size if self.pooled else self._per_thread_capacity
 
     def describe(self) -> str:
         """What kind of connection handling the alias uses, for the doctor."""
@@ -137,7 +140,10 @@ class DjangoPool:
                 size=self.max_size, max_overflow=0, checked_out=max(0, opened - available), idle=available, overflow=0
             )
         held = self._events.held if self._events is not None else 0
-        return PoolCounts(size=None, max_overflow=None, checked_out=held, idle=0, overflow=0)
+        capacity = self._per_thread_capacity
+        return PoolCounts(
+            size=capacity, max_overflow=None if capacity is None else 0, checked_out=held, idle=0, overflow=0
+        )
 
     def probe(self, timeout: float) -> None:
         """``SELECT 1`` on a connection of its own: never the pool's, never a thread's, connect bounded."""

@@ -300,7 +300,38 @@ def test_checks_are_registered_under_the_poolguard_tag() -> None:
         "check_connection_budget",
         "check_app_installed",
         "check_middleware",
+        "check_threads_exceed_capacity",
     }
     assert "database" in checks.check_connection_budget.tags
     deploy = django_checks.registry.registry.get_checks(include_deployment_checks=True)
     assert {check.__name__ for check in deploy if "poolguard" in check.tags} - tagged == {"check_deploy"}
+
+
+@pytest.mark.parametrize(
+    ("poolguard", "expected"),
+    [
+        ({"DATABASES": ["pooled"], "THREADS": 1}, ["poolguard.W008"]),  # 1 thread, a pool of 1
+        ({"DATABASES": ["pooled"], "THREADS": 2}, []),
+        ({"DATABASES": ["persistent"], "THREADS": 8}, ["poolguard.W008"]),  # one connection per thread
+        ({"DATABASES": ["persistent"], "THREADS": 8, "CAPACITY": 4}, []),
+        ({"DATABASES": ["persistent"]}, []),  # the threads unknown: nothing to say
+    ],
+)
+def test_w008_threads_must_outnumber_the_connections(
+    poolguard: dict[str, object], expected: list[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
+    with override_settings(POOLGUARD=poolguard):
+        messages = checks.check_threads_exceed_capacity()
+    assert [m.id for m in messages] == expected
+    for message in messages:
+        assert "poolguard cannot refuse them" in message.msg
+        assert "--threads" in message.hint
+
+
+def test_w008_reads_gunicorn_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--workers 2 --threads 4")
+    with override_settings(POOLGUARD={"DATABASES": ["persistent"], "CAPACITY": 4}):
+        (message,) = checks.check_threads_exceed_capacity()
+    assert "4 threads per process (gunicorn --threads)" in message.msg
+    assert "set POOLGUARD['CAPACITY'] below 4" in message.hint

@@ -6,9 +6,11 @@ import json
 import threading
 import time
 
+import pytest
 from django.db import connections
 from django.test import Client, override_settings
 
+from poolguard.errors import ConfigError
 from tests.django.helpers import assert_503, state
 
 POOLED = {"DATABASES": ["pooled"], "MAX_WAIT": 0.3, "HEALTH_DETAIL": "always"}
@@ -89,3 +91,42 @@ def test_guarded_aliases_connect_with_bounds_unless_options_set_them() -> None:
         connections["default"].ensure_connection()  # psycopg took them: a real connection has them
         raw = connections["default"].connection
         assert raw.info.get_parameters()["tcp_user_timeout"] == str(LIBPQ_TCP_BOUNDS["tcp_user_timeout"])
+
+
+@override_settings(POOLGUARD={"DATABASES": ["persistent"], "MAX_WAIT": 0.3, "CAPACITY": 1})
+def test_per_thread_connections_get_a_capacity_and_shed_beyond_it() -> None:
+    """CONN_MAX_AGE, no pool: one connection per thread, so only a capacity below the threads sheds."""
+    gate = state().guards["persistent"].gate
+    assert gate.admission.capacity == 1
+    assert state().pools["persistent"].counts().capacity == 1
+    results: dict[str, object] = {}
+    holder = _request_in_thread("/persistent/?sleep=1.5", results, "holder")
+    deadline = time.monotonic() + 5
+    while gate.admission.in_use < 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert gate.admission.in_use == 1
+
+    shed = _request_in_thread("/persistent/", results, "shed")
+    shed.join()
+    assert_503(results["shed"], "pool_saturated")
+    holder.join()
+    assert getattr(results["holder"], "status_code", None) == 200
+    assert gate.admission.in_use == 0
+    after = _request_in_thread("/persistent/", results, "after")
+    after.join()
+    assert getattr(results["after"], "status_code", None) == 200
+
+
+@override_settings(POOLGUARD={"DATABASES": ["persistent"]})
+def test_per_thread_capacity_follows_the_servers_threads_when_known(monkeypatch: pytest.MonkeyPatch) -> None:
+    from poolguard.django.conf import configure_settings, per_thread_capacity  # noqa: PLC0415
+
+    monkeypatch.delenv("GUNICORN_CMD_ARGS", raising=False)
+    assert per_thread_capacity(configure_settings({"DATABASES": ["persistent"]}, environ={})) is None  # unknown
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", "--threads 6")
+    assert per_thread_capacity(configure_settings({"DATABASES": ["persistent"]}, environ={})) == 6
+    assert per_thread_capacity(configure_settings({"THREADS": 3}, environ={})) == 3
+    assert per_thread_capacity(configure_settings({"THREADS": 3, "CAPACITY": 2}, environ={})) == 2
+    assert per_thread_capacity(configure_settings({}, environ={"POOLGUARD_CAPACITY": "4"})) == 4
+    with pytest.raises(ConfigError, match="CAPACITY"):
+        configure_settings({"CAPACITY": 0}, environ={})

@@ -9,6 +9,7 @@ urlpatterns = [
     path("duplicate/", views.duplicate),
     path("down/", views.down),
     path("pooled/", views.pooled),
+    path("persistent/", views.persistent),
     path("async/nodb/", views.async_nodb),
     path("async/write/", views.async_write),
     path("async/down/", views.async_down),

@@ -56,6 +56,13 @@ def pooled(request):
 
 
 @transaction.non_atomic_requests
+def persistent(request):
+    with connections["persistent"].cursor() as cursor:
+        cursor.execute("SELECT pg_sleep(%s)", [float(request.GET.get("sleep", "0"))])
+    return HttpResponse("persistent ok")
+
+
+@transaction.non_atomic_requests
 async def async_nodb(request):
     return HttpResponse("async, no database")
 

@@ -27,6 +27,7 @@ LAYERS: dict[str, int] = {
     "poolguard._classify": 1,
     "poolguard._context": 1,
     "poolguard._fork": 1,
+    "poolguard._serving": 1,
     "poolguard.config": 2,
     # the parts the gate and the guard are made of, each usable alone
     "poolguard.breaker": 3,
