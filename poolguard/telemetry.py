@@ -42,6 +42,7 @@ from poolguard.metrics import (
     METRICS,
     OUTCOME,
     POOL_NAME,
+    QUEUE_TIME,
     REASON,
     USE_TIME,
     WAIT_TIME,
@@ -102,6 +103,7 @@ class PoolTelemetry:
         self._wait_time = _histogram(meter, WAIT_TIME)
         self._use_time = _histogram(meter, USE_TIME)
         self._create_time = _histogram(meter, CREATE_TIME)
+        self._queue_time = _histogram(meter, QUEUE_TIME)
         _register_pool(meter, provider, self)
 
     def notice_providers(self) -> None:
@@ -160,6 +162,17 @@ class PoolTelemetry:
 
     def record_create(self, seconds: float) -> None:
         self._create_time.record(seconds, self._pool_attributes)
+
+    def record_queue(self, seconds: float) -> None:
+        """A request's time queued in front of the app: at once, with its exemplar, when the request's
+        span is sampled; queued with the checkouts' samples otherwise."""
+        if self.tracing and trace.get_current_span().get_span_context().trace_flags.sampled:
+            self._queue_time.record(seconds, self._pool_attributes)
+        else:
+            queued = self._queued
+            queued.append((self._queue_time, seconds, self._pool_attributes))
+            if len(queued) >= FLUSH_AT:
+                self.flush()
 
     # -- events on the request span ---------------------------------------------------------------
 
