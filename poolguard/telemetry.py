@@ -6,7 +6,8 @@ per-checkout path stays cheap. Costs are kept where they belong:
 - counts (connections by state, limits, pending requests, timeouts, shed requests, leaks) are
   *observable* instruments read at collection time from the gate's snapshot, so they cost nothing
   per checkout (the metrics themselves are defined in :mod:`poolguard.metrics`);
-- wait, use and create times are histograms, one sample per event, with attribute dicts built once.
+- wait, use and create times (and a request's queue time) are histograms, one sample per event, with
+  attribute dicts built once.
   The SDK's ``Histogram.record`` is the dearest call on the path (about 30 Python calls; 15-20 µs
   each when a whole request runs between two of them and its code has gone cold, against 6 µs in a
   tight loop). So a checkout of an unsampled request queues its samples (a C ``deque.append``) and
