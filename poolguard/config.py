@@ -4,7 +4,8 @@ Three objects, one per concern, each validated when it is built so a bad value f
 
 - :class:`BreakerOptions`: the circuit breaker's settings (a :class:`~poolguard.Breaker` is built from them);
 - :class:`GuardOptions`: what a :class:`~poolguard.Guard` decides (wait budget, leaks, ping, breaker, providers);
-- :class:`HttpOptions`: what an adapter answers on the HTTP side (the health route and who sees its detail).
+- :class:`HttpOptions`: what an adapter does on the HTTP side (the health route and who sees its detail, the
+  503's body, whether ``X-Request-Start`` is trusted).
 
 :class:`PoolGuardConfig` holds one of each plus the settings only some adapters read (Django's
 ``databases``, an engine to build from ``sqlalchemy``). :meth:`PoolGuardConfig.load` reads the same
@@ -137,14 +138,22 @@ class GuardOptions:
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class HttpOptions:
-    """What an adapter answers on the HTTP side: the health route and who may see its detail."""
+    """What an adapter does on the HTTP side: the health route and who may see its detail, the 503's body,
+    and whether the request's arrival time (``X-Request-Start``) counts against the wait budget.
+
+    ``trust_request_start`` is off by default: a client can send the header too, so only a proxy the
+    user controls (nginx, Heroku's or Render's router) may be believed.
+    """
 
     health_path: str | None = "/health/db"
     health_detail: str = "never"
     health_token: HealthToken = None
     unavailable_body: UnavailableBody | None = None
+    trust_request_start: bool = False
 
     def __post_init__(self) -> None:
+        if not isinstance(self.trust_request_start, bool):
+            raise ConfigError("trust_request_start", self.trust_request_start, "True or False")
         if self.unavailable_body is not None and not callable(self.unavailable_body):
             raise ConfigError(
                 "unavailable_body",
@@ -369,7 +378,7 @@ def _from_environment(environ: Mapping[str, str]) -> dict[str, Any]:
         option = _breaker_option(name)
         if option is not None:
             breaker[option] = _parse_number(key, raw, integer=option in _BREAKER_INTEGERS)
-        elif name in ("breaker", "capture_stacks"):
+        elif name in ("breaker", "capture_stacks", "trust_request_start"):
             values[name] = _parse_bool(key, raw)
         elif name in ("health_path", "health_token"):
             values[name] = raw or None

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import sys
+import time
 from collections.abc import Callable, Mapping
 from contextvars import ContextVar
 from typing import Any, Final, cast
@@ -33,7 +34,14 @@ from werkzeug.local import LocalProxy
 from poolguard.config import PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
 from poolguard.guard import Guard, build_guard, check_passed_guard
-from poolguard.http import HttpResponse, detail_allowed, health_response, unavailable_response
+from poolguard.http import (
+    REQUEST_START_HEADER,
+    HttpResponse,
+    detail_allowed,
+    health_response,
+    queue_time,
+    unavailable_response,
+)
 from poolguard.work import RequestScope
 
 __all__ = ["PoolGuard", "db", "get_guard"]
@@ -65,13 +73,14 @@ teardown: Flask-SQLAlchemy (and any app that removes a scoped session there) ret
 class _AppState:
     """What one app's registration holds; the wrapped dispatch and teardown call its methods."""
 
-    __slots__ = ("app", "config", "extension", "guard")
+    __slots__ = ("app", "config", "extension", "guard", "trust_request_start")
 
     def __init__(self, extension: PoolGuard, guard: Guard, config: PoolGuardConfig, app: Flask) -> None:
         self.extension = extension
         self.guard = guard
         self.config = config
         self.app = app
+        self.trust_request_start = config.http.trust_request_start
 
     def _current(self) -> tuple[RequestScope, Any] | None:
         """This app's unit of work in the current request with the value it replaced (None in the
@@ -86,12 +95,19 @@ class _AppState:
         before the response leaves, so a failed commit is never a lost 200: one that cannot get a
         connection becomes the 503, any other failure goes to Flask's 500 handling. It also comes
         before a streamed body is sent, so no connection sits idle in a transaction while a slow
-        client reads.
+        client reads. With ``trust_request_start`` the time the request queued before it got here
+        (``X-Request-Start``) is spent of its wait budget already.
         """
-        rule = request._get_current_object().url_rule  # type: ignore[attr-defined]
+        current = request._get_current_object()  # type: ignore[attr-defined]
+        rule = current.url_rule
         if rule is not None and rule.endpoint == HEALTH_ENDPOINT:
             return full_dispatch_request()
-        scope = self.guard.request_scope(rule.rule if rule is not None else None).open()
+        route = rule.rule if rule is not None else None
+        if self.trust_request_start:
+            queued = queue_time(current.headers.get(REQUEST_START_HEADER), time.time())
+            scope = self.guard.request_scope(route, queued=queued).open()
+        else:
+            scope = self.guard.request_scope(route).open()
         _current.set((scope, _current.get()))
         response = full_dispatch_request()
         try:
@@ -187,6 +203,9 @@ class PoolGuard:
       :func:`poolguard.create_engine` keywords (``SERVICE_NAME``, ``POOL_SIZE``, ...); the extension
       builds the engine and the guard from it. The app owns them then: dispose with
       ``get_guard(app).engine.dispose()`` when the app shuts down.
+    - ``POOLGUARD_TRUST_REQUEST_START`` (``trust_request_start``, False): the proxy in front of the
+      app (nginx, Heroku's router) sets ``X-Request-Start``; the time a request queued before it got
+      here counts against ``max_wait``, and one that queued past it gets the 503 at its first use of ``db``.
     - ``POOLGUARD_DATABASES`` names Django's database aliases: setting it for Flask is a ConfigError.
 
     Environment variables ``POOLGUARD_<OPTION>`` (and ``POOLGUARD_BREAKER_<OPTION>``) fill in what

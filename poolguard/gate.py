@@ -56,6 +56,8 @@ class CheckoutObserver(Protocol):
 
     def record_create(self, seconds: float) -> None: ...
 
+    def record_queue(self, seconds: float) -> None: ...
+
 
 MEAN_USE_SAMPLES = 16
 """Use times admission averages to predict a wait: enough to smooth one slow query, few enough to follow a change."""
@@ -168,8 +170,11 @@ class Gate:
                 breaker = self.breaker
                 if breaker is not None and not breaker.closed:
                     self._acquire_breaker(breaker)
+                budget = self.max_wait - unit.waited
                 try:
-                    self.admission.acquire(self.max_wait - unit.waited, await_in_greenlet)
+                    if unit.queued and budget <= 0:
+                        raise self._too_late(unit)
+                    self.admission.acquire(budget, await_in_greenlet)
                 except BaseException as exc:
                     self._not_admitted(exc, unit, start)
                     raise
@@ -219,6 +224,23 @@ class Gate:
             exc.pool = self.name
             self._count_shed(exc)
             raise
+
+    def _too_late(self, unit: Unit) -> PoolSaturated:
+        """A request that queued in front of the app past its wait budget: whoever sent it has likely given
+        up, and a free slot is better spent on a request that can still be answered in time."""
+        return PoolSaturated(
+            f"pool {self.name!r}: the request queued {unit.queued:.3f}s before it reached the app and has "
+            f"waited {unit.waited:.3f}s in all, past the wait budget {self.max_wait:.3f}s",
+            retry_after=1.0,
+            pool=self.name,
+        )
+
+    def request_queued(self, seconds: float) -> None:
+        """A request arrived having queued ``seconds`` in front of the app (``X-Request-Start``); once per request."""
+        if self.telemetry.metering:
+            self.telemetry.record_queue(seconds)
+        for observer in self.observers:
+            observer.record_queue(seconds)
 
     def _not_admitted(self, exc: BaseException, unit: Unit, start: float) -> None:
         """No slot within the budget (or the wait was cancelled): never a breaker failure; the permit goes back."""

@@ -10,6 +10,7 @@ first, then admission within the wait budget, then the pool's own checkout.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from collections.abc import Callable
@@ -244,11 +245,22 @@ class Guard:
             "connections (make a new Guard, or stop calling close() while the app still serves)"
         )
 
-    def request_scope(self, route: str | None = None) -> RequestScope:
-        """A unit of work for one request: nothing touches the pool until the session is used."""
+    def request_scope(self, route: str | None = None, *, queued: float | None = None) -> RequestScope:
+        """A unit of work for one request: nothing touches the pool until the session is used.
+
+        ``queued``: the seconds the request already queued in front of the app (``X-Request-Start``,
+        :func:`poolguard.http.queue_time`), None when unknown. They count against ``max_wait``: a
+        request that queued past it gets ``PoolSaturated`` at its first checkout, before it touches
+        the pool. A number, 0 included, is recorded once (``poolguard.request.queue_time``).
+        """
         if self._closed:
             self._refuse_closed()
-        return RequestScope(self.gate, self.session_factory, is_async=self.is_async, route=route)
+        if queued is None:
+            return RequestScope(self.gate, self.session_factory, is_async=self.is_async, route=route)
+        if not 0.0 <= queued < math.inf:
+            raise ValueError(f"request_scope(queued=...) takes seconds, at least 0; got {queued!r}")
+        self.gate.request_queued(queued)
+        return RequestScope(self.gate, self.session_factory, is_async=self.is_async, route=route, queued=queued)
 
     def session(self) -> SessionBlock[Any]:
         """``with guard.session() as s`` (or ``async with`` for an AsyncEngine): commit, rollback, close."""

@@ -4,6 +4,7 @@ Adapters never build a 503 or a health body themselves: they turn :class:`HttpRe
 framework's response object. The 503 for ``Unavailable`` carries ``Retry-After`` in whole seconds
 (at least 1, since 0 would invite an instant retry storm) and ``Cache-Control: no-store`` so no
 proxy serves a stale outage; the body names the reason but never the pool's URL or the error text.
+It also reads the one request header poolguard acts on, ``X-Request-Start`` (:func:`queue_time`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import hmac
 import json
 import logging
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -25,6 +27,21 @@ logger = logging.getLogger("poolguard")
 JSON_CONTENT_TYPE = "application/json"
 HEALTH_METHODS = ("GET", "HEAD")
 """The methods the health route answers; any other method on its path goes on to the app."""
+
+REQUEST_START_HEADER = "X-Request-Start"
+
+EPOCH_2000 = 946_684_800.0
+"""2000-01-01 in epoch seconds: a timestamp's unit is the largest one that puts it after this (New
+Relic's and Scout's rule): 1.7e9 is seconds, 1.7e12 milliseconds, 1.7e15 microseconds."""
+
+MAX_QUEUE_TIME = 3600.0
+"""Seconds of queueing beyond which the header is not believed (a wrong clock or a wrong unit)."""
+
+MAX_CLOCK_SKEW = 5.0
+"""Seconds a start may lie in the future and still count, as "no queueing": the proxy's clock and ours
+disagree a little. Further ahead, the header is not believed."""
+
+_REQUEST_START = re.compile(r"\s*(?:t=)?(\d{1,19}(?:\.\d{1,9})?)\s*", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,6 +125,35 @@ def health_response(report: HealthReport, *, detail: bool) -> HttpResponse:
     if report.http_status == 503:
         headers = (*headers, ("Retry-After", "1"))
     return HttpResponse(status=report.http_status, headers=headers, body=_encode(payload))
+
+
+def queue_time(header: str | None, now: float) -> float | None:
+    """Seconds the request queued in front of the app, from its ``X-Request-Start`` value; None if unknown.
+
+    The value is the time the request entered the platform, in seconds since the epoch: ``t=`` and a
+    number in seconds (nginx ``t=${msec}``: ``t=1700000000.123``), milliseconds (Heroku: 13 digits) or
+    microseconds (``t=`` and 16 digits), told apart by magnitude (:data:`EPOCH_2000`). ``now`` is the
+    wall clock (``time.time()``). A start a little in the future (clock skew) is 0. Absent, malformed
+    or implausible (more than :data:`MAX_QUEUE_TIME` ago, more than :data:`MAX_CLOCK_SKEW` ahead) is
+    None: a header the app cannot read must never fail or shed its request. Of several values (a
+    header set twice and joined with commas) the last one counts, the one the nearest proxy set.
+    """
+    if not header:
+        return None
+    match = _REQUEST_START.fullmatch(header.rpartition(",")[2])
+    if match is None:
+        return None
+    start = float(match.group(1))
+    for scale in (1e6, 1e3, 1.0):
+        if start > EPOCH_2000 * scale:
+            start /= scale
+            break
+    else:
+        return None
+    queued = now - start
+    if queued < -MAX_CLOCK_SKEW or queued > MAX_QUEUE_TIME:
+        return None
+    return max(queued, 0.0)
 
 
 def detail_allowed(mode: str, token: HealthToken, request: Any, authorization: str | None) -> bool:

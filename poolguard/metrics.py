@@ -7,7 +7,7 @@ Collector's Prometheus exporter derives it (dots become underscores, the unit ``
 suffix ``_seconds``), so the alert rules and dashboard in ``integrations/`` work with either source.
 
 Counts are read at collection time from one :class:`~poolguard.stats.PoolStats` snapshot
-(:func:`observations`); only the three durations are recorded per event.
+(:func:`observations`); only the durations are recorded per event.
 """
 
 from __future__ import annotations
@@ -138,6 +138,12 @@ METRICS = (
         "s",
         "The time it took to create a new connection.",
     ),
+    Metric(
+        "poolguard.request.queue_time",
+        "histogram",
+        "s",
+        "The time a request queued in front of the app before it reached it (from a trusted X-Request-Start).",
+    ),
 )
 """Every metric poolguard exports, observable ones first."""
 
@@ -145,6 +151,7 @@ BY_NAME = {metric.name: metric for metric in METRICS}
 WAIT_TIME, USE_TIME, CREATE_TIME = (
     BY_NAME[f"db.client.connection.{name}"] for name in ("wait_time", "use_time", "create_time")
 )
+QUEUE_TIME = BY_NAME["poolguard.request.queue_time"]
 
 
 def observations(stats: PoolStats) -> Iterator[tuple[str, float, dict[str, str]]]:

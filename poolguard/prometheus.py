@@ -16,7 +16,7 @@ OpenTelemetry Collector's Prometheus exporter.
 
 The metrics are those of :mod:`poolguard.metrics`, the list OpenTelemetry exports too. Counts,
 limits, timeouts, sheds, leaks and the breaker state are read at scrape time from the gate's snapshot:
-nothing is paid per checkout. The three histograms need every event: they observe the guard's gate
+nothing is paid per checkout. The histograms need every event: they observe the guard's gate
 (``add_observer``), a bisect and an increment per event. Events before :func:`register` are not in
 the histograms: register right after creating the guard.
 """
@@ -41,6 +41,7 @@ from poolguard.metrics import (
     HTTP_ROUTE,
     METRICS,
     POOL_NAME,
+    QUEUE_TIME,
     REASON,
     USE_TIME,
     WAIT_TIME,
@@ -114,7 +115,13 @@ class _Tap:
         self.wait = _Histogram()
         self.use = _Histogram()
         self.create = _Histogram()
-        self.by_metric = {WAIT_TIME.name: self.wait, USE_TIME.name: self.use, CREATE_TIME.name: self.create}
+        self.queue = _Histogram()
+        self.by_metric = {
+            WAIT_TIME.name: self.wait,
+            USE_TIME.name: self.use,
+            CREATE_TIME.name: self.create,
+            QUEUE_TIME.name: self.queue,
+        }
 
     def record_wait(self, seconds: float) -> None:
         self.wait.observe(seconds)
@@ -124,6 +131,9 @@ class _Tap:
 
     def record_create(self, seconds: float) -> None:
         self.create.observe(seconds)
+
+    def record_queue(self, seconds: float) -> None:
+        self.queue.observe(seconds)
 
     @classmethod
     def of(cls, guard: Guard) -> _Tap:

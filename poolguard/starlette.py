@@ -33,6 +33,7 @@ import contextlib
 import functools
 import logging
 import os
+import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Final
@@ -45,10 +46,24 @@ from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from poolguard.config import ENV_PREFIX, GUARD_OPTION_NAMES, HTTP_OPTION_NAMES, HealthToken, PoolGuardConfig
+from poolguard.config import (
+    ENV_PREFIX,
+    GUARD_OPTION_NAMES,
+    HTTP_OPTION_NAMES,
+    HealthToken,
+    PoolGuardConfig,
+    UnavailableBody,
+)
 from poolguard.errors import ConfigError, Unavailable
 from poolguard.guard import Guard, check_passed_guard
-from poolguard.http import HEALTH_METHODS, HttpResponse, detail_allowed, health_response, unavailable_response
+from poolguard.http import (
+    HEALTH_METHODS,
+    HttpResponse,
+    detail_allowed,
+    health_response,
+    queue_time,
+    unavailable_response,
+)
 from poolguard.work import RequestScope
 
 __all__ = ["STARTUP_CHECKS", "STATE_KEY", "PoolGuardMiddleware", "check_app", "get_session", "poolguard_lifespan"]
@@ -73,8 +88,10 @@ class PoolGuardMiddleware:
 
     Options (keyword-only), also read from ``POOLGUARD_*`` environment variables when not passed:
     ``health_path`` (default ``"/health/db"``, ``None`` turns the route off), ``health_detail``
-    (``"never"``, ``"when-authorized"``, ``"always"``) and ``health_token`` (a bearer token or a
-    callable taking the ``Request``). Pool options (``max_wait``, the breaker, ...) belong to the
+    (``"never"``, ``"when-authorized"``, ``"always"``), ``health_token`` (a bearer token or a
+    callable taking the ``Request``), ``unavailable_body`` and ``trust_request_start`` (False: set it
+    when a proxy of yours sets ``X-Request-Start``, so the time a request queued before it got here
+    counts against the guard's ``max_wait``). Pool options (``max_wait``, the breaker, ...) belong to the
     :class:`~poolguard.Guard`; passing them here is refused rather than ignored, and so is an unknown
     or invalid option. A ``POOLGUARD_*`` variable of a pool option (``POOLGUARD_MAX_WAIT``,
     ``POOLGUARD_BREAKER_OPEN_FOR``, ...) must agree with the guard passed in, or it is refused the same way.
@@ -105,6 +122,8 @@ class PoolGuardMiddleware:
             health_path: str | None = ...,
             health_detail: str = ...,
             health_token: HealthToken = ...,
+            unavailable_body: UnavailableBody | None = ...,
+            trust_request_start: bool = ...,
         ) -> None: ...
 
     else:
@@ -149,6 +168,7 @@ class PoolGuardMiddleware:
         self.health_path = http.health_path
         self.health_detail = http.health_detail
         self.health_token = http.health_token
+        self.trust_request_start = http.trust_request_start
         self._unavailable = functools.partial(unavailable_response, body=http.unavailable_body)
         """The 503, its body rendered by the ``unavailable_body`` hook when the app sets one."""
 
@@ -164,7 +184,10 @@ class PoolGuardMiddleware:
             await self._health(scope, receive, send)
             return
 
-        request_scope = self.guard.request_scope().open()
+        if self.trust_request_start:
+            request_scope = self.guard.request_scope(queued=_queued(scope)).open()
+        else:
+            request_scope = self.guard.request_scope().open()
         scope.setdefault("state", {})[STATE_KEY] = request_scope
         started = False
         answered = False  # a commit at response start failed and this middleware sent the response
@@ -383,6 +406,15 @@ def _path(scope: Scope) -> str:
     if root_path and path.startswith(root_path):
         return path[len(root_path) :] or "/"
     return path
+
+
+def _queued(scope: Scope) -> float | None:
+    """The seconds the request queued before it got here, from ``X-Request-Start`` (the last one sent)."""
+    header = None
+    for name, value in scope["headers"]:
+        if name == b"x-request-start":
+            header = value
+    return None if header is None else queue_time(header.decode("latin-1"), time.time())
 
 
 def _take_route(request_scope: RequestScope, scope: Mapping[str, Any]) -> None:

@@ -6,7 +6,8 @@ per-checkout path stays cheap. Costs are kept where they belong:
 - counts (connections by state, limits, pending requests, timeouts, shed requests, leaks) are
   *observable* instruments read at collection time from the gate's snapshot, so they cost nothing
   per checkout (the metrics themselves are defined in :mod:`poolguard.metrics`);
-- wait, use and create times are histograms, one sample per event, with attribute dicts built once.
+- wait, use and create times (and a request's queue time) are histograms, one sample per event, with
+  attribute dicts built once.
   The SDK's ``Histogram.record`` is the dearest call on the path (about 30 Python calls; 15-20 µs
   each when a whole request runs between two of them and its code has gone cold, against 6 µs in a
   tight loop). So a checkout of an unsampled request queues its samples (a C ``deque.append``) and
@@ -42,6 +43,7 @@ from poolguard.metrics import (
     METRICS,
     OUTCOME,
     POOL_NAME,
+    QUEUE_TIME,
     REASON,
     USE_TIME,
     WAIT_TIME,
@@ -102,6 +104,7 @@ class PoolTelemetry:
         self._wait_time = _histogram(meter, WAIT_TIME)
         self._use_time = _histogram(meter, USE_TIME)
         self._create_time = _histogram(meter, CREATE_TIME)
+        self._queue_time = _histogram(meter, QUEUE_TIME)
         _register_pool(meter, provider, self)
 
     def notice_providers(self) -> None:
@@ -160,6 +163,17 @@ class PoolTelemetry:
 
     def record_create(self, seconds: float) -> None:
         self._create_time.record(seconds, self._pool_attributes)
+
+    def record_queue(self, seconds: float) -> None:
+        """A request's time queued in front of the app: at once, with its exemplar, when the request's
+        span is sampled; queued with the checkouts' samples otherwise."""
+        if self.tracing and trace.get_current_span().get_span_context().trace_flags.sampled:
+            self._queue_time.record(seconds, self._pool_attributes)
+        else:
+            queued = self._queued
+            queued.append((self._queue_time, seconds, self._pool_attributes))
+            if len(queued) >= FLUSH_AT:
+                self.flush()
 
     # -- events on the request span ---------------------------------------------------------------
 

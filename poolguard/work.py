@@ -45,7 +45,8 @@ class RequestScope:
     from a framework's before/after hooks. The session is created on first access of
     :attr:`session` and only checks out a connection when first used, so a route that never touches
     the database never waits for, or is refused, a connection. ``route`` may be set once the
-    framework knows it; ``waited`` and ``held`` are the gate's bookkeeping.
+    framework knows it; ``waited`` and ``held`` are the gate's bookkeeping. ``queued`` is how long
+    the request queued in front of the app (``X-Request-Start``): spent of the wait budget already.
     """
 
     __slots__ = (
@@ -56,6 +57,7 @@ class RequestScope:
         "gate",
         "held",
         "is_async",
+        "queued",
         "route",
         "session_factory",
         "waited",
@@ -68,12 +70,14 @@ class RequestScope:
         *,
         is_async: bool = False,
         route: str | None = None,
+        queued: float = 0.0,
     ) -> None:
         self.gate = gate
         self.session_factory = session_factory
         self.is_async = is_async
         self.route = route
-        self.waited = 0.0
+        self.queued = queued
+        self.waited = queued
         self.held = 0
         self._session: Session | AsyncSession | None = None
         self._failure: BaseException | None = None

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -29,7 +30,7 @@ from poolguard.config import (
 from poolguard.errors import ConfigError, Unavailable
 from poolguard.guard import HEALTH_MAX_AGE, Guard, build_guard
 from poolguard.health import HealthReport
-from poolguard.http import HttpResponse, detail_allowed, health_response, unavailable_response
+from poolguard.http import HttpResponse, detail_allowed, health_response, queue_time, unavailable_response
 from poolguard.pools.django import DjangoPool
 from poolguard.work import RequestScope
 
@@ -187,12 +188,13 @@ class DjangoRequestScope(RequestScope):
 
     __slots__ = ("_named", "per_thread", "request")
 
-    def __init__(self, guard: Guard, request: Any, per_thread: DjangoPool | None = None) -> None:
+    def __init__(self, guard: Guard, request: Any, per_thread: DjangoPool | None = None, queued: float = 0.0) -> None:
         self.gate = guard.gate
         self.session_factory = guard.session_factory
         self.is_async = False
         self._named: str | None = None
-        self.waited = 0.0
+        self.queued = queued
+        self.waited = queued
         self.held = 0
         self._session = None
         self._failure = None
@@ -233,6 +235,7 @@ class PoolGuardState:
         self.settings = loaded
         self.config = config = loaded.config
         self.health_path: str | None = config.http.health_path
+        self.trust_request_start = config.http.trust_request_start
         self.guards: dict[str, Guard] = {}
         self.guard: Guard | None = None
         try:
@@ -273,14 +276,27 @@ class PoolGuardState:
         """One request's units of work: one per guarded alias, then the SQLAlchemy one when configured.
 
         Opening them touches no database. The SQLAlchemy scope opens last, so it is the one ``retry``
-        asks whether a transaction is open.
+        asks whether a transaction is open. With ``TRUST_REQUEST_START`` every scope starts with the
+        time the request queued before it got here (``X-Request-Start``) spent of its wait budget.
         """
+        queued = self._queued(request) if self.trust_request_start else 0.0
         scopes = []
         for guard, per_thread in self._aliases:
-            scopes.append(DjangoRequestScope(guard, request, per_thread).open())
+            scopes.append(DjangoRequestScope(guard, request, per_thread, queued).open())
         if self.guard is not None:
-            scopes.append(DjangoRequestScope(self.guard, request).open())
+            scopes.append(DjangoRequestScope(self.guard, request, None, queued).open())
         return scopes
+
+    def _queued(self, request: Any) -> float:
+        """The request's queue time from ``X-Request-Start`` (0 when unknown), recorded once per request:
+        on the first guarded alias's pool, not once per alias."""
+        queued = queue_time(request.META.get("HTTP_X_REQUEST_START"), time.time())
+        if queued is None:
+            return 0.0
+        first = self._aliases[0][0] if self._aliases else self.guard
+        if first is not None:
+            first.gate.request_queued(queued)
+        return queued
 
     @staticmethod
     def close_request(scopes: list[DjangoRequestScope]) -> None:

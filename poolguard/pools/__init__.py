@@ -129,7 +129,11 @@ class Unit(Protocol):
     """The route it serves, for use times and leak reports (None outside a request, or not known yet)."""
 
     waited: float
-    """Seconds it has waited for connections so far; its wait budget is the gate's ``max_wait``."""
+    """Seconds it has waited for connections so far, ``queued`` included; its wait budget is the gate's ``max_wait``."""
+
+    queued: float
+    """Seconds its request queued in front of the app before it began (``X-Request-Start``), 0 when unknown:
+    a request that queued past its budget is refused before it touches the pool."""
 
     held: int
     """Connections it holds now."""

@@ -38,7 +38,7 @@ from poolguard.fastapi import PoolGuardMiddleware as FastAPIMiddleware
 from poolguard.flask import PoolGuard, db
 from poolguard.starlette import PoolGuardMiddleware, get_session
 from tests.profiling.calls import acount_calls, assert_pinned, count_calls
-from tests.support.clock import FakeClock
+from tests.support.clock import FakeClock, arrived
 
 if not settings.configured:
     from tests.django import settings as django_test_settings
@@ -155,10 +155,24 @@ def test_flask_request(flask_app: Flask, path: str):
     warm_then_pin(f"flask_{path.strip('/')}", run)
 
 
+def test_flask_request_with_a_trusted_request_start(guard: Guard):
+    """What reading ``X-Request-Start`` adds, with the header present (the pins above are of the option off)."""
+    app = Flask(__name__)
+    PoolGuard(app, guard, trust_request_start=True)
+
+    @app.get("/db")
+    def with_db() -> str:
+        db.execute(SELECT_1)
+        return "ok"
+
+    run = wsgi_get(app, lambda: EnvironBuilder(path="/db", headers={"X-Request-Start": arrived(0.01)}).get_environ())
+    warm_then_pin("flask_db_request_start", run)
+
+
 # -- Starlette and FastAPI -----------------------------------------------------------------------------
 
 
-def asgi_get(app: Any, path: str) -> Callable[[], Any]:
+def asgi_get(app: Any, path: str, headers: Callable[[], list[tuple[bytes, bytes]]] = list) -> Callable[[], Any]:
     """One GET through an ASGI app, awaited on the test's event loop (no test client, no other thread)."""
 
     async def run() -> None:
@@ -172,7 +186,7 @@ def asgi_get(app: Any, path: str) -> Callable[[], Any]:
             "raw_path": path.encode(),
             "root_path": "",
             "query_string": b"",
-            "headers": [(b"host", b"testserver")],
+            "headers": [(b"host", b"testserver"), *headers()],
             "client": ("127.0.0.1", 50000),
             "server": ("testserver", 80),
         }
@@ -236,6 +250,19 @@ async def test_fastapi_request(fastapi_app: FastAPI, path: str):
 @pytest.mark.parametrize("path", ["/db", "/free"])
 async def test_starlette_request(starlette_app: Starlette, path: str):
     await awarm_then_pin(f"starlette_{path.strip('/')}", asgi_get(starlette_app, path))
+
+
+async def test_starlette_request_with_a_trusted_request_start(async_guard: Guard):
+    async def with_db(request: Request) -> Response:
+        await get_session(request).execute(SELECT_1)
+        return PlainTextResponse("ok")
+
+    app = Starlette(
+        routes=[Route("/db", with_db)],
+        middleware=[Middleware(PoolGuardMiddleware, guard=async_guard, trust_request_start=True)],
+    )
+    run = asgi_get(app, "/db", lambda: [(b"x-request-start", arrived(0.01).encode())])
+    await awarm_then_pin("starlette_db_request_start", run)
 
 
 # -- Django --------------------------------------------------------------------------------------------

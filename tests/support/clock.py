@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -40,3 +41,9 @@ def drive_the_watchdog(options: dict[str, Any]) -> dict[str, Any]:
     if "clock" in options:
         options.setdefault("probe_interval", None)
     return options
+
+
+def arrived(seconds_ago: float) -> str:
+    """An ``X-Request-Start`` value (``t=`` and microseconds, on the wall clock) of a request that entered
+    the platform ``seconds_ago``: what the proxy in front of the app would have set."""
+    return f"t={int((time.time() - seconds_ago) * 1_000_000)}"

@@ -36,6 +36,7 @@ FAMILIES = {
     "db_client_connection_wait_time_seconds": "histogram",
     "db_client_connection_use_time_seconds": "histogram",
     "db_client_connection_create_time_seconds": "histogram",
+    "poolguard_request_queue_time_seconds": "histogram",
 }
 
 

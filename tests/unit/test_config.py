@@ -23,7 +23,13 @@ def test_the_options_are_grouped_by_who_reads_them() -> None:
     config = PoolGuardConfig.load({"health_path": "/-/db", "max_wait": 0.5}, environ={})
     assert config.http == HttpOptions(health_path="/-/db")
     assert config.guard == GuardOptions(max_wait=0.5)
-    assert set(HTTP_OPTION_NAMES) == {"health_path", "health_detail", "health_token", "unavailable_body"}
+    assert set(HTTP_OPTION_NAMES) == {
+        "health_path",
+        "health_detail",
+        "health_token",
+        "unavailable_body",
+        "trust_request_start",
+    }
     assert "breaker" in GUARD_OPTION_NAMES
     assert "health_path" not in GUARD_OPTION_NAMES
 
@@ -124,6 +130,8 @@ def test_guard_kwargs_build_the_guard_the_settings_describe() -> None:
         ({"health_detail": "when-authorized"}, "health_token"),
         ({"max_wait": -1}, "max_wait"),
         ({"capture_stacks": "yes"}, "capture_stacks"),
+        ({"trust_request_start": "yes"}, "trust_request_start"),
+        ({"trust_request_start": 1}, "trust_request_start"),
         ({"tracer_provider": "otel"}, "tracer_provider"),
         ({"databases": []}, "databases"),
     ],
@@ -150,3 +158,32 @@ def test_a_string_where_a_dict_or_list_belongs_names_the_setting(settings: dict[
     with pytest.raises(ConfigError) as caught:
         PoolGuardConfig.load(settings=settings, environ={}, source="settings.POOLGUARD")
     assert caught.value.setting == setting
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "settings", "environ", "prefix"),
+    [
+        ({"trust_request_start": True}, {}, {}, ""),
+        ({}, {"POOLGUARD_TRUST_REQUEST_START": True}, {}, "POOLGUARD_"),
+        ({}, {"TRUST_REQUEST_START": True}, {}, ""),
+        ({}, {}, {"POOLGUARD_TRUST_REQUEST_START": "1"}, ""),
+        ({}, {}, {"POOLGUARD_TRUST_REQUEST_START": "on"}, ""),
+    ],
+    ids=["keyword", "flask", "django", "environment", "environment-on"],
+)
+def test_trust_request_start_is_read_from_every_source(
+    kwargs: dict[str, object], settings: dict[str, object], environ: dict[str, str], prefix: str
+) -> None:
+    assert PoolGuardConfig.load(environ={}).http.trust_request_start is False
+    config = PoolGuardConfig.load(kwargs, settings=settings, environ=environ, prefix=prefix)
+    assert config.http.trust_request_start is True
+    assert "trust_request_start" in config.explicit
+
+
+def test_trust_request_start_from_the_environment_is_parsed_like_the_other_flags() -> None:
+    environ = {"POOLGUARD_TRUST_REQUEST_START": "off"}
+    assert PoolGuardConfig.load(environ=environ).http.trust_request_start is False
+    assert PoolGuardConfig.load({"trust_request_start": True}, environ=environ).http.trust_request_start is True
+    with pytest.raises(ConfigError, match="POOLGUARD_TRUST_REQUEST_START") as caught:
+        PoolGuardConfig.load(environ={"POOLGUARD_TRUST_REQUEST_START": "perhaps"})
+    assert caught.value.setting == "POOLGUARD_TRUST_REQUEST_START"

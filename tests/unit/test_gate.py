@@ -43,15 +43,16 @@ def make(clock: FakeClock, *, capacity: int | None = 2, breaker: Breaker | None 
 class Scope:
     """A unit of work as the gate sees one (what :class:`poolguard.pools.Unit` describes)."""
 
-    def __init__(self, route: str | None, waited: float = 0.0) -> None:
+    def __init__(self, route: str | None, waited: float = 0.0, queued: float = 0.0) -> None:
         self.route = route
-        self.waited = waited
+        self.queued = queued
+        self.waited = waited + queued
         self.held = 0
 
 
 @contextmanager
-def scope_of(gate: Gate, route: str | None = ROUTE, waited: float = 0.0) -> Iterator[Scope]:
-    scope = Scope(route, waited)
+def scope_of(gate: Gate, route: str | None = ROUTE, waited: float = 0.0, queued: float = 0.0) -> Iterator[Scope]:
+    scope = Scope(route, waited, queued)
     token = gate.unit_var.set(scope)
     try:
         yield scope
