@@ -101,3 +101,11 @@ def threads_advice(server_threads: int, source: str, capacity: int) -> str:
         f"overload is answered late instead of with a fast 503; run at least {2 * capacity} threads "
         f"(gunicorn --threads {2 * capacity}), about twice the pool, so the excess reaches poolguard"
     )
+
+
+def hidden_queue(capacity: int | None, configured_threads: int | None = None) -> str | None:
+    """The startup WARNING's text when the server's threads are known not to outnumber ``capacity``, else None."""
+    count, source = threads(configured_threads)
+    if source == DEFAULT or capacity is None or not queue_hidden(count, capacity):
+        return None
+    return threads_advice(count, source, capacity)

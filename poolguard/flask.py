@@ -31,6 +31,7 @@ from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 from werkzeug.local import LocalProxy
 
+from poolguard._serving import hidden_queue
 from poolguard.config import PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
 from poolguard.guard import Guard, build_guard, check_passed_guard
@@ -240,6 +241,9 @@ class PoolGuard:
             )
         state = _AppState(self, self._guard_for(config, app), config, app)
         app.extensions[EXTENSION_KEY] = state
+        hidden = hidden_queue(state.guard.gate.admission.capacity)
+        if hidden is not None:
+            logger.warning("poolguard: pool %r: %s", state.guard.name, hidden)
 
         _wrap_request_handling(app, state)
         app.register_error_handler(Unavailable, state.unavailable)

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from django.conf import settings  # type: ignore[import-untyped]
 
-from poolguard._serving import DEFAULT, threads
+from poolguard._serving import DEFAULT, hidden_queue, threads
 from poolguard._validate import positive_int
 from poolguard.config import (
     ENV_PREFIX,
@@ -243,6 +243,9 @@ class PoolGuardState:
             for alias in config.databases:
                 pool = DjangoPool(alias, handler=handler, capacity=capacity)
                 self.guards[alias] = build_guard(config, pool, name=alias)
+                hidden = hidden_queue(pool.capacity, loaded.threads)
+                if hidden is not None:
+                    logger.warning("poolguard: database %r: %s (poolguard.W008)", alias, hidden)
             if config.sqlalchemy is not None:
                 self.guard = build_guard(config, name=SQLALCHEMY_GUARD_NAME)
         except BaseException:

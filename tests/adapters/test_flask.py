@@ -7,6 +7,7 @@ guard is closed. What was committed is read through a separate, unguarded engine
 from __future__ import annotations
 
 import json
+import logging
 import os
 import threading
 import time
@@ -622,3 +623,24 @@ def test_async_guard_is_refused() -> None:
     finally:
         guard.close()
         engine.sync_engine.dispose()
+
+
+@pytest.mark.parametrize(("threads", "warned"), [(2, True), (4, False)])
+def test_a_startup_warning_when_the_servers_threads_do_not_outnumber_the_pool(
+    make_guard: Callable[..., Guard],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+    threads: int,
+    warned: bool,
+) -> None:
+    """With 2 threads on a pool of 2 the excess waits in gunicorn, where poolguard cannot refuse it."""
+    monkeypatch.setenv("GUNICORN_CMD_ARGS", f"--threads {threads}")
+    with caplog.at_level(logging.WARNING, logger="poolguard"):
+        make_app(make_guard())
+    found = [r.getMessage() for r in caplog.records if "threads per process" in r.getMessage()]
+    if warned:
+        (message,) = found
+        assert "2 threads per process (gunicorn --threads) and the pool has 2 connections" in message
+        assert "gunicorn --threads 4" in message
+    else:
+        assert found == []

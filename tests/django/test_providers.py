@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 from django.conf import settings
 from django.db.utils import ConnectionHandler
@@ -53,3 +55,16 @@ def test_the_providers_in_settings_receive_the_spans_and_metrics_of_every_alias(
 def test_a_provider_that_is_not_one_is_refused_at_startup():
     with pytest.raises(ConfigError, match="tracer_provider"):
         configure_settings({"TRACER_PROVIDER": "opentelemetry"})
+
+
+def test_a_startup_warning_when_the_threads_do_not_outnumber_the_pool(caplog: pytest.LogCaptureFixture) -> None:
+    handler = ConnectionHandler(settings.DATABASES)
+    loaded = configure_settings({"DATABASES": ["pooled", "persistent"], "THREADS": 1, "CAPACITY": 1}, environ={})
+    with caplog.at_level(logging.WARNING, logger="poolguard"):
+        state = PoolGuardState(loaded, handler=handler)
+    try:
+        warned = sorted(r.getMessage().split("'")[1] for r in caplog.records if "poolguard.W008" in r.getMessage())
+        assert warned == ["persistent", "pooled"]  # one thread against one connection each
+    finally:
+        state.close()
+        handler.close_all()
