@@ -68,12 +68,16 @@ async def _async_session(request: Request) -> AsyncIterator[AsyncSession]:
 
 
 async def _sync_session(request: Request) -> AsyncIterator[Session]:
+    """``async def`` too: the wait for a connection slot happens here, on the event loop, so a ``def``
+    endpoint takes one of the thread pool's workers only once it can have a connection."""
     session = get_session(request)
     if not isinstance(session, Session):
         raise TypeError(
             "SyncDbSession needs a poolguard.Guard on a synchronous Engine, but this guard's engine is an "
             "AsyncEngine: annotate the parameter with poolguard.fastapi.DbSession instead"
         )
+    request_scope: RequestScope = request.scope["state"][STATE_KEY]
+    await request_scope.gate.areserve(request_scope)
     with _rollback_on_error(request):
         yield session
 

@@ -170,14 +170,19 @@ class Gate:
                 breaker = self.breaker
                 if breaker is not None and not breaker.closed:
                     self._acquire_breaker(breaker)
-                budget = self.max_wait - unit.waited
-                try:
-                    if unit.queued and budget <= 0:
-                        raise self._too_late(unit)
-                    self.admission.acquire(budget, await_in_greenlet)
-                except BaseException as exc:
-                    self._not_admitted(exc, unit, start)
-                    raise
+                reserved = unit.reserved
+                if reserved is not None:
+                    unit.reserved = None  # the slot taken ahead is this checkout's
+                    start -= reserved
+                else:
+                    budget = self.max_wait - unit.waited
+                    try:
+                        if unit.queued and budget <= 0:
+                            raise self._too_late(unit)
+                        self.admission.acquire(budget, await_in_greenlet)
+                    except BaseException as exc:
+                        self._not_admitted(exc, unit, start)
+                        raise
             with self._counter_lock:
                 self.pending += 1
             try:
@@ -224,6 +229,34 @@ class Gate:
             exc.pool = self.name
             self._count_shed(exc)
             raise
+
+    async def areserve(self, unit: Unit) -> None:
+        """Takes the unit's first admission slot now, on the event loop, ahead of its first checkout.
+
+        A sync endpoint (FastAPI's ``def`` routes) runs in a worker thread, and a checkout that waits
+        for a slot there holds the thread: with enough of them waiting, the requests that hold
+        connections starve for a thread to finish in. Waiting here, the endpoint takes a thread only
+        once it can have a connection. Refusals are the checkout's (too late, saturated); with the
+        breaker not closed nothing is taken ahead, and the checkout decides as always.
+        """
+        breaker = self.breaker
+        if unit.reserved is not None or (breaker is not None and not breaker.closed):
+            return
+        start = self.clock()
+        budget = self.max_wait - unit.waited
+        try:
+            if unit.queued and budget <= 0:
+                raise self._too_late(unit)
+            await self.admission.acquire_async(budget)
+        except BaseException as exc:
+            self._not_admitted(exc, unit, start)
+            raise
+        unit.reserved = self.clock() - start
+
+    def unreserve(self, unit: Unit) -> None:
+        """The unit ended without using its slot taken ahead: it goes back."""
+        unit.reserved = None
+        self.admission.release()
 
     def _too_late(self, unit: Unit) -> PoolSaturated:
         """A request that queued in front of the app past its wait budget: whoever sent it has likely given

@@ -58,6 +58,7 @@ class RequestScope:
         "held",
         "is_async",
         "queued",
+        "reserved",
         "route",
         "session_factory",
         "waited",
@@ -79,6 +80,7 @@ class RequestScope:
         self.queued = queued
         self.waited = queued
         self.held = 0
+        self.reserved: float | None = None
         self._session: Session | AsyncSession | None = None
         self._failure: BaseException | None = None
         self._unit_token: Token[Any] | None = None
@@ -211,6 +213,8 @@ class RequestScope:
         Django's own connections go back when Django ends the request, after the middleware has left.
         """
         _reset(self.gate.unit_var, self._unit_token)
+        if self.reserved is not None:
+            self.gate.unreserve(self)
         if self._work_token is not None:
             _reset(_context.current_unit, self._work_token)
         self._unit_token = self._work_token = None

@@ -196,6 +196,7 @@ class DjangoRequestScope(RequestScope):
         self.queued = queued
         self.waited = queued
         self.held = 0
+        self.reserved = None
         self._session = None
         self._failure = None
         self._unit_token = self._work_token = None

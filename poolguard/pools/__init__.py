@@ -135,6 +135,10 @@ class Unit(Protocol):
     """Seconds its request queued in front of the app before it began (``X-Request-Start``), 0 when unknown:
     a request that queued past its budget is refused before it touches the pool."""
 
+    reserved: float | None
+    """A slot admission gave it ahead of its first checkout (seconds waited for it), None without one:
+    a sync endpoint's wait happens on the event loop, not in a worker thread."""
+
     held: int
     """Connections it holds now."""
 

@@ -326,3 +326,27 @@ async def test_wrong_session_dependency_fails_at_startup(resources: Resources, f
         assert re.search(pattern, answer["message"])
         with pytest.raises(ConfigError, match=pattern):
             await task
+
+
+async def test_a_def_route_waits_for_its_connection_on_the_event_loop_not_in_a_worker_thread(
+    resources: Resources, table: str
+):
+    """FastAPI runs ``def`` routes in a pool of 40 threads: a route waiting there for a slot would hold one,
+    and enough of them starve the routes that hold connections of a thread to finish in."""
+    import anyio.to_thread  # noqa: PLC0415
+
+    guard = resources.guard(resources.engine("sync", pool_size=1), max_wait=5.0, probe_interval=None)
+    limiter = anyio.to_thread.current_default_thread_limiter()
+    seen: list[tuple[int, float]] = []
+
+    async def watch() -> None:
+        for _ in range(500):
+            if guard.gate.admission.waiting == 2 and guard.stats().checked_out == 1:
+                seen.append((guard.gate.admission.waiting, limiter.borrowed_tokens))
+                return
+            await asyncio.sleep(0.005)  # a poll for the moment one holds the connection and two wait
+
+    async with client(build_api(guard, table)) as http:
+        results = await asyncio.gather(http.get("/sleep"), http.get("/sleep"), http.get("/sleep"), watch())
+    assert [response.status_code for response in results[:3]] == [200, 200, 200]
+    assert seen == [(2, 1)]  # two requests waiting, one worker thread busy: the one holding the connection

@@ -47,6 +47,7 @@ class Scope:
         self.route = route
         self.queued = queued
         self.waited = waited + queued
+        self.reserved: float | None = None
         self.held = 0
 
 
@@ -436,3 +437,54 @@ def test_an_injected_sdk_provider_records_at_once() -> None:
         assert "db.client.connection.wait_time" in names
     finally:
         telemetry.close()
+
+
+# -- a slot taken ahead (FastAPI's def routes) -----------------------------------------------------------
+
+
+async def test_a_slot_taken_ahead_is_the_first_checkouts(clock: FakeClock) -> None:
+    gate = make(clock, capacity=1)
+    real = RealCheckout(clock, takes=0.002)
+    with scope_of(gate) as scope:
+        await gate.areserve(scope)
+        assert gate.admission.in_use == 1
+        assert scope.reserved == 0.0
+        connection = gate.checkout(real, key_of=keyed("a"))  # would block or shed if it asked admission again
+        assert connection == "connection-1"
+        assert scope.reserved is None
+        assert scope.waited == pytest.approx(0.002)
+        assert gate.admission.in_use == 1
+        gate.checkin("a")
+    assert gate.admission.in_use == 0
+
+
+async def test_a_slot_taken_ahead_and_never_used_goes_back(clock: FakeClock) -> None:
+    gate = make(clock, capacity=1)
+    with scope_of(gate) as scope:
+        await gate.areserve(scope)
+        await gate.areserve(scope)  # a second call takes nothing more
+        assert gate.admission.in_use == 1
+        gate.unreserve(scope)
+    assert scope.reserved is None
+    assert gate.admission.in_use == 0
+
+
+async def test_taking_a_slot_ahead_is_refused_as_a_checkout_would_be(clock: FakeClock) -> None:
+    gate = make(clock, capacity=1)
+    gate.admission.acquire(1.0)  # the only slot, held elsewhere
+    with scope_of(gate, waited=1.0) as scope, pytest.raises(PoolSaturated):
+        await gate.areserve(scope)  # no budget left
+    assert scope.reserved is None
+    assert gate.shed["pool_saturated"] == 1
+
+
+async def test_nothing_is_taken_ahead_while_the_breaker_is_not_closed(clock: FakeClock) -> None:
+    gate = make(clock, capacity=1)
+    assert gate.breaker is not None
+    trip(gate.breaker)
+    with scope_of(gate) as scope:
+        await gate.areserve(scope)  # the checkout decides, and answers circuit_open
+        assert scope.reserved is None
+        assert gate.admission.in_use == 0
+        with pytest.raises(CircuitOpen):
+            gate.checkout(RealCheckout(clock))
