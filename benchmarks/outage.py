@@ -15,7 +15,8 @@ Each row is served ``bare`` (no poolguard: SQLAlchemy's or Django's defaults, a 
 route) and ``guarded`` (poolguard adopted as the README says, its defaults, no options), one after
 the other, in alternating order from run to run; ``own-engine`` (Flask and FastAPI: the bare app's
 own engine under a default ``Guard``) on request. The apps are ``benchmarks/apps/*`` (``outage()``,
-``django_project/outage_*``), served from ``benchmarks/apps/outage_app.py``.
+``django_project/outage_*``), served from ``benchmarks/apps/outage_app.py``; the client and the
+server helpers are ``benchmarks/_load.py`` (shared with ``benchmarks.overload``).
 
 Each scenario has a fresh server, whose database is PostgreSQL behind a fresh TCP proxy
 (``tests/support/tcpproxy.py``), and one asyncio client sending open-loop load, a new connection per
@@ -50,22 +51,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import atexit
-import contextlib
 import math
-import os
 import signal
-import statistics
-import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
-from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchmarks.server import HOST, ROOT, free_port, versions
+from benchmarks import _load
+from benchmarks._load import NO_ANSWER, Sample, cell, counts, p99
+from benchmarks.server import versions
 from tests.support.tcpproxy import TcpProxy
 
 PG = ("127.0.0.1", 5432)
@@ -78,10 +74,6 @@ RECOVERY = 1.0
 DB_RATE = 40.0
 NODB_RATE = 20.0
 HEALTH_EVERY = 0.25
-NO_ANSWER = -1
-"""The status of a request with no answer within ``TIMEOUT``."""
-BROKEN = 0
-"""The status of a request whose connection failed or closed without a status line."""
 
 ROWS = {
     "flask": "Flask, gunicorn",
@@ -92,19 +84,6 @@ ROWS = {
 }
 VARIANTS = ("bare", "guarded", "own-engine")
 FAULTS = ("blackhole", "refuse")
-
-
-@dataclass(slots=True)
-class Sample:
-    route: str
-    sent: float
-    status: int
-    latency: float
-    """Seconds to the whole answer; ``math.inf`` with no answer within ``TIMEOUT``."""
-
-    @property
-    def done(self) -> float:
-        return self.sent + self.latency
 
 
 @dataclass
@@ -156,20 +135,6 @@ class Figures:
         return missed
 
 
-def p99(latencies: list[float]) -> float:
-    """Nearest rank; an unanswered request is ``math.inf``."""
-    if not latencies:
-        return math.nan
-    ordered = sorted(latencies)
-    return ordered[max(0, math.ceil(0.99 * len(ordered)) - 1)]
-
-
-def counts(samples: list[Sample]) -> str:
-    names = {NO_ANSWER: "none", BROKEN: "broken"}
-    tally = Counter(names.get(s.status, str(s.status)) for s in samples)
-    return " ".join(f"{status}:{n}" for status, n in sorted(tally.items()))
-
-
 def figures(trace: Trace) -> Figures:
     t0, heal = trace.fault, trace.heal
     db = sorted(trace.of("db"), key=lambda s: s.sent)
@@ -206,28 +171,8 @@ def figures(trace: Trace) -> Figures:
 
 
 async def fetch(port: int, route: str, path: str, trace: Trace) -> None:
-    """One request on a connection of its own; its sample is added when it is answered or given up on."""
-    sent = time.monotonic()
-    status = BROKEN
-    writer: asyncio.StreamWriter | None = None
-    try:
-        async with asyncio.timeout(TIMEOUT):
-            reader, writer = await asyncio.open_connection(HOST, port)
-            writer.write(f"GET {path} HTTP/1.1\r\nHost: {HOST}\r\nConnection: close\r\n\r\n".encode())
-            line = await reader.readline()
-            parts = line.split()
-            if len(parts) >= 2 and parts[1].isdigit():
-                status = int(parts[1])
-            await reader.read()  # to the end: the server closes after the answer
-        latency = time.monotonic() - sent
-    except TimeoutError:
-        status, latency = NO_ANSWER, math.inf
-    except OSError:
-        status, latency = BROKEN, time.monotonic() - sent
-    finally:
-        if writer is not None:
-            writer.transport.abort()
-    trace.samples.append(Sample(route, sent, status, latency))
+    """One request on a connection of its own, with the ``TIMEOUT`` deadline; its sample goes to ``trace``."""
+    await _load.fetch(port, route, path, trace.samples, TIMEOUT)
 
 
 async def drive(port: int, proxy: TcpProxy, fault: str, timeline: tuple[float, float, float]) -> Trace:
@@ -270,88 +215,14 @@ async def drive(port: int, proxy: TcpProxy, fault: str, timeline: tuple[float, f
     return trace
 
 
-# -- servers ----------------------------------------------------------------------------------------
-
-
-_servers: set[subprocess.Popen[bytes]] = set()
-
-
-def stop_server(server: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the server's process group (its workers too), SIGKILL after 3 s."""
-    if server.poll() is None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=3)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-    _servers.discard(server)
-
-
-@atexit.register
-def _stop_all() -> None:
-    for server in list(_servers):
-        stop_server(server)
-
-
-def server_command(row: str, port: int) -> list[str]:
-    if row.startswith("fastapi"):
-        return [sys.executable, "-m", "uvicorn", "benchmarks.apps.outage_app:app", "--host", HOST,
-                "--port", str(port), "--workers", "1", "--no-access-log", "--log-level", "warning",
-                "--timeout-graceful-shutdown", "2"]  # fmt: skip
-    return [sys.executable, "-m", "gunicorn", "--worker-class", "gthread", "--workers", "1",
-            "--threads", str(THREADS), "--bind", f"{HOST}:{port}", "--log-level", "warning",
-            "--graceful-timeout", "2", "benchmarks.apps.outage_app:app"]  # fmt: skip
-
-
-@contextlib.contextmanager
-def serving(row: str, variant: str, db_port: int, log: Path) -> Iterator[int]:
-    """A fresh server for one variant of one row, its database on ``db_port``; yields its port once it serves."""
-    port = free_port()
-    env = {key: value for key, value in os.environ.items() if not key.startswith(("POOLGUARD_", "BENCH_"))}
-    env.pop("DJANGO_SETTINGS_MODULE", None)
-    env.update(
-        PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")])),
-        BENCH_ROW=row,
-        BENCH_VARIANT=variant,
-        BENCH_DB_PORT=str(db_port),
-        BENCH_THREADS=str(THREADS),
-    )
-    with log.open("wb") as out:
-        server = subprocess.Popen(
-            server_command(row, port), cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
-        )
-    _servers.add(server)
-    try:
-        asyncio.run(ready(port, server, log))
-        yield port
-    finally:
-        stop_server(server)
-
-
-async def ready(port: int, server: subprocess.Popen[bytes], log: Path) -> None:
-    """Up (``/nodb`` 200) within 60 s, then ten ``/db`` requests in a row answered 200 (the pool warm)."""
-    trace = Trace()
-    deadline = time.monotonic() + 60
-    while True:
-        await fetch(port, "nodb", "/nodb", trace)
-        if trace.samples[-1].status == 200:
-            break
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the server did not start:\n{log.read_text()[-3000:]}")
-        await asyncio.sleep(0.2)
-    for _ in range(10):
-        await fetch(port, "db", "/db", trace)
-        if trace.samples[-1].status != 200:
-            raise RuntimeError(f"/db answered {trace.samples[-1].status} before the fault:\n{log.read_text()[-3000:]}")
+# -- a scenario: a fresh server (``benchmarks._load``) behind a fresh proxy ----------------------------
 
 
 def scenario(row: str, variant: str, fault: str, timeline: tuple[float, float, float], tmp: Path) -> Figures:
     proxy = TcpProxy(PG, max_connections=500).start()
     try:
-        with serving(row, variant, proxy.port, tmp / f"{row}-{variant}-{fault}.log") as port:
+        log = tmp / f"{row}-{variant}-{fault}.log"
+        with _load.serving(row, variant, proxy.port, log, threads=THREADS) as port:
             trace = asyncio.run(drive(port, proxy, fault, timeline))
     finally:
         proxy.stop()
@@ -367,19 +238,6 @@ def seconds(value: float) -> str:
     if math.isinf(value):
         return f">{TIMEOUT:g} s" if value > 0 else "-"
     return f"{value * 1000:.0f} ms" if value < 1 else f"{value:.1f} s"
-
-
-def cell(values: list[float], show: Callable[[float], str], cap: str | None = None) -> str:
-    """The median, and the range when the runs differ."""
-
-    def shown(value: float) -> str:
-        return cap if cap is not None and math.isinf(value) else show(value)
-
-    middle = statistics.median_low(values) if any(math.isinf(v) for v in values) else statistics.median(values)
-    low, high = min(values), max(values)
-    if len(values) == 1 or low == high:
-        return shown(middle)
-    return f"{shown(middle)} ({shown(low)} to {shown(high)})"
 
 
 def recovery_text(recovery: float, after: float) -> str:

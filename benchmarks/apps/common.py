@@ -1,6 +1,7 @@
 """What the benchmark apps share: the database, the query, the variants and their OpenTelemetry set-ups.
 
-(The outage benchmark, ``benchmarks.outage``, serves other routes of the same apps: see ``outage_app``.)
+(The outage and overload benchmarks, ``benchmarks.outage`` and ``benchmarks.overload``, serve other
+routes of the same apps: see ``outage_app``.)
 
 Every app has one route, ``GET /select1``: one ``SELECT 1``, committed, answered ``{"one": 1}``. It is
 the cheapest route there is, so whatever poolguard adds is as large a share of it as it can be.
@@ -28,6 +29,13 @@ SELECT_1 = sa.text("SELECT 1")
 WORK_SQL = "SELECT pg_sleep(0.01)"
 """The outage benchmark's database route (``GET /db``): a 10 ms query, what a modest request waits on the database."""
 WORK = sa.text(WORK_SQL)
+
+HOLD_SECONDS = float(os.environ.get("BENCH_HOLD_SECONDS", "0.05"))
+"""How long the overload benchmark's route (``GET /work``) holds its connection: ``BENCH_HOLD_SECONDS``, 50 ms."""
+HOLD_SQL = f"SELECT pg_sleep({HOLD_SECONDS!r})"
+"""``GET /work``'s query: it holds a connection for ``HOLD_SECONDS`` and costs the database no CPU, so a
+pool of N connections serves at most N / ``HOLD_SECONDS`` requests per second however busy the cores are."""
+HOLD = sa.text(HOLD_SQL)
 
 
 def sync_url(port: int) -> str:

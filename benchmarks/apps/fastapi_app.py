@@ -3,7 +3,8 @@
 No ``from __future__ import annotations`` here: FastAPI reads each route's ``Annotated`` dependency
 at definition time, and the bare variant's dependency is local to its factory.
 
-``outage()`` is the outage benchmark's app (``benchmarks.outage``), with ``async def`` or ``def`` routes.
+``outage()`` is the outage and overload benchmarks' app (``benchmarks.outage``, ``benchmarks.overload``),
+with ``async def`` or ``def`` routes.
 """
 
 from collections.abc import AsyncIterator, Iterator
@@ -62,27 +63,36 @@ def make(variant: str) -> FastAPI:
     return guarded(**common.guard_options(variant))
 
 
-def outage(variant: str, port: int, *, sync: bool) -> FastAPI:
-    """``GET /db`` (a 10 ms query), ``GET /nodb`` (no database) and ``GET /health/db``, as users write them.
+def outage(variant: str, port: int, *, sync: bool, pool: int | None = None) -> FastAPI:
+    """``GET /db`` (a 10 ms query), ``GET /work`` (``common.HOLD``), ``GET /nodb`` (no database) and
+    ``GET /health/db``, as users write them.
 
     ``sync``: every route a ``def`` (run in the server's thread pool) on a psycopg engine; otherwise
     ``async def`` on asyncpg. Variants as in ``flask_app.outage``: ``bare`` (SQLAlchemy's defaults, a
     ``SELECT 1`` health route), ``guarded`` (the README's ``poolguard.create_engine`` /
     ``create_async_engine(url, service_name=...)``, ``Guard(engine)``, ``poolguard_lifespan`` and the
     middleware, defaults throughout), ``own-engine`` (the bare app's engine under the same guard).
+    ``pool`` (the overload benchmark): every variant's engine gets ``pool_size=pool, max_overflow=0``,
+    as a user sizes a pool, so bare and guarded have the same capacity.
     """
+    sizing: dict[str, int] = {} if pool is None else {"pool_size": pool, "max_overflow": 0}
+    overflow = None if pool is None else 0
     if variant == "bare":
-        return _bare_sync(port) if sync else _bare_async(port)
+        return _bare_sync(port, sizing) if sync else _bare_async(port, sizing)
     if sync:
         engine: sa.Engine | AsyncEngine = (
-            poolguard.create_engine(common.sync_url(port), service_name="outage-bench")
+            poolguard.create_engine(
+                common.sync_url(port), service_name="outage-bench", pool_size=pool, max_overflow=overflow
+            )
             if variant == "guarded"
-            else sa.create_engine(common.sync_url(port))
+            else sa.create_engine(common.sync_url(port), **sizing)
         )
     elif variant == "guarded":
-        engine = poolguard.create_async_engine(common.async_url(port), service_name="outage-bench")
+        engine = poolguard.create_async_engine(
+            common.async_url(port), service_name="outage-bench", pool_size=pool, max_overflow=overflow
+        )
     else:
-        engine = create_async_engine(common.async_url(port))
+        engine = create_async_engine(common.async_url(port), **sizing)
     guard = poolguard.Guard(engine)
     app = FastAPI(lifespan=poolguard_lifespan(guard))
     app.add_middleware(PoolGuardMiddleware, guard=guard, health_path="/health/db")
@@ -91,6 +101,11 @@ def outage(variant: str, port: int, *, sync: bool) -> FastAPI:
         @app.get("/db")
         def sync_work(db: SyncDbSession) -> dict[str, bool]:
             db.execute(common.WORK)
+            return {"ok": True}
+
+        @app.get("/work")
+        def sync_hold(db: SyncDbSession) -> dict[str, bool]:
+            db.execute(common.HOLD)
             return {"ok": True}
 
         @app.get("/nodb")
@@ -104,6 +119,11 @@ def outage(variant: str, port: int, *, sync: bool) -> FastAPI:
             await db.execute(common.WORK)
             return {"ok": True}
 
+        @app.get("/work")
+        async def hold(db: DbSession) -> dict[str, bool]:
+            await db.execute(common.HOLD)
+            return {"ok": True}
+
         @app.get("/nodb")
         async def nodb() -> dict[str, bool]:
             return {"ok": True}
@@ -111,8 +131,8 @@ def outage(variant: str, port: int, *, sync: bool) -> FastAPI:
     return app
 
 
-def _bare_async(port: int) -> FastAPI:
-    engine = create_async_engine(common.async_url(port))
+def _bare_async(port: int, sizing: dict[str, int]) -> FastAPI:
+    engine = create_async_engine(common.async_url(port), **sizing)
     session_factory = async_sessionmaker(engine)
 
     async def get_db() -> AsyncIterator[AsyncSession]:
@@ -124,6 +144,11 @@ def _bare_async(port: int) -> FastAPI:
     @app.get("/db")
     async def work(db: Annotated[AsyncSession, Depends(get_db)]) -> dict[str, bool]:
         await db.execute(common.WORK)
+        return {"ok": True}
+
+    @app.get("/work")
+    async def hold(db: Annotated[AsyncSession, Depends(get_db)]) -> dict[str, bool]:
+        await db.execute(common.HOLD)
         return {"ok": True}
 
     @app.get("/health/db")
@@ -139,8 +164,8 @@ def _bare_async(port: int) -> FastAPI:
     return app
 
 
-def _bare_sync(port: int) -> FastAPI:
-    engine = sa.create_engine(common.sync_url(port))
+def _bare_sync(port: int, sizing: dict[str, int]) -> FastAPI:
+    engine = sa.create_engine(common.sync_url(port), **sizing)
     session_factory = sessionmaker(engine)
 
     def get_db() -> Iterator[Session]:
@@ -152,6 +177,11 @@ def _bare_sync(port: int) -> FastAPI:
     @app.get("/db")
     def work(db: Annotated[Session, Depends(get_db)]) -> dict[str, bool]:
         db.execute(common.WORK)
+        return {"ok": True}
+
+    @app.get("/work")
+    def hold(db: Annotated[Session, Depends(get_db)]) -> dict[str, bool]:
+        db.execute(common.HOLD)
         return {"ok": True}
 
     @app.get("/health/db")

@@ -1,6 +1,7 @@
 """The Flask benchmark app, one ``Flask`` per variant (see ``common.COMPARISONS``); psycopg, QueuePool 4 + 0.
 
-``outage()`` is the outage benchmark's app (``benchmarks.outage``): each variant built as its users build it.
+``outage()`` is the outage and overload benchmarks' app (``benchmarks.outage``, ``benchmarks.overload``): each
+variant built as its users build it.
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def make(variant: str) -> Flask:
     return guarded(**common.guard_options(variant))
 
 
-def outage(variant: str, port: int, *, threads: int) -> Flask:
-    """``GET /db`` (a 10 ms query), ``GET /nodb`` (no database) and ``GET /health/db``, as users write them.
+def outage(variant: str, port: int, *, threads: int, pool: int | None = None) -> Flask:
+    """``GET /db`` (a 10 ms query), ``GET /work`` (``common.HOLD``), ``GET /nodb`` (no database) and
+    ``GET /health/db``, as users write them.
 
     - ``bare``: no poolguard, SQLAlchemy's own defaults (``create_engine(url)``: pool 5 + 10, no
       timeouts), and the health route such an app has: ``SELECT 1`` on the engine;
@@ -63,17 +65,29 @@ def outage(variant: str, port: int, *, threads: int) -> Flask:
       workers=<server threads>)``, ``PoolGuard(app, poolguard.Guard(engine))``, defaults throughout;
     - ``own-engine``: the bare app's engine under ``PoolGuard(app, poolguard.Guard(engine))``, as an
       app that builds its own engine (Flask-SQLAlchemy) adopts poolguard.
+
+    ``pool`` (the overload benchmark): every variant's engine gets ``pool_size=pool, max_overflow=0``,
+    passed as a user sizes a pool (to ``poolguard.create_engine`` too, where it wins over ``workers``),
+    so bare and guarded have the same capacity whatever the server's thread count.
     """
     url = common.sync_url(port)
+    sizing: dict[str, int] = {} if pool is None else {"pool_size": pool, "max_overflow": 0}
+    overflow = None if pool is None else 0
     app = Flask(variant)
     if variant == "bare":
-        engine = sa.create_engine(url)
+        engine = sa.create_engine(url, **sizing)
         session_factory = sessionmaker(engine)
 
         @app.get("/db")
         def work() -> dict[str, bool]:
             with session_factory.begin() as session:
                 session.execute(common.WORK)
+            return {"ok": True}
+
+        @app.get("/work")
+        def hold() -> dict[str, bool]:
+            with session_factory.begin() as session:
+                session.execute(common.HOLD)
             return {"ok": True}
 
         @app.get("/health/db")
@@ -84,14 +98,21 @@ def outage(variant: str, port: int, *, threads: int) -> Flask:
 
     else:
         if variant == "guarded":
-            engine = poolguard.create_engine(url, service_name="outage-bench", workers=threads)
+            engine = poolguard.create_engine(
+                url, service_name="outage-bench", workers=threads, pool_size=pool, max_overflow=overflow
+            )
         else:
-            engine = sa.create_engine(url)
+            engine = sa.create_engine(url, **sizing)
         PoolGuard(app, poolguard.Guard(engine))
 
         @app.get("/db")
         def guarded_work() -> dict[str, bool]:
             db.execute(common.WORK)
+            return {"ok": True}
+
+        @app.get("/work")
+        def guarded_hold() -> dict[str, bool]:
+            db.execute(common.HOLD)
             return {"ok": True}
 
     @app.get("/nodb")

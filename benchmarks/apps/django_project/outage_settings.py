@@ -4,7 +4,10 @@
 defaults) or ``django-persistent`` (``CONN_MAX_AGE=60``, a connection per thread kept across
 requests). ``BENCH_VARIANT``: ``bare`` (no poolguard; its health route is a ``SELECT 1`` view) or
 ``guarded`` (poolguard as the README adopts it: the app and the middleware, no ``POOLGUARD``
-options). ``BENCH_DB_PORT``: where the database is (the benchmark's TCP proxy).
+options). ``BENCH_DB_PORT``: where the database is (the outage benchmark's TCP proxy, or PostgreSQL).
+``BENCH_POOL`` (the overload benchmark): the psycopg pool's size, ``min_size = max_size``, for both
+variants, given as a user sizes it in ``OPTIONS``; per-thread connections have no pool, their
+capacity is the server's thread count (the benchmark sets it to the same number).
 """
 
 from __future__ import annotations
@@ -22,8 +25,9 @@ _DATABASE: dict[str, Any] = {
     "NAME": "test",
     "USER": "root",
 }
+_POOL = os.environ.get("BENCH_POOL")
 if ROW == "django-pool":
-    _DATABASE["OPTIONS"] = {"pool": True}
+    _DATABASE["OPTIONS"] = {"pool": {"min_size": int(_POOL), "max_size": int(_POOL)} if _POOL else True}
 else:
     _DATABASE["CONN_MAX_AGE"] = 60
 

@@ -1,4 +1,5 @@
-"""The outage benchmark's Django routes: ``db`` (a 10 ms query), ``nodb``, and the bare app's ``health/db``.
+"""The outage and overload benchmarks' Django routes: ``db`` (a 10 ms query), ``work`` (``common.HOLD_SQL``),
+``nodb``, and the bare app's ``health/db``.
 
 The guarded app's ``/health/db`` is poolguard's middleware's.
 """
@@ -19,6 +20,12 @@ def work(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"ok": True})
 
 
+def hold(request: HttpRequest) -> JsonResponse:
+    with connection.cursor() as cursor:
+        cursor.execute(common.HOLD_SQL)
+    return JsonResponse({"ok": True})
+
+
 def nodb(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"ok": True})
 
@@ -29,6 +36,6 @@ def health(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"status": "ok"})
 
 
-urlpatterns: list[URLPattern] = [path("db", work), path("nodb", nodb)]
+urlpatterns: list[URLPattern] = [path("db", work), path("work", hold), path("nodb", nodb)]
 if not settings.GUARDED:
     urlpatterns.append(path("health/db", health))
