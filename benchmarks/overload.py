@@ -64,8 +64,8 @@ schedule up to about 2,000 requests per second against a server that costs nothi
 p99 passes 5 ms or an answer is missing: on this machine, 2,000/s with a lag p99 of 1.8 ms, 2,500/s
 with 5.7 ms), using about 0.15 of a core at 300/s. Against the real servers it shares the two
 cores, so the default matrix keeps 3x capacity below 300 requests per second (about 285), where
-its lag p99 stays at 2-5 ms. The default matrix (5 rows x 2 variants x 2 rates x 2 runs, plus the
-capacities) takes about 16 minutes; ``--quick`` (3x only, 1 s warm-up, 4 s counted, 2 s of
+its lag p99 stays at 2-4 ms. The default matrix (5 rows x 2 variants x 2 rates x 2 runs, plus the
+capacities) takes about 13 minutes; ``--quick`` (3x only, 1 s warm-up, 4 s counted, 2 s of
 capacity, a 3 s deadline, 1 run) about 2.
 """
 
