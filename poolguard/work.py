@@ -213,6 +213,7 @@ class RequestScope:
         Django's own connections go back when Django ends the request, after the middleware has left.
         """
         _reset(self.gate.unit_var, self._unit_token)
+        self._failure = None  # its traceback holds the request's frames, and they this unit: a cycle for the GC
         if self.reserved is not None:
             self.gate.unreserve(self)
         if self._work_token is not None:

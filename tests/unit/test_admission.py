@@ -396,11 +396,11 @@ def stand_a_queue(clock: FakeClock, admission: Admission, order: list[str]) -> T
 
 
 def test_a_queue_standing_for_an_interval_gives_newcomers_the_short_budget(clock: FakeClock) -> None:
-    admission = make(clock, capacity=1, mean_use=MeanUse(0.008))
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.004))
     order: list[str] = []
     second = stand_a_queue(clock, admission, order)
     assert not admission.overloaded
-    # Behind "second", a newcomer would wait ~16 ms: within its own 1 s, not within OVERLOAD_WAIT.
+    # Behind "second", a newcomer would wait ~8 ms: within its own 1 s, not within OVERLOAD_WAIT.
     with pytest.raises(PoolSaturated):
         admission.acquire(1.0)
     assert admission.overloaded
@@ -413,37 +413,56 @@ def test_a_queue_standing_for_an_interval_gives_newcomers_the_short_budget(clock
 
 
 def test_under_overload_a_newcomer_waits_at_most_the_short_budget(clock: FakeClock) -> None:
-    admission = make(clock, capacity=1, mean_use=MeanUse(0.008))
+    mean_use = MeanUse(0.008)
+    admission = make(clock, capacity=1, mean_use=mean_use)
     order: list[str] = []
     second = stand_a_queue(clock, admission, order)
     with pytest.raises(PoolSaturated):
         admission.acquire(1.0)
     admission.release()
     second.join()
-    # Head of the queue: ~8 ms predicted, within OVERLOAD_WAIT, so it queues, but it gives up after it
-    # (real time: a 10 ms lock timeout) although its caller allowed 30 s.
+    # Head of the queue: ~4 ms predicted, within OVERLOAD_WAIT, so it queues, but it gives up after it
+    # (real time: a 5 ms lock timeout) although its caller allowed 30 s.
+    mean_use.value = 0.004
     late = ThreadWaiter(admission, "late", order).start_queued(expected_waiting=1)
     late.join()
     assert isinstance(late.error, PoolSaturated)
-    assert "0.010s" in str(late.error)  # the budget it had: OVERLOAD_WAIT, not the caller's 30 s
-    assert pytest.approx(0.010) == OVERLOAD_WAIT
+    assert "0.005s" in str(late.error)  # the budget it had: OVERLOAD_WAIT, not the caller's 30 s
+    assert pytest.approx(0.005) == OVERLOAD_WAIT
 
 
-def test_overload_ends_when_more_find_a_free_slot_than_are_refused(clock: FakeClock) -> None:
-    admission = make(clock, capacity=1, mean_use=MeanUse(0.008))
+def test_overload_holds_while_more_arrive_than_the_pool_serves(clock: FakeClock) -> None:
+    """One slot held 40 ms on average serves 2.5 requests per 100 ms interval."""
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.04))
     second = stand_a_queue(clock, admission, [])
     with pytest.raises(PoolSaturated):
-        admission.acquire(1.0)  # refused: one refusal in this interval
+        admission.acquire(1.0)  # the interval ends here: overload
     admission.release()
     second.join()
     admission.release()
-    for _ in range(2):  # two requests find the slot free: demand is below capacity again
+    for _ in range(2):  # found the slot free, and yet three arrivals in all: more than 2.5
         admission.acquire(1.0)
         admission.release()
     admission.acquire(0.0)
     clock.advance(INTERVAL)
     with pytest.raises(PoolSaturated):
         admission.acquire(0.0)  # the slow path, at the interval's end, decides
+    assert admission.overloaded
+
+
+def test_overload_ends_when_fewer_arrive_than_the_pool_serves(clock: FakeClock) -> None:
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.04))
+    second = stand_a_queue(clock, admission, [])
+    with pytest.raises(PoolSaturated):
+        admission.acquire(1.0)
+    assert admission.overloaded
+    admission.release()
+    second.join()
+    admission.release()
+    admission.acquire(0.0)  # one arrival in the interval, where the pool serves 2.5
+    clock.advance(INTERVAL)
+    with pytest.raises(PoolSaturated):
+        admission.acquire(0.0)
     assert not admission.overloaded
 
 
