@@ -108,6 +108,8 @@ TARGET_RATE = 3.0
 """The targets apply at this multiple of capacity."""
 LAG_LIMIT = 0.020
 """A send lag p99 above this: the client fell behind its schedule, the load was not open-loop."""
+FREE_RATE = 10.0
+"""``GET /nodb`` per second beside the load: what the server answers without the database, for reference."""
 CAPACITY_WARMUP = 1.0
 CLIENTS_PER_CONNECTION = 4
 QUICK = {"warmup": 1.0, "seconds": 4.0, "capacity_seconds": 2.0, "deadline": 3.0}
@@ -125,9 +127,13 @@ class Settings:
     deadline: float
     even: bool
 
-    def threads_of(self, row: str) -> int:
-        """gunicorn's threads: ``--threads``; per-thread connections: the pool's size (their capacity)."""
-        return self.pool if row == "django-persistent" else self.threads
+    def threads_of(self, row: str, variant: str = "bare") -> int:
+        """gunicorn's threads: ``--threads``; per-thread connections: the pool's size (their capacity), and
+        for guarded twice that with ``POOLGUARD["CAPACITY"]`` = the pool's size, as docs/adopting.md
+        adopts poolguard there (the excess must reach the app to be refused)."""
+        if row != "django-persistent":
+            return self.threads
+        return 2 * self.pool if variant == "guarded" else self.pool
 
     def server_env(self) -> dict[str, str]:
         return {"BENCH_POOL": str(self.pool), "BENCH_HOLD_SECONDS": repr(self.hold)}
@@ -138,7 +144,12 @@ class Settings:
             server = "uvicorn" + (", 40 threads" if row == "fastapi-sync" else "")
         else:
             server = f"gunicorn gthread {self.threads_of(row)} threads"
-        pool = f"{self.pool} connections, one per thread" if row == "django-persistent" else f"pool {self.pool}"
+        pool = (
+            f"{self.pool} connections, one per thread; guarded: {self.threads_of(row, 'guarded')} threads, "
+            f"CAPACITY {self.pool}"
+            if row == "django-persistent"
+            else f"pool {self.pool}"
+        )
         return f"{ROWS[row]} ({server}, {pool})"
 
 
@@ -172,6 +183,8 @@ class Figures:
     """Every outcome but 200 and 503, with how many of each."""
     lag_p99: float
     usage: Usage
+    free_p99: float
+    """The p99 latency of ``GET /nodb`` (no database) sent alongside: the server's own floor under this load."""
 
     def misses(self, capacity: float) -> list[str]:
         """The targets this scenario misses (they apply to guarded rows at 3x)."""
@@ -252,9 +265,10 @@ async def at(moment: float) -> None:
 
 async def open_loop(
     port: int, path: str, rate: float, settings: Settings, seed: int, meter: CpuMeter
-) -> tuple[list[tuple[float, Sample]], list[float]]:
+) -> tuple[list[tuple[float, Sample]], list[float], list[float]]:
     """Requests due at ``rate`` per second (Poisson or even), each on its own connection, for the warm-up
-    and the counted window; returns (when each counted request was due, its sample) and the counted lags."""
+    and the counted window; returns (when each counted request was due, its sample), the counted lags and
+    the counted latencies of ``GET /nodb``, sent evenly at :data:`FREE_RATE` beside them."""
     draw = random.Random(seed)
     due_samples: list[tuple[float, Sample]] = []
     lags: list[tuple[float, float]] = []
@@ -274,7 +288,24 @@ async def open_loop(
         await at(end)
         await asyncio.to_thread(meter.close)
 
+    free: list[tuple[float, Sample]] = []
+
+    async def reference(due: float) -> None:
+        mine: list[Sample] = []
+        await _load.fetch(port, "nodb", "/nodb", mine, settings.deadline)
+        free.append((due, mine[0]))
+
+    async def references() -> None:
+        due = start
+        while due < end:
+            await at(due)
+            task = asyncio.create_task(reference(due))
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            due += 1 / FREE_RATE
+
     measuring = asyncio.create_task(measure())
+    referencing = asyncio.create_task(references())
     due = start
     while due < end:
         await at(due)
@@ -283,10 +314,12 @@ async def open_loop(
         task.add_done_callback(pending.discard)
         due += draw.expovariate(rate) if not settings.even else 1 / rate
     await measuring
+    await referencing
     while pending:  # each bounded by the deadline
         await asyncio.gather(*list(pending))
     in_window = [(d, s) for d, s in due_samples if counted <= d < end]
-    return in_window, [lag for d, lag in lags if counted <= d < end]
+    free_latencies = [s.latency for d, s in free if counted <= d < end and s.status == 200]
+    return in_window, [lag for d, lag in lags if counted <= d < end], free_latencies
 
 
 async def closed_loop(port: int, path: str, clients: int, warmup: float, seconds: float, deadline: float) -> float:
@@ -303,7 +336,9 @@ async def closed_loop(port: int, path: str, clients: int, warmup: float, seconds
     return sum(s.status == 200 and counted <= s.done < end for s in samples) / seconds
 
 
-def figures(window: list[tuple[float, Sample]], lags: list[float], settings: Settings, meter: CpuMeter) -> Figures:
+def figures(
+    window: list[tuple[float, Sample]], lags: list[float], free: list[float], settings: Settings, meter: CpuMeter
+) -> Figures:
     samples = [s for _, s in window]
     ok = [s.latency for s in samples if s.status == 200]
     shed = [s.latency for s in samples if s.status == 503]
@@ -320,6 +355,7 @@ def figures(window: list[tuple[float, Sample]], lags: list[float], settings: Set
         other=counts([s for s in samples if s.status not in (200, 503)]),
         lag_p99=percentile(lags, 0.99),
         usage=meter.usage,
+        free_p99=percentile(free, 0.99),
     )
 
 
@@ -336,11 +372,11 @@ def capacity(row: str, settings: Settings, tmp: Path) -> float:
 
 def scenario(row: str, variant: str, rate: float, seed: int, settings: Settings, tmp: Path) -> Figures:
     log = tmp / f"{row}-{variant}-{rate:g}.log"
-    threads = settings.threads_of(row)
+    threads = settings.threads_of(row, variant)
     with _load.serve(row, variant, PG_PORT, log, threads=threads, env=settings.server_env()) as (port, server):
         meter = CpuMeter(server.pid)  # the server's own session: its process group's id is its pid
-        window, lags = asyncio.run(open_loop(port, "/work", rate, settings, seed, meter))
-    return figures(window, lags, settings, meter)
+        window, lags, free = asyncio.run(open_loop(port, "/work", rate, settings, seed, meter))
+    return figures(window, lags, free, settings, meter)
 
 
 # -- the client's ceiling ------------------------------------------------------------------------------
@@ -358,8 +394,8 @@ def client_ceiling(settings: Settings) -> int:
         print("| offered req/s | sent req/s | lag p99 | latency p99 | answered 200 |\n|---:|---:|---:|---:|---:|")
         for rate in (100, 200, 300, 400, 600, 800, 1000, 1200, 1400, 1600, 1800, 2000, 2500, 3000):
             meter = CpuMeter(None)
-            window, lags = asyncio.run(open_loop(port, "/", rate, settings, rate, meter))
-            found = figures(window, lags, settings, meter)
+            window, lags, free = asyncio.run(open_loop(port, "/", rate, settings, rate, meter))
+            found = figures(window, lags, free, settings, meter)
             print(
                 f"| {rate} | {found.offered:.0f} | {ms(found.lag_p99)} | {ms(found.ok_p99)} | "
                 f"{found.ok / max(1, found.sent):.1%} |",
@@ -436,6 +472,7 @@ def report_row(
         median_cell([float(r.shed) for r in runs], count, spread=False)
         + f" ({median_cell([r.shed / max(1, r.sent) for r in runs], percent, spread=False)})",
         latencies([r.shed_p50 for r in runs], [r.shed_p99 for r in runs]),
+        median_cell([r.free_p99 for r in runs], ms),
         "; ".join(others) or "0",
         " / ".join(
             median_cell([getattr(r.usage, name) for r in runs], "{:.2f}".format, spread=False)
@@ -449,8 +486,8 @@ def report_row(
 
 HEADER = (
     "| row | variant | load | offered req/s | goodput ≤300 ms, of capacity | 200s | 200 p50 / p99 | 503s | "
-    "503 p50 / p99 | other | cores: server / client / PostgreSQL / rest | lag p99 | targets |\n"
-    "|---|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"
+    "503 p50 / p99 | DB-free p99 | other | cores: server / client / PostgreSQL / rest | lag p99 | targets |\n"
+    "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---|"
 )
 
 

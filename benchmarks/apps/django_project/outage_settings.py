@@ -7,7 +7,8 @@ requests). ``BENCH_VARIANT``: ``bare`` (no poolguard; its health route is a ``SE
 options). ``BENCH_DB_PORT``: where the database is (the outage benchmark's TCP proxy, or PostgreSQL).
 ``BENCH_POOL`` (the overload benchmark): the psycopg pool's size, ``min_size = max_size``, for both
 variants, given as a user sizes it in ``OPTIONS``; per-thread connections have no pool, their
-capacity is the server's thread count (the benchmark sets it to the same number).
+capacity is the server's thread count (the benchmark sets it to the same number), and guarded
+they get ``POOLGUARD["CAPACITY"]`` = ``BENCH_POOL`` under twice the threads, as docs/adopting.md says.
 """
 
 from __future__ import annotations
@@ -40,3 +41,5 @@ LOGGING_CONFIG = None
 DATABASES = {"default": _DATABASE}
 INSTALLED_APPS = ["poolguard.django"] if GUARDED else []
 MIDDLEWARE = ["poolguard.django.PoolGuardMiddleware"] if GUARDED else []
+if GUARDED and ROW == "django-persistent" and _POOL:
+    POOLGUARD = {"CAPACITY": int(_POOL)}
