@@ -107,18 +107,23 @@ def group_cpu_seconds(group: int) -> float:
 
 
 def wrk(base: str, paths: list[str], seconds: int, connections: int) -> int:
-    """Requests made in ``seconds``; an error or an answer other than 2xx fails the run."""
+    """Requests made in ``seconds``, the paths in turn (``alternate.lua``)."""
+    script = ["-s", str(ROOT / "benchmarks" / "alternate.lua")]
+    output = wrk_output(base + "/", seconds, connections, script, {"BENCH_PATHS": ",".join(paths)})
+    return int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]  # checked
+
+
+def wrk_output(url: str, seconds: int, connections: int, extra: list[str], env: dict[str, str]) -> str:
+    """wrk's report; an error or an answer other than 2xx fails the run."""
     output = subprocess.run(
-        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "5s",
-         "-s", str(ROOT / "benchmarks" / "alternate.lua"), base + "/"],
-        env={**os.environ, "BENCH_PATHS": ",".join(paths)}, capture_output=True, text=True, check=True,
-        timeout=seconds + 30,
+        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "5s", *extra, url],
+        env={**os.environ, **env}, capture_output=True, text=True, check=True, timeout=seconds + 30,
     ).stdout  # fmt: skip
-    total = re.search(r"(\d+) requests in", output)
+    counted = re.search(r"(\d+) requests in", output) and re.search(r"Requests/sec:\s+[\d.]+", output)
     errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output) or re.search(r"Socket errors: (.*)", output)
-    if total is None or errors is not None:
+    if not counted or errors is not None:
         raise RuntimeError(f"wrk saw errors or answers other than 2xx:\n{output}")
-    return int(total.group(1))
+    return output
 
 
 def get(url: str) -> bytes:

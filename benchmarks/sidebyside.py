@@ -10,7 +10,9 @@ each number of connections, every round runs wrk for ``--duration`` s on one ser
 other (which goes first alternates by round), after a warm-up of both. A round's ratio is guarded
 over bare requests per second; the figure is the median ratio over rounds, with the range. This is
 what a user sees in throughput (everything that grows with concurrency included: lock contention,
-GIL hand-offs, collection), where ``benchmarks.server`` takes CPU per request inside one server.
+GIL hand-offs, collection). Beside it, each server's CPU per request over the same rounds (its
+process group's, from /proc): bare over guarded, the throughput ratio a CPU-bound server would show
+if nothing but CPU per request differed, so the two figures tell the CPU cost from the rest.
 Any answer other than 2xx fails the run.
 """
 
@@ -27,7 +29,7 @@ import sys
 import time
 import urllib.request
 
-from benchmarks.server import HOST, ROOT, free_port, versions
+from benchmarks.server import HOST, ROOT, free_port, group_cpu_seconds, versions, wrk_output
 
 PATHS = {"fsa": "/authors/1", "select1": "/select1"}
 VARIANTS = ("bare", "guarded")
@@ -70,17 +72,11 @@ class Server:
         self.process.wait(timeout=30)
 
 
-def wrk(url: str, seconds: int, connections: int) -> float:
-    """Requests per second; an error or an answer other than 2xx fails the run."""
-    output = subprocess.run(
-        ["wrk", "-t", "1", "-c", str(connections), "-d", f"{seconds}s", "--timeout", "5s", url],
-        capture_output=True, text=True, check=True, timeout=seconds + 30,
-    ).stdout  # fmt: skip
-    rate = re.search(r"Requests/sec:\s+([\d.]+)", output)
-    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output) or re.search(r"Socket errors: (.*)", output)
-    if rate is None or errors is not None:
-        raise RuntimeError(f"wrk saw errors or answers other than 2xx:\n{output}")
-    return float(rate.group(1))
+def wrk(url: str, seconds: int, connections: int) -> tuple[float, int]:
+    """Requests per second and requests made; an error or an answer other than 2xx fails the run."""
+    output = wrk_output(url, seconds, connections, [], {})
+    rate = float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1))  # type: ignore[union-attr]  # checked
+    return rate, int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
 
 
 def seed(app: str) -> None:
@@ -129,24 +125,37 @@ def main() -> int:
     try:
         for server in servers.values():
             server.wait_until_up(path)
-        print("\n| connections | round | bare req/s | guarded req/s | guarded / bare |\n|---:|---:|---:|---:|---:|")
+        print(
+            "\n| connections | round | bare req/s | guarded req/s | guarded / bare | server CPU µs/req: bare | "
+            "guarded | bare / guarded |\n|---:|---:|---:|---:|---:|---:|---:|---:|"
+        )
         summary = []
         for connections in counts:
             for server in servers.values():
-                wrk(server.base + path, WARMUP, connections)
-            ratios = []
+                wrk(server.base + path, WARMUP, connections)  # warm-up, not counted
+            ratios, cpu_ratios = [], []
             rates: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
+            cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
             for number in range(1, args.rounds + 1):
                 order = VARIANTS if number % 2 else VARIANTS[::-1]
                 for variant in order:
-                    rates[variant].append(wrk(servers[variant].base + path, args.duration, connections))
+                    pid = servers[variant].process.pid  # its own session: the group's id is its pid
+                    before = group_cpu_seconds(pid)
+                    rate, requests = wrk(servers[variant].base + path, args.duration, connections)
+                    rates[variant].append(rate)
+                    cpu[variant].append((group_cpu_seconds(pid) - before) / requests * 1e6)
                 ratios.append(rates["guarded"][-1] / rates["bare"][-1])
+                cpu_ratios.append(cpu["bare"][-1] / cpu["guarded"][-1])
                 print(f"| {connections} | {number} | {rates['bare'][-1]:,.0f} | {rates['guarded'][-1]:,.0f} | "
-                      f"{ratios[-1]:.3f} |", flush=True)  # fmt: skip
+                      f"{ratios[-1]:.3f} | {cpu['bare'][-1]:,.0f} | {cpu['guarded'][-1]:,.0f} | "
+                      f"{cpu_ratios[-1]:.3f} |", flush=True)  # fmt: skip
             summary.append(
                 f"- {connections} connections: guarded / bare {statistics.median(ratios):.3f} "
                 f"({min(ratios):.3f} to {max(ratios):.3f}); bare {statistics.median(rates['bare']):,.0f} req/s, "
-                f"guarded {statistics.median(rates['guarded']):,.0f} req/s (medians)"
+                f"guarded {statistics.median(rates['guarded']):,.0f} req/s (medians); server CPU per request, "
+                f"bare / guarded {statistics.median(cpu_ratios):.3f} ({min(cpu_ratios):.3f} to "
+                f"{max(cpu_ratios):.3f}): {statistics.median(cpu['bare']):,.0f} against "
+                f"{statistics.median(cpu['guarded']):,.0f} µs"
             )
         print("\nMedian over rounds (range):\n" + "\n".join(summary))
     finally:

@@ -102,7 +102,10 @@ class Gate:
         self.wait_times = SlidingWindow()
         self.use_times = SlidingWindow()
         self.create_times = SlidingWindow(size=256)
-        self.admission = Admission(pool.counts().capacity, pool_name=name, mean_use=self._mean_use, clock=clock)
+        capacity = pool.counts().capacity
+        self.admission = Admission(
+            capacity, pool_name=name, mean_use=self._mean_use, clock=clock, next_release=self._next_release
+        )
         self.leaks = LeakTracker(pool_name=name, threshold=leak_threshold, clock=clock, on_leak=self._on_leak)
         self.telemetry = PoolTelemetry(
             pool_name=name,
@@ -136,6 +139,11 @@ class Gate:
     def _mean_use(self) -> float:
         """How long a held connection is expected to take still: the mean of the last few use times."""
         return self.use_times.mean_of_last(MEAN_USE_SAMPLES)
+
+    def _next_release(self) -> float | None:
+        """Seconds until the longest-held connection is expected back, by the mean use time; None when none is held."""
+        oldest = self.leaks.oldest()
+        return None if oldest is None else max(0.0, self._mean_use() - (self.clock() - oldest))
 
     def checkout(
         self,
@@ -233,12 +241,9 @@ class Gate:
     async def areserve(self, unit: Unit) -> None:
         """Takes the unit's first admission slot now, on the event loop, ahead of its first checkout.
 
-        A sync endpoint (FastAPI's ``def`` routes) runs in a worker thread, and a checkout that waits
-        for a slot there holds the thread: with enough of them waiting, the requests that hold
-        connections starve for a thread to finish in. Waiting here, the endpoint takes a thread only
-        once it can have a connection. Refusals are the checkout's (too late, saturated); with the
-        breaker not closed nothing is taken ahead, and the checkout decides as always.
-        """
+        A sync endpoint (FastAPI's ``def`` routes) waiting for a slot in its worker thread holds the
+        thread that requests holding connections may need to finish. Refusals are the checkout's; with
+        the breaker not closed nothing is taken ahead, and the checkout decides as always."""
         breaker = self.breaker
         if unit.reserved is not None or (breaker is not None and not breaker.closed):
             return

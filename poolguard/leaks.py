@@ -144,6 +144,11 @@ class LeakTracker:
         deadline = self._clock() - self._threshold
         return sum(1 for holder in list(self.by_key.values()) if holder.since <= deadline)
 
+    def oldest(self) -> float | None:
+        """When the longest-held connection was taken (None: none is held)."""
+        held = list(self.by_key.values())
+        return min(holder.since for holder in held) if held else None
+
     def holders(self) -> list[Holder]:
         """A copy of every current holder, oldest first."""
         return list(self.by_key.values())

@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -32,6 +31,7 @@ import psycopg
 import pytest
 
 from tests.support.databases import DATABASE, DEAD_PORT, HOST, PG_CONNINFO, PG_PORT, USER
+from tests.support.servers import ServerProcess, serving
 from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
@@ -66,60 +66,18 @@ def _env(schema: str, **extra: str) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class Server:
-    """gunicorn, one worker of THREADS threads, its output in a file (read at the end, never a full pipe)."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.app_name = env["DB_APPLICATION_NAME"]
-        self.log = log
-        port = _free_port()
-        self.url = f"http://127.0.0.1:{port}"
-        command = [
-            sys.executable, "-m", "gunicorn", "warehouse.wsgi:application", "--chdir", str(PROJECT),
-            "--bind", f"127.0.0.1:{port}", "--workers", "1", "--worker-class", "gthread",
-            "--threads", str(THREADS), "--log-level", "warning",
-        ]  # fmt: skip
-        with log.open("wb") as output:
-            self.process = subprocess.Popen(command, cwd=PROJECT, env=env, stdout=output, stderr=subprocess.STDOUT)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-    def wait_ready(self, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"gunicorn exited with {self.process.returncode}:\n{self.output()}")
-            try:
-                httpx.get(self.url + "/api/ping/", timeout=0.5)
-                return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise AssertionError(f"gunicorn at {self.url} not ready after {timeout}s:\n{self.output()}")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+GUNICORN = [
+    sys.executable, "-m", "gunicorn", "warehouse.wsgi:application", "--chdir", str(PROJECT),
+    "--bind", "127.0.0.1:{port}", "--workers", "1", "--worker-class", "gthread",
+    "--threads", str(THREADS), "--log-level", "warning",
+]  # fmt: skip
+"""gunicorn, one worker of THREADS threads."""
 
 
 @contextlib.contextmanager
-def _serving(env: dict[str, str], log: Path) -> Iterator[Server]:
-    server = Server(env, log)
-    try:
-        server.wait_ready()
+def _serving(env: dict[str, str], log: Path) -> Iterator[ServerProcess]:
+    with serving(GUNICORN, cwd=PROJECT, env=env, log=log, ready="/api/ping/") as server:
         yield server
-    finally:
-        server.stop()
 
 
 def _manage(*arguments: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
@@ -150,7 +108,7 @@ def schema() -> Iterator[str]:
 
 
 @pytest.fixture(scope="module")
-def server(schema: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+def server(schema: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     """Persistent connections (``DB_CONN_MAX_AGE=60``), as the settings default to."""
     log = tmp_path_factory.mktemp("drf") / "gunicorn.log"
     with _serving(_env(schema, DB_CONN_MAX_AGE="60"), log) as running:
@@ -173,7 +131,7 @@ def _sku() -> str:
     return f"SKU-{uuid.uuid4().hex[:12]}"
 
 
-def _load(server: Server, clients: int, requests: int, product_id: int) -> tuple[list[int | str], int]:
+def _load(server: ServerProcess, clients: int, requests: int, product_id: int) -> tuple[list[int | str], int]:
     """``clients`` concurrent keep-alive clients, ``requests`` reads and writes in all: the statuses (or the
     client's error), and the most PostgreSQL sessions of the server's application_name seen after any request."""
     statuses: list[int | str] = []
@@ -198,7 +156,8 @@ def _load(server: Server, clients: int, requests: int, product_id: int) -> tuple
                 else:
                     response = client.get(f"/api/products/{product_id}/" if index % 2 else "/api/products/")
                 row = observer.execute(
-                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s", [server.app_name]
+                    "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                    [server.env["DB_APPLICATION_NAME"]],
                 ).fetchone()
                 with lock:
                     statuses.append(response.status_code)
@@ -212,13 +171,13 @@ def _load(server: Server, clients: int, requests: int, product_id: int) -> tuple
     return statuses, most[0]
 
 
-def _product(server: Server) -> int:
+def _product(server: ServerProcess) -> int:
     created = httpx.post(server.url + "/api/products/", json={"sku": _sku(), "name": "Screw", "price": "0.02"})
     assert created.status_code == 201, created.text
     return int(created.json()["id"])
 
 
-def test_crud_validation_404_and_health(server: Server, schema: str) -> None:
+def test_crud_validation_404_and_health(server: ServerProcess, schema: str) -> None:
     with httpx.Client(base_url=server.url, timeout=10) as client:
         sku = _sku()
         created = client.post("/api/products/", json={"sku": sku, "name": "Bolt", "price": "0.25", "quantity": 10})
@@ -265,7 +224,7 @@ def test_crud_validation_404_and_health(server: Server, schema: str) -> None:
         assert health.content == b'{"status":"ok"}'
 
 
-def test_a_restock_that_saves_then_raises_leaves_nothing_written(server: Server, schema: str) -> None:
+def test_a_restock_that_saves_then_raises_leaves_nothing_written(server: ServerProcess, schema: str) -> None:
     with httpx.Client(base_url=server.url, timeout=10) as client:
         created = client.post("/api/products/", json={"sku": _sku(), "name": "Nut", "price": "0.10", "capacity": 100})
         assert created.status_code == 201, created.text
@@ -284,16 +243,16 @@ def test_a_restock_that_saves_then_raises_leaves_nothing_written(server: Server,
     assert _query(schema, "SELECT change FROM inventory_stockmovement WHERE product_id = %s", [product_id]) == [(60,)]
 
 
-def test_persistent_connections_stay_one_per_thread(server: Server) -> None:
+def test_persistent_connections_stay_one_per_thread(server: ServerProcess) -> None:
     product_id = _product(server)
     statuses, most = _load(server, clients=THREADS, requests=200, product_id=product_id)
     assert statuses == [200] * 200
     assert 1 <= most <= THREADS
-    kept = _sessions(server.app_name)
+    kept = _sessions(server.env["DB_APPLICATION_NAME"])
     assert 1 <= len(kept) <= THREADS  # CONN_MAX_AGE=60: the sessions outlive the requests...
     statuses, _ = _load(server, clients=THREADS, requests=40, product_id=product_id)
     assert statuses == [200] * 40
-    again = _sessions(server.app_name)
+    again = _sessions(server.env["DB_APPLICATION_NAME"])
     assert kept <= again  # ...and serve the next ones: none was closed and replaced
     assert len(again) <= THREADS
 

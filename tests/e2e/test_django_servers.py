@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import socket
-import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Iterator
@@ -23,6 +22,7 @@ import pytest
 
 from tests.e2e.saturation import TOKEN, check_full_pool_is_shed
 from tests.support.databases import DATABASE, DEAD_PORT, HOST, PG_CONNINFO, PG_PORT, USER
+from tests.support.servers import ServerProcess, serving
 
 pytestmark = pytest.mark.postgres
 
@@ -40,85 +40,35 @@ def _env(**extra: str) -> dict[str, str]:
     return env
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _command(server: str, port: int) -> list[str]:
-    if server == "gunicorn":
-        return [
-            sys.executable, "-m", "gunicorn", "example.wsgi:application", "--chdir", str(PROJECT),
-            "--bind", f"127.0.0.1:{port}", "--workers", "1", "--threads", "4", "--log-level", "warning",
-        ]  # fmt: skip
-    return [
+COMMANDS = {
+    "gunicorn": [
+        sys.executable, "-m", "gunicorn", "example.wsgi:application", "--chdir", str(PROJECT),
+        "--bind", "127.0.0.1:{port}", "--workers", "1", "--threads", "4", "--log-level", "warning",
+    ],
+    "uvicorn": [
         sys.executable, "-m", "uvicorn", "example.asgi:application", "--app-dir", str(PROJECT),
-        "--host", "127.0.0.1", "--port", str(port), "--log-level", "warning",
-    ]  # fmt: skip
-
-
-class Server:
-    def __init__(self, server: str, env: dict[str, str]) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.process = subprocess.Popen(
-            _command(server, self.port), cwd=PROJECT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
-        )
-
-    def wait_ready(self, timeout: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                output = self.process.stdout.read().decode() if self.process.stdout else ""
-                raise AssertionError(f"server exited with {self.process.returncode}:\n{output}")
-            try:
-                httpx.get(self.url + "/", timeout=0.5)
-                return
-            except httpx.TransportError:
-                time.sleep(0.1)
-        raise AssertionError(f"server at {self.url} not ready after {timeout}s")
-
-    def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        if self.process.stdout:
-            self.process.stdout.close()
-
-
-@pytest.fixture(scope="module")
-def migrated() -> None:
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
-        cwd=PROJECT,
-        env=_env(**PG),
-        check=True,
-        timeout=60,
-    )
+        "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning",
+    ],
+}  # fmt: skip
 
 
 @contextlib.contextmanager
-def _running(server: str, env: dict[str, str]) -> Iterator[Server]:
-    running = Server(server, env)
-    try:
-        running.wait_ready()
+def _running(server: str, env: dict[str, str]) -> Iterator[ServerProcess]:
+    with (
+        tempfile.TemporaryDirectory(prefix="poolguard-django-e2e-") as tmp,
+        serving(COMMANDS[server], cwd=PROJECT, env=env, log=Path(tmp) / f"{server}.log") as running,
+    ):
         yield running
-    finally:
-        running.stop()
 
 
 @pytest.fixture(params=["gunicorn", "uvicorn"])
-def server(request: pytest.FixtureRequest, migrated: None) -> Iterator[Server]:
+def server(request: pytest.FixtureRequest, migrated: None) -> Iterator[ServerProcess]:
     with _running(request.param, _env(**PG)) as running:
         yield running
 
 
 @pytest.fixture(params=["gunicorn", "uvicorn"])
-def small_pool_server(request: pytest.FixtureRequest, migrated: None) -> Iterator[Server]:
+def small_pool_server(request: pytest.FixtureRequest, migrated: None) -> Iterator[ServerProcess]:
     """Django's psycopg pool of at most two connections; the example's POOLGUARD keeps MAX_WAIT at 1 s."""
     env = _env(**{**PG, "PGPASSWORD": PASSWORD}, DB_POOL_MAX_SIZE="2", HEALTH_TOKEN=TOKEN)
     with _running(request.param, env) as running:
@@ -126,7 +76,7 @@ def small_pool_server(request: pytest.FixtureRequest, migrated: None) -> Iterato
 
 
 @pytest.fixture(params=["gunicorn", "uvicorn"])
-def down_server(request: pytest.FixtureRequest) -> Iterator[Server]:
+def down_server(request: pytest.FixtureRequest) -> Iterator[ServerProcess]:
     env = _env(**{**PG, "PGPORT": str(DEAD_PORT), "PGPASSWORD": PASSWORD}, POOLGUARD_BREAKER_CONSECUTIVE_FAILURES="1")
     with _running(request.param, env) as running:
         yield running
@@ -138,7 +88,7 @@ def _row_exists(name: str) -> bool:
     return bool(row and row[0])
 
 
-def test_routes_commit_roll_back_and_report_health(server: Server) -> None:
+def test_routes_commit_roll_back_and_report_health(server: ServerProcess) -> None:
     with httpx.Client(base_url=server.url, timeout=10) as client:
         assert client.get("/").status_code == 200
         kept, dropped = f"e2e-{uuid.uuid4().hex[:10]}", f"e2e-{uuid.uuid4().hex[:10]}"
@@ -153,7 +103,7 @@ def test_routes_commit_roll_back_and_report_health(server: Server) -> None:
         assert health.content == b'{"status":"ok"}'
 
 
-def test_unreachable_database_gives_503_while_the_db_free_route_answers(down_server: Server) -> None:
+def test_unreachable_database_gives_503_while_the_db_free_route_answers(down_server: ServerProcess) -> None:
     with httpx.Client(base_url=down_server.url, timeout=10) as client:
         first = client.get("/items")  # the refused connect: counted on the breaker, answered with the 503
         assert first.status_code == 503
@@ -175,5 +125,5 @@ def test_unreachable_database_gives_503_while_the_db_free_route_answers(down_ser
             assert PASSWORD not in str(answer.headers)
 
 
-def test_full_pool_sheds_with_503_pool_saturated(small_pool_server: Server) -> None:
+def test_full_pool_sheds_with_503_pool_saturated(small_pool_server: ServerProcess) -> None:
     check_full_pool_is_shed(small_pool_server.url, capacity=2, max_wait=1.0, password=PASSWORD)

@@ -396,11 +396,11 @@ def stand_a_queue(clock: FakeClock, admission: Admission, order: list[str]) -> T
 
 
 def test_a_queue_standing_for_an_interval_gives_newcomers_the_short_budget(clock: FakeClock) -> None:
-    admission = make(clock, capacity=1, mean_use=MeanUse(0.004))
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.008))
     order: list[str] = []
     second = stand_a_queue(clock, admission, order)
     assert not admission.overloaded
-    # Behind "second", a newcomer would wait ~8 ms: within its own 1 s, not within OVERLOAD_WAIT.
+    # Behind "second", a newcomer would wait ~16 ms: within its own 1 s, not within OVERLOAD_WAIT.
     with pytest.raises(PoolSaturated):
         admission.acquire(1.0)
     assert admission.overloaded
@@ -421,14 +421,13 @@ def test_under_overload_a_newcomer_waits_at_most_the_short_budget(clock: FakeClo
         admission.acquire(1.0)
     admission.release()
     second.join()
-    # Head of the queue: ~4 ms predicted, within OVERLOAD_WAIT, so it queues, but it gives up after it
-    # (real time: a 5 ms lock timeout) although its caller allowed 30 s.
-    mean_use.value = 0.004
+    # Head of the queue: ~8 ms predicted, within OVERLOAD_WAIT, so it queues, but it gives up after it
+    # (real time: a 10 ms lock timeout) although its caller allowed 30 s.
     late = ThreadWaiter(admission, "late", order).start_queued(expected_waiting=1)
     late.join()
     assert isinstance(late.error, PoolSaturated)
-    assert "0.005s" in str(late.error)  # the budget it had: OVERLOAD_WAIT, not the caller's 30 s
-    assert pytest.approx(0.005) == OVERLOAD_WAIT
+    assert "0.010s" in str(late.error)  # the budget it had: OVERLOAD_WAIT, not the caller's 30 s
+    assert pytest.approx(0.010) == OVERLOAD_WAIT
 
 
 def test_overload_holds_while_more_arrive_than_the_pool_serves(clock: FakeClock) -> None:
@@ -480,3 +479,12 @@ def test_a_moment_with_a_free_slot_is_not_a_standing_queue(clock: FakeClock) -> 
     admission.release()
     newcomer.join()
     assert newcomer.error is None
+
+
+def test_the_head_waits_until_the_longest_held_connection_is_due_back(clock: FakeClock) -> None:
+    due: list[float | None] = [None]
+    admission = Admission(4, pool_name="primary", mean_use=MeanUse(0.040), clock=clock, next_release=lambda: due[0])
+    assert admission.predicted_wait(0) == pytest.approx(0.010)  # unknown: spread evenly, 40 ms / 4
+    due[0] = 0.002  # a connection is about to come back
+    assert admission.predicted_wait(0) == pytest.approx(0.002)
+    assert admission.predicted_wait(2) == pytest.approx(0.022)  # then one every 10 ms

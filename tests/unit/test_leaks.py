@@ -315,3 +315,13 @@ def test_no_stack_is_formatted_when_debug_is_off(clock: FakeClock, caplog: pytes
     assert len(records) == 1
     assert records[0].levelno == logging.WARNING
     assert "\n" not in records[0].getMessage()
+
+
+def test_oldest_is_when_the_longest_held_connection_was_taken(clock: FakeClock) -> None:
+    tracker = make(clock)
+    assert tracker.oldest() is None
+    tracker.by_key["late"] = Holder(clock() + 2.0)
+    tracker.by_key["early"] = Holder(clock() + 1.0)
+    assert tracker.oldest() == clock() + 1.0
+    del tracker.by_key["early"]
+    assert tracker.oldest() == clock() + 2.0
