@@ -15,7 +15,9 @@ from ``benchmarks/apps/outage_app.py``; client and server helpers in ``benchmark
 - ``fastapi-sync``: FastAPI, ``def`` routes (anyio's 40 worker threads), under uvicorn, psycopg;
 - ``django-pool``: Django under gunicorn (gthread 1 x ``--threads``) with its psycopg pool;
 - ``django-persistent``: Django under gunicorn with ``CONN_MAX_AGE=60`` and no pool: one connection
-  per thread, so its capacity is its thread count, set to ``--pool`` (the queue forms in gunicorn).
+  per thread, so its capacity is its thread count, ``--pool`` for bare (the queue forms in gunicorn);
+  guarded as docs/adopting.md adopts poolguard there: twice the threads and ``POOLGUARD["CAPACITY"]``
+  = ``--pool``, so the excess reaches the app, where it is refused.
 
 The database is the bottleneck, not the two cores (which the server, this client and PostgreSQL
 share): the route, ``GET /work``, runs one ``SELECT pg_sleep(0.05)`` (``--hold``), which holds a
@@ -46,6 +48,8 @@ Variants alternate which goes first from run to run. Figures per row x variant x
 
 - goodput: 200s answered within the 300 ms SLO, per second, as a share of the row's capacity;
 - 200s: how many, latency p50 / p99; 503s: how many (share of all), latency p50 / p99;
+- DB-free p99: the p99 latency of ``GET /nodb`` sent evenly at 10 per second beside the load, what
+  the server answers without the database in under the same load: the floor of any 503's latency;
 - other: every other outcome counted apart (a 500, ``broken``: a connection refused or reset with no
   status, ``none``: no answer within the deadline); none of them is ever goodput;
 - cores: CPU over the counted window, in cores (2 in all), of the server (its process group), the
