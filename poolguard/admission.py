@@ -13,7 +13,8 @@ the queue is watched as CoDel watches a router's (Nichols and Jacobson; Facebook
 applies it to request queues): when for a whole :data:`INTERVAL` no request got a slot without
 waiting more than :data:`TARGET`, the queue is standing, and newcomers may wait only
 :data:`OVERLOAD_WAIT` (the controlled delay); those who cannot get a slot within it are refused at
-once. Requests already waiting keep the budget they came with, so a burst is served. The short
+once (a request's, not a ``guard.session()`` block's outside one: a job's tasks wait their whole
+budget). Requests already waiting keep the budget they came with, so a burst is served. The short
 budget holds until an interval in which fewer requests arrived than the pool serves in one
 (capacity x interval / mean use): demand is back below capacity. (Ending it on the first interval
 with a free slot made it flap under Poisson arrivals, and every flap let a queue of 1 s budgets form.)
@@ -36,7 +37,8 @@ from poolguard.errors import PoolSaturated
 _MIN_RETRY_AFTER = 1.0
 
 TARGET = 0.005
-"""Seconds of queueing tolerated as normal: a queue whose shortest wait stays above it is standing."""
+"""Seconds of queueing tolerated as normal: a queue whose shortest wait stays above it (and above the
+mean use time) is standing."""
 INTERVAL = 0.1
 """Seconds a queue must stand before it counts as overload (longer than a burst's first wave)."""
 OVERLOAD_WAIT = 2 * TARGET
@@ -132,7 +134,7 @@ class Admission:
         first = self._next_release() if self._next_release is not None else None
         return (queue_position + 1) * spacing if first is None else first + queue_position * spacing
 
-    def _try_enter(self, budget: float, loop: asyncio.AbstractEventLoop | None) -> _Waiter | None:
+    def _try_enter(self, budget: float, loop: asyncio.AbstractEventLoop | None, sheds: bool) -> _Waiter | None:
         """Takes a free slot (None) or queues a waiter; raises PoolSaturated when waiting is futile."""
         with self._lock:
             if self.capacity is None or (self.in_use < self.capacity and not self._waiters):
@@ -142,7 +144,7 @@ class Admission:
             now = self._clock()
             if now >= self._interval_end:
                 self._next_interval(now)
-            if self.overloaded:
+            if self.overloaded and sheds:
                 budget = min(budget, OVERLOAD_WAIT)
             predicted = self.predicted_wait(len(self._waiters))
             if budget <= 0 or predicted > budget:
@@ -161,7 +163,9 @@ class Admission:
             servable = (self.capacity or 1) * elapsed / max(self._mean_use(), 1e-6)
             self.overloaded = self._free + self._queued + self._refused >= servable
         else:
-            self.overloaded = self._free == 0 and self._shortest_wait > TARGET
+            # Longer than a connection is held, too: clients that each wait about one query (a batch
+            # of workers a little over the pool's size) are a busy pool, not a standing queue.
+            self.overloaded = self._free == 0 and self._shortest_wait > max(TARGET, self._mean_use())
         self._interval_end = now + INTERVAL
         self._shortest_wait = math.inf
         self._free = 0
@@ -177,7 +181,9 @@ class Admission:
             self._refused += 1
         raise self._saturated(waiter.budget, self.predicted_wait(len(self._waiters)))
 
-    def acquire(self, budget: float, await_in_greenlet: Callable[[Awaitable[None]], object] | None = None) -> None:
+    def acquire(
+        self, budget: float, await_in_greenlet: Callable[[Awaitable[None]], object] | None = None, sheds: bool = True
+    ) -> None:
         """Takes a slot within ``budget`` seconds or raises PoolSaturated.
 
         Blocking for threads; with ``await_in_greenlet`` (SQLAlchemy's ``await_only``, inside its
@@ -190,18 +196,18 @@ class Admission:
                 self._free += 1
                 return
         if await_in_greenlet is not None:
-            await_in_greenlet(self.acquire_async(budget))
+            await_in_greenlet(self.acquire_async(budget, sheds))
             return
-        waiter = self._try_enter(budget, None)
+        waiter = self._try_enter(budget, None, sheds)
         if waiter is None:
             return
         assert waiter.lock is not None
         if not waiter.lock.acquire(timeout=waiter.budget):
             self._give_up(waiter)
 
-    async def acquire_async(self, budget: float) -> None:
+    async def acquire_async(self, budget: float, sheds: bool = True) -> None:
         """Takes a slot within ``budget`` seconds or raises PoolSaturated (for asyncio tasks)."""
-        waiter = self._try_enter(budget, asyncio.get_running_loop())
+        waiter = self._try_enter(budget, asyncio.get_running_loop(), sheds)
         if waiter is None:
             return
         assert waiter.future is not None

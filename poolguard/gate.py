@@ -187,7 +187,7 @@ class Gate:
                     try:
                         if unit.queued and budget <= 0:
                             raise self._too_late(unit)
-                        self.admission.acquire(budget, await_in_greenlet)
+                        self.admission.acquire(budget, await_in_greenlet, unit.sheds)
                     except BaseException as exc:
                         self._not_admitted(exc, unit, start)
                         raise
@@ -252,7 +252,7 @@ class Gate:
         try:
             if unit.queued and budget <= 0:
                 raise self._too_late(unit)
-            await self.admission.acquire_async(budget)
+            await self.admission.acquire_async(budget, unit.sheds)
         except BaseException as exc:
             self._not_admitted(exc, unit, start)
             raise

@@ -1,10 +1,8 @@
 """Units of work: a request scope, ``guard.session()`` and ``guard.connection()`` blocks, and how each ends.
 
-A unit of work is what the gate gates: checkouts made inside one are admitted against its wait
-budget and counted against its breaker. Every adapter opens one :class:`RequestScope` per request
-(and per guarded Django alias) and ends it here, so every unit ends the same way: commit when the
-body returned, rollback when it raised, and every connection back in the pool in every case (also
-when commit fails or, with asyncio, when the task is cancelled).
+A unit of work is what the gate gates, against its wait budget and its breaker. Every adapter
+opens one :class:`RequestScope` per request (and per guarded Django alias) and ends it here: commit
+when the body returned, rollback when it raised, every connection back in every case.
 """
 
 from __future__ import annotations
@@ -41,12 +39,10 @@ Offload = Callable[[Callable[[], None]], Awaitable[None]]
 class RequestScope:
     """One unit of work: a lazily created session, and what the gate keeps of its checkouts.
 
-    Use as ``with`` / ``async with``, or call :meth:`open` and then :meth:`close` / :meth:`aclose`
-    from a framework's before/after hooks. The session is created on first access of
-    :attr:`session` and only checks out a connection when first used, so a route that never touches
-    the database never waits for, or is refused, a connection. ``route`` may be set once the
-    framework knows it; ``waited`` and ``held`` are the gate's bookkeeping. ``queued`` is how long
-    the request queued in front of the app (``X-Request-Start``): spent of the wait budget already.
+    Use as ``with`` / ``async with``, or :meth:`open` then :meth:`close` / :meth:`aclose` from a
+    framework's hooks. The session checks out a connection only when first used, so a route that never
+    touches the database is never refused one. ``waited``, ``held`` are the gate's bookkeeping;
+    ``queued``: how long the request queued in front of the app (``X-Request-Start``).
     """
 
     __slots__ = (
@@ -61,6 +57,7 @@ class RequestScope:
         "reserved",
         "route",
         "session_factory",
+        "sheds",
         "waited",
     )
 
@@ -81,6 +78,7 @@ class RequestScope:
         self.waited = queued
         self.held = 0
         self.reserved: float | None = None
+        self.sheds = True  # a request: under sustained overload its wait is cut short (poolguard.admission)
         self._session: Session | AsyncSession | None = None
         self._failure: BaseException | None = None
         self._unit_token: Token[Any] | None = None
@@ -372,7 +370,9 @@ class _Block:
             raise TypeError(f"{self._kind}() on {engine} is used with '{right}', not '{form}'")
         # Joins the unit of work running here (a request), or opens one of its own, closed on leaving.
         if self._gate.unit_var.get() is None:
-            self._own = RequestScope(self._gate, None, is_async=self._is_async).open()
+            own = self._own = RequestScope(self._gate, None, is_async=self._is_async)
+            own.sheds = False  # a job's unit, outside any request: it waits its whole budget
+            own.open()
         self._tx = _context.enter_transaction()  # for retry: the block is one transaction
 
     def _leave_transaction(self) -> None:

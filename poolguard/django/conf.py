@@ -197,6 +197,7 @@ class DjangoRequestScope(RequestScope):
         self.waited = queued
         self.held = 0
         self.reserved = None
+        self.sheds = True
         self._session = None
         self._failure = None
         self._unit_token = self._work_token = None

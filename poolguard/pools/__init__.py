@@ -135,6 +135,10 @@ class Unit(Protocol):
     """Seconds its request queued in front of the app before it began (``X-Request-Start``), 0 when unknown:
     a request that queued past its budget is refused before it touches the pool."""
 
+    sheds: bool
+    """Whether it is a request, whose wait under sustained overload is cut short (a ``guard.session()``
+    block of its own, a job's, waits its whole budget)."""
+
     reserved: float | None
     """A slot admission gave it ahead of its first checkout (seconds waited for it), None without one:
     a sync endpoint's wait happens on the event loop, not in a worker thread."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +51,17 @@ COMMANDS = {
         "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning",
     ],
 }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def migrated() -> None:
+    subprocess.run(
+        [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
+        cwd=PROJECT,
+        env=_env(**PG),
+        check=True,
+        timeout=60,
+    )
 
 
 @contextlib.contextmanager

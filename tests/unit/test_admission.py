@@ -488,3 +488,22 @@ def test_the_head_waits_until_the_longest_held_connection_is_due_back(clock: Fak
     due[0] = 0.002  # a connection is about to come back
     assert admission.predicted_wait(0) == pytest.approx(0.002)
     assert admission.predicted_wait(2) == pytest.approx(0.022)  # then one every 10 ms
+
+
+def test_under_overload_a_job_waits_its_whole_budget(clock: FakeClock) -> None:
+    """A ``guard.session()`` block outside any request (a batch job's) is not cut short: it wants its work done."""
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.008))
+    order: list[str] = []
+    second = stand_a_queue(clock, admission, order)
+    with pytest.raises(PoolSaturated):
+        admission.acquire(1.0)  # a request: refused at once
+    assert admission.overloaded
+    job = threading.Thread(target=lambda: admission.acquire(GENEROUS, None, False), name="job")
+    job.start()
+    wait_until(lambda: admission.waiting == 2)  # queued behind "second", on its own 30 s
+    admission.release()
+    second.join()
+    admission.release()
+    job.join(timeout=10)
+    assert not job.is_alive()
+    assert admission.in_use == 1

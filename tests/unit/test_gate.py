@@ -49,6 +49,7 @@ class Scope:
         self.waited = waited + queued
         self.reserved: float | None = None
         self.held = 0
+        self.sheds = True
 
 
 @contextmanager

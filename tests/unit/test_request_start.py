@@ -149,7 +149,7 @@ def test_a_request_that_queued_less_than_its_budget_gets_what_is_left(
     budgets: list[float] = []
     acquire = gate.admission.acquire
 
-    def recording(budget: float, await_in_greenlet: object = None) -> None:
+    def recording(budget: float, await_in_greenlet: object = None, sheds: bool = True) -> None:
         budgets.append(budget)
         acquire(budget)
 
