@@ -1,7 +1,7 @@
 """Requests per second of two servers side by side, bare and guarded, wrk alternating between them.
 
     python -m benchmarks.sidebyside --app fsa|select1 [--connections 8,16] [--rounds 4] [--duration 10]
-        [--threads 8]
+        [--threads 8] [--together]
 
 (from the repository root; needs ``wrk`` on PATH and PostgreSQL on 127.0.0.1:5432, user root,
 database test). Two gunicorn servers (gthread, 1 worker x ``--threads``) run the same app, one
@@ -13,12 +13,16 @@ what a user sees in throughput (everything that grows with concurrency included:
 GIL hand-offs, collection). Beside it, each server's CPU per request over the same rounds (its
 process group's, from /proc): bare over guarded, the throughput ratio a CPU-bound server would show
 if nothing but CPU per request differed, so the two figures tell the CPU cost from the rest.
+``--together`` loads both servers at once instead, each with its own wrk: on a shared machine the
+same noise then hits both, and the ratio measures what a request costs each server when both
+compete for the same cores (a paired measurement; absolute rates are about half).
 Any answer other than 2xx fails the run.
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import os
 import re
 import shutil
@@ -114,12 +118,14 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--duration", type=int, default=10, help="seconds of load per server per round")
     parser.add_argument("--threads", type=int, default=8, help="gunicorn gthread threads per server")
+    parser.add_argument("--together", action="store_true", help="load both servers at once (paired rounds)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         parser.error("wrk is not on PATH (Debian package 'wrk')")
     counts = [int(count) for count in args.connections.split(",")]
     path = PATHS[args.app]
-    print(f"--app {args.app}, --threads {args.threads}, {args.duration} s per server per round: {versions()}")
+    together = ", both servers loaded at once" if args.together else ""
+    print(f"--app {args.app}, --threads {args.threads}, {args.duration} s per server per round{together}: {versions()}")
     seed(args.app)
     servers = {variant: Server(args.app, variant, args.threads) for variant in VARIANTS}
     try:
@@ -138,7 +144,16 @@ def main() -> int:
             cpu: dict[str, list[float]] = {variant: [] for variant in VARIANTS}
             for number in range(1, args.rounds + 1):
                 order = VARIANTS if number % 2 else VARIANTS[::-1]
-                for variant in order:
+                if args.together:
+                    with concurrent.futures.ThreadPoolExecutor(len(VARIANTS)) as pool:
+                        befores = {v: group_cpu_seconds(servers[v].process.pid) for v in VARIANTS}
+                        runs = {v: pool.submit(wrk, servers[v].base + path, args.duration, connections) for v in order}
+                        for variant in VARIANTS:
+                            rate, requests = runs[variant].result()
+                            spent = group_cpu_seconds(servers[variant].process.pid) - befores[variant]
+                            rates[variant].append(rate)
+                            cpu[variant].append(spent / requests * 1e6)
+                for variant in order if not args.together else ():
                     pid = servers[variant].process.pid  # its own session: the group's id is its pid
                     before = group_cpu_seconds(pid)
                     rate, requests = wrk(servers[variant].base + path, args.duration, connections)
