@@ -87,9 +87,10 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks import _load
 from benchmarks._load import Sample, cell, counts, percentile
@@ -299,24 +300,19 @@ async def open_loop(
         await _load.fetch(port, "nodb", "/nodb", mine, settings.deadline)
         free.append((due, mine[0]))
 
-    async def references() -> None:
+    async def send(one: Callable[[float], Coroutine[Any, Any, None]], gap: Callable[[], float]) -> None:
+        """``one(due)`` started at each due time, ``gap()`` apart, until the end; never awaited here."""
         due = start
         while due < end:
             await at(due)
-            task = asyncio.create_task(reference(due))
+            task = asyncio.create_task(one(due))
             pending.add(task)
             task.add_done_callback(pending.discard)
-            due += 1 / FREE_RATE
+            due += gap()
 
     measuring = asyncio.create_task(measure())
-    referencing = asyncio.create_task(references())
-    due = start
-    while due < end:
-        await at(due)
-        task = asyncio.create_task(request(due))
-        pending.add(task)
-        task.add_done_callback(pending.discard)
-        due += draw.expovariate(rate) if not settings.even else 1 / rate
+    referencing = asyncio.create_task(send(reference, lambda: 1 / FREE_RATE))
+    await send(request, lambda: draw.expovariate(rate) if not settings.even else 1 / rate)
     await measuring
     await referencing
     while pending:  # each bounded by the deadline

@@ -103,7 +103,7 @@ def threads_advice(server_threads: int, source: str, capacity: int) -> str:
     )
 
 
-def hidden_queue(capacity: int | None, configured_threads: int | None = None) -> str | None:
+def hidden_queue_warning(capacity: int | None, configured_threads: int | None = None) -> str | None:
     """The startup WARNING's text when the server's threads are known not to outnumber ``capacity``, else None."""
     count, source = threads(configured_threads)
     if source == DEFAULT or capacity is None or not queue_hidden(count, capacity):

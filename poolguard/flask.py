@@ -31,7 +31,7 @@ from sqlalchemy.orm import Session
 from werkzeug.exceptions import HTTPException
 from werkzeug.local import LocalProxy
 
-from poolguard._serving import hidden_queue
+from poolguard._serving import hidden_queue_warning
 from poolguard.config import PoolGuardConfig
 from poolguard.errors import ConfigError, Unavailable
 from poolguard.guard import Guard, build_guard, check_passed_guard
@@ -241,7 +241,7 @@ class PoolGuard:
             )
         state = _AppState(self, self._guard_for(config, app), config, app)
         app.extensions[EXTENSION_KEY] = state
-        hidden = hidden_queue(state.guard.gate.admission.capacity)
+        hidden = hidden_queue_warning(state.guard.gate.admission.capacity)
         if hidden is not None:
             logger.warning("poolguard: pool %r: %s", state.guard.name, hidden)
 

@@ -17,7 +17,7 @@ from typing import Any, cast
 
 from django.conf import settings  # type: ignore[import-untyped]
 
-from poolguard._serving import DEFAULT, hidden_queue, threads
+from poolguard._serving import DEFAULT, hidden_queue_warning, threads
 from poolguard._validate import positive_int
 from poolguard.config import (
     ENV_PREFIX,
@@ -245,7 +245,7 @@ class PoolGuardState:
             for alias in config.databases:
                 pool = DjangoPool(alias, handler=handler, capacity=capacity)
                 self.guards[alias] = build_guard(config, pool, name=alias)
-                hidden = hidden_queue(pool.capacity, loaded.threads)
+                hidden = hidden_queue_warning(pool.capacity, loaded.threads)
                 if hidden is not None:
                     logger.warning("poolguard: database %r: %s (poolguard.W008)", alias, hidden)
             if config.sqlalchemy is not None:

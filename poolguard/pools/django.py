@@ -437,9 +437,10 @@ def _hook_pool(pool: Any, registry: dict[str, DjangoPool], alias: str) -> None:
             try:
                 return real_getconn(limit)
             except Exception as exc:
-                if type(exc).__name__ == "PoolTimeout":
-                    events.connecting()  # the breaker opened while the pool checked: its 503, not a timeout
-                if type(exc).__name__ == "PoolTimeout" and adapter._pool_busy(pool):
+                if type(exc).__name__ != "PoolTimeout":
+                    raise
+                events.connecting()  # the breaker opened while the pool checked: its 503, not a timeout
+                if adapter._pool_busy(pool):
                     raise PoolSaturated(
                         f"pool {alias!r} is saturated: every psycopg pool connection is in use "
                         f"(some outside poolguard's requests); no connection within {limit:.3f}s",

@@ -117,7 +117,6 @@ def test_per_thread_connections_get_a_capacity_and_shed_beyond_it() -> None:
     assert getattr(results["after"], "status_code", None) == 200
 
 
-@override_settings(POOLGUARD={"DATABASES": ["persistent"]})
 def test_per_thread_capacity_follows_the_servers_threads_when_known(monkeypatch: pytest.MonkeyPatch) -> None:
     from poolguard.django.conf import configure_settings, per_thread_capacity  # noqa: PLC0415
 
