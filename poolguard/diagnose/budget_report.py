@@ -14,10 +14,11 @@ _VERDICT_LINES = {
 def render(budget: Budget) -> str:
     fleet, limits = budget.fleet, budget.limits
     lines = [f"poolguard budget: {budget.verdict.upper()}", ""]
-    reserved = ", ".join(f"{name} {value}" for name, value in limits.settings.items()) or "given"
+    reserved = ", ".join(f"{name} {value}" for name, value in limits.settings.items())
     lines.append(
-        f"server     {limits.source}: max_connections {limits.max_connections} - reserved {limits.reserved} "
-        f"({reserved}) = {limits.usable} usable; margin {budget.margin} kept free ({fleet.margin})"
+        f"server     {limits.source}: max_connections {limits.max_connections} - reserved {limits.reserved}"
+        f"{f' ({reserved})' if reserved else ''} = {limits.usable} usable; margin {budget.margin} kept free"
+        f" ({fleet.margin})"
     )
     lines.append("")
     header = f"{'service':<16} {'pods':>5} {'procs':>5}  {'per process':<22} {'connections':>11}  {'rollout':>8}"
@@ -35,8 +36,9 @@ def render(budget: Budget) -> str:
     lines.append("")
     surge = budget.peak - budget.demand
     rolling = f" while {budget.surging} rolls out (max_surge {fleet.max_surge})" if surge else " (no rollout surge)"
-    lines.append(f"demand     {budget.demand} connections at full load; peak {budget.peak}{rolling}")
     bouncer = fleet.pgbouncer
+    kind = "connections" if bouncer is None else "client connections to PgBouncer"
+    lines.append(f"demand     {budget.demand} {kind} at full load; peak {budget.peak}{rolling}")
     if bouncer is not None:
         lines.append(
             f"pgbouncer  {bouncer.instances} instance(s) x {bouncer.server_connections_per_instance} server "

@@ -78,7 +78,7 @@ def test_the_issue_fleet_is_over_budget(capsys: pytest.CaptureFixture[str]) -> N
     assert code == 1
     assert err == ""
     assert out.startswith("poolguard budget: OVER")
-    assert "max_connections 200 - reserved 3 (given) = 197 usable" in out
+    assert "max_connections 200 - reserved 3 = 197 usable" in out
     assert "demand     460 connections at full load" in out
     assert "pool sizes that fit" in out
     assert "max_db_connections = 177" in out

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import configparser
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +26,10 @@ from flask import Flask
 from sqlalchemy.engine import make_url
 
 import poolguard
-from poolguard._serving import processes, threads
+from poolguard._serving import processes, queue_hidden, threads
 from poolguard.cli import main
 from poolguard.config import PoolGuardConfig, environment_options
+from poolguard.diagnose.budget import engine_pool
 from poolguard.flask import PoolGuard
 from tests.support.databases import DEAD_PORT, pg_url
 
@@ -101,9 +103,10 @@ def test_the_app_probes_use_the_container_port_and_the_startup_probe_is_the_heal
 
 
 def app_as_the_readme_says(database_url: str) -> Flask:
-    """The app of integrations/kubernetes/README.md, built from the manifest's environment."""
+    """The app of integrations/kubernetes/README.md, built from the manifest's environment (sized for
+    PgBouncer, which changes nothing for a plain server: the URL here is the server's)."""
     engine = poolguard.create_engine(
-        database_url, service_name="orders", workers=int(ENV["DB_WORKERS"]), connect_timeout=1
+        database_url, service_name="orders", workers=int(ENV["DB_WORKERS"]), pgbouncer=True, connect_timeout=1
     )
     app = Flask("orders")
     PoolGuard(app, poolguard.Guard(engine, **PoolGuardConfig.load().guard_options()))
@@ -123,8 +126,10 @@ def manifest_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 @pytest.mark.parametrize(("port", "health_status"), [(5432, 200), (DEAD_PORT, 503)])
 @pytest.mark.usefixtures("manifest_env")
-def test_the_probes_answer_as_the_readme_says(port: int, health_status: int) -> None:
+def test_the_probes_answer_as_the_readme_says(port: int, health_status: int, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="poolguard")
     app = app_as_the_readme_says(pg_url(port=port))
+    assert not [record for record in caplog.records if "threads" in record.getMessage()]  # no startup warning
     client = app.test_client()
     startup = CONTAINER["startupProbe"]["httpGet"]["path"]
     probe = CONTAINER["livenessProbe"]["httpGet"]["path"]
@@ -166,8 +171,12 @@ def test_pgbouncer_deployment_service_and_app_url_agree() -> None:
     assert url.database in ini_settings()["databases"]
 
 
-def test_db_workers_match_the_gunicorn_threads() -> None:
-    assert threads(None, environ=ENV, argv=[]) == (int(ENV["DB_WORKERS"]), "gunicorn --threads")
+def test_the_threads_outnumber_the_pool_so_overload_reaches_poolguard() -> None:
+    server_threads, source = threads(None, environ=ENV, argv=[])
+    assert source == "gunicorn --threads"
+    size, overflow = engine_pool(int(ENV["DB_WORKERS"]), pgbouncer=True)
+    assert not queue_hidden(server_threads, size + overflow)
+    assert server_threads >= 2 * (size + overflow)  # docs/adopting.md: about twice the pool
 
 
 def test_the_fleet_in_the_manifests_fits_the_budget_with_the_pgbouncer_settings(
