@@ -292,3 +292,29 @@ def test_a_refused_url_exits_3_without_the_password(capsys: pytest.CaptureFixtur
     assert code == 3
     assert "cannot read the limits of postgresql at 127.0.0.1:1: OperationalError" in err
     assert SECRET not in out + err
+
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "fleet.md"
+
+
+def test_the_docs_show_what_the_command_prints(capsys: pytest.CaptureFixture[str]) -> None:
+    text = DOCS.read_text()
+    shown = text.split("```text\npoolguard budget: OVER\n", 1)[1].split("```", 1)[0]
+    code, out, _ = run(capsys, "--max-connections", "200", *ISSUE)
+    assert code == 1
+    assert out == "poolguard budget: OVER\n" + shown
+
+
+def test_the_docs_fleet_file_is_read_as_documented(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    example = DOCS.read_text().split("```toml\n", 1)[1].split("```", 1)[0]
+    fleet = tmp_path / "fleet.toml"
+    fleet.write_text(example)
+    code, out, _ = run(capsys, "--file", str(fleet), "--json")
+    report = json.loads(out)
+    assert code == 0
+    assert [(s["name"], s["pool_size"], s["max_overflow"]) for s in report["services"]] == [
+        ("orders", 8, 4),
+        ("billing", 20, 0),
+    ]
+    assert report["pgbouncer"]["instances"] == 2
+    assert report["server"]["usable"] == 197
