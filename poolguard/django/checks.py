@@ -74,7 +74,8 @@ W001 = CheckWarning(
 )
 W002_HINT = (
     "Lower the pool's max_size or the server's processes or threads, raise max_connections, or put PgBouncer "
-    "in front. PROCESSES and THREADS in POOLGUARD override what poolguard reads from the server's variables."
+    "in front. PROCESSES and THREADS in POOLGUARD override what poolguard reads from the server's variables. "
+    "For every replica and service on this server: `poolguard budget` (docs/fleet.md)."
 )
 E003 = Error(
     "poolguard: poolguard.django.PoolGuardMiddleware is in MIDDLEWARE but 'poolguard.django' is not in "
