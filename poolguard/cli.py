@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
+from poolguard._validate import positive_int
 from poolguard._version import __version__
 from poolguard.demo import run_demo
 from poolguard.demo_report import DemoSettings, render_report
@@ -263,6 +264,9 @@ def _budget_limits(args: argparse.Namespace, from_file: dict[str, Any]) -> Serve
     if maximum is None:
         raise ConfigError("--max-connections", "(missing)", "a whole number, or --url to read it from the server")
     reserved = args.reserved if args.reserved is not None else from_file.get("reserved", 3)
+    positive_int("--max-connections", maximum)
+    if not isinstance(reserved, int) or not 0 <= reserved < maximum:
+        raise ConfigError("--reserved", reserved, f"a whole number from 0 to max_connections - 1 ({maximum - 1})")
     return ServerLimits(max_connections=maximum, reserved=reserved)
 
 

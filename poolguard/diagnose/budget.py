@@ -377,41 +377,41 @@ def assess(fleet: Fleet, limits: ServerLimits, *, suggest: bool = True) -> Budge
 
 def fit_pools(fleet: Fleet, room: int) -> tuple[PoolSuggestion, ...] | None:
     """Pool sizes whose rollout peak is at most ``room``: each service's pool connections per process
-    scaled by the same factor (room shared in proportion to current demand), rounded down, then the
-    largest trimmed one by one until it fits; None when one connection per process is already too many."""
+    scaled by one factor (the room shared in proportion to current demand), rounded down, the largest
+    factor that fits found by bisection (the peak only grows with it), then what rounding left given
+    back one connection at a time; None when one connection per process is already too many."""
     totals = {service.name: service.pool_size + service.max_overflow for service in fleet.services}
-    fixed = {service.name: service.other for service in fleet.services}
-
-    def sized(name: str, total: int) -> Service:
-        original = next(service for service in fleet.services if service.name == name)
-        return replace(original, pool_size=total, max_overflow=0, other=fixed[name])
 
     def peak(current: dict[str, int]) -> int:
-        trial = replace(fleet, services=tuple(sized(name, total) for name, total in current.items()))
-        return trial.peak
+        sized = tuple(replace(service, pool_size=current[service.name], max_overflow=0) for service in fleet.services)
+        return replace(fleet, services=sized).peak
 
-    now = peak(totals)
-    if now <= room:
+    def scaled(factor: float) -> dict[str, int]:
+        return {name: max(1, math.floor(total * factor)) for name, total in totals.items()}
+
+    if peak(totals) <= room:
         return _split(fleet, totals)
-    factor = max(room, 0) / now
-    current = {name: max(1, math.floor(total * factor)) for name, total in totals.items()}
-    while peak(current) > room:
-        name = max(current, key=lambda key: (current[key], totals[key]))
-        if current[name] <= 1:
-            return None
-        current[name] -= 1
-    # Rounding down left room: give it back, one connection at a time, to the least shrunk first.
-    grown = True
-    while grown:
-        grown = False
-        for name in sorted(current, key=lambda key: current[key] / totals[key]):
-            if current[name] < totals[name]:
-                current[name] += 1
-                if peak(current) <= room:
-                    grown = True
-                    break
-                current[name] -= 1
+    if peak(scaled(0.0)) > room:
+        return None
+    low, high = 0.0, 1.0
+    for _ in range(60):
+        middle = (low + high) / 2
+        low, high = (middle, high) if peak(scaled(middle)) <= room else (low, middle)
+    current = scaled(low)
+    for _ in range(_GROW_STEPS):
+        candidates = [name for name in current if current[name] < totals[name]]
+        for name in sorted(candidates, key=lambda key: current[key] / totals[key]):
+            current[name] += 1
+            if peak(current) <= room:
+                break
+            current[name] -= 1
+        else:
+            break
     return _split(fleet, current)
+
+
+_GROW_STEPS = 1000
+"""A bound on the connections given back after rounding (a few per service in practice)."""
 
 
 def _split(fleet: Fleet, totals: dict[str, int]) -> tuple[PoolSuggestion, ...]:

@@ -166,6 +166,14 @@ def test_command_line_options_override_the_file(capsys: pytest.CaptureFixture[st
             "invalid value for pgbouncer: pool_size: '(unknown key)'; accepted: one of instances, default_pool_size",
         ),
         (["--service", "a:replicas=1"], "invalid value for --max-connections: '(missing)'"),
+        (
+            ["--max-connections", "-5", "--service", "a:replicas=1"],
+            "invalid value for --max-connections: -5; accepted: a whole number of at least 1",
+        ),
+        (
+            ["--max-connections", "100", "--reserved", "100", "--service", "a:replicas=1"],
+            "invalid value for --reserved: 100; accepted: a whole number from 0 to max_connections - 1 (99)",
+        ),
         (["--max-connections", "100"], "invalid value for --service: '(none)'"),
         (
             ["--url", pg_url(), "--reserved", "3", "--service", "a:replicas=1"],
@@ -318,3 +326,30 @@ def test_the_docs_fleet_file_is_read_as_documented(capsys: pytest.CaptureFixture
     ]
     assert report["pgbouncer"]["instances"] == 2
     assert report["server"]["usable"] == 197
+
+
+def test_huge_numbers_are_answered_at_once(capsys: pytest.CaptureFixture[str]) -> None:
+    started = time.monotonic()
+    code, out, _ = run(
+        capsys,
+        "--max-connections",
+        "1000000000",
+        "--service",
+        "a:replicas=7,pool_size=999999999,other=3",
+        "--service",
+        "b:replicas=1000,processes=16,pool_size=5000000",
+        "--json",
+    )
+    assert time.monotonic() - started < 2.0
+    assert code == 1
+    sized = json.loads(out)["suggestions"]["pool_sizes"]
+    again = run(
+        capsys,
+        "--max-connections",
+        "1000000000",
+        "--service",
+        f"a:replicas=7,pool_size={sized[0]['pool_size']},other=3",
+        "--service",
+        f"b:replicas=1000,processes=16,pool_size={sized[1]['pool_size']}",
+    )
+    assert again[0] == 0
