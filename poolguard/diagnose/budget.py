@@ -426,20 +426,22 @@ def _split(fleet: Fleet, totals: dict[str, int]) -> tuple[PoolSuggestion, ...]:
 
 
 def fit_pgbouncer(fleet: Fleet, room: int) -> PgBouncerSettings | None:
-    """PgBouncer settings that fit: its instances' server connections within ``room`` (a cap per instance,
-    ``max_db_connections``, with ``default_pool_size`` no larger), and ``max_client_conn`` covering the
-    fleet's client connections at the peak on every instance (a lost instance's clients reconnect to the
-    others). None when the room is smaller than one server connection per instance and pool."""
+    """PgBouncer settings that fit: its instances' server connections within ``room`` (a cap per
+    instance, ``max_db_connections``, kept when it already fits, with ``default_pool_size`` no larger),
+    and ``max_client_conn`` covering the fleet's client connections at the peak on every instance (a
+    lost instance's clients reconnect to the others). None when the room is smaller than one server
+    connection per instance and pool."""
     current = fleet.pgbouncer or PgBouncerSettings()
     per_instance = room // current.instances
     if per_instance < current.pools:
         return None
-    pool_size = min(current.default_pool_size, max(per_instance // current.pools, 1))
+    cap = current.max_db_connections if 0 < current.max_db_connections <= per_instance else per_instance
+    pool_size = min(current.default_pool_size, max(cap // current.pools, 1))
     return replace(
         current,
         default_pool_size=pool_size,
         reserve_pool_size=0,
-        max_db_connections=per_instance,
+        max_db_connections=cap,
         max_client_conn=max(current.max_client_conn, fleet.peak),
     )
 

@@ -209,3 +209,12 @@ def test_bad_values_name_the_setting(build: object, setting: str) -> None:
     with pytest.raises(ConfigError) as caught:
         build()  # type: ignore[operator]
     assert caught.value.setting == setting
+
+
+def test_a_client_side_fix_keeps_the_server_side_settings_that_fit() -> None:
+    bouncer = PgBouncerSettings(instances=2, default_pool_size=10, max_db_connections=15, max_client_conn=100)
+    budget = assess(Fleet(services=the_issue_fleet().services, pgbouncer=bouncer), ServerLimits(max_connections=200))
+    assert budget.verdict == "over"  # 520 clients, 200 accepted
+    suggestion = budget.pgbouncer_suggestion
+    assert suggestion is not None
+    assert (suggestion.default_pool_size, suggestion.max_db_connections, suggestion.max_client_conn) == (10, 15, 520)
