@@ -14,6 +14,7 @@ from poolguard.diagnose.budget import (
     Service,
     assess,
     engine_pool,
+    limits_from_row,
 )
 from poolguard.errors import ConfigError
 from tests.support.databases import PG_URL
@@ -218,3 +219,12 @@ def test_a_client_side_fix_keeps_the_server_side_settings_that_fit() -> None:
     suggestion = budget.pgbouncer_suggestion
     assert suggestion is not None
     assert (suggestion.default_pool_size, suggestion.max_db_connections, suggestion.max_client_conn) == (10, 15, 520)
+
+
+def test_limits_from_a_postgresql_16_row_subtract_both_reserved_settings() -> None:
+    limits = limits_from_row("postgresql", (200, 3, 5), "postgresql at db:5432")
+    assert (limits.max_connections, limits.reserved, limits.usable) == (200, 8, 192)
+    assert limits.settings == {"superuser_reserved_connections": 3, "reserved_connections": 5}
+    before_16 = limits_from_row("postgresql", (200, 3, None), "postgresql at db:5432")
+    assert (before_16.reserved, before_16.settings) == (3, {"superuser_reserved_connections": 3})
+    assert limits_from_row("mysql", (151,), "mysql at db:3306").usable == 151

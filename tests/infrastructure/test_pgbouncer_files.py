@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import configparser
 import contextlib
+import json
 import re
 import secrets
 import shutil
@@ -28,6 +29,7 @@ import pytest
 from sqlalchemy import text
 
 import poolguard
+from poolguard.cli import main
 from tests.support.pgcluster import (
     APP_USER,
     DATABASE,
@@ -224,3 +226,16 @@ def test_pgbouncer_reads_the_userlist_example_and_knows_its_users() -> None:
         logged = log.read_text()
     assert "no such user: nobody" in logged
     assert f"no such user: {APP_USER}" not in logged
+
+
+def test_budget_reads_the_servers_limits_through_pgbouncer(
+    cluster: PgCluster, bouncer: RunningBouncer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    url = f"postgresql://{APP_USER}:{bouncer.app_password}@{HOST}:{bouncer.port}/app"
+    code = main(["budget", "--url", url, "--service", "orders:replicas=2,workers=4,pgbouncer=true", "--json"])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    server = json.loads(out)["server"]
+    assert server["max_connections"] == int(cluster.sql("SHOW max_connections")[0][0])
+    assert server["source"] == f"postgresql at {HOST}:{bouncer.port}"
+    assert bouncer.app_password not in out + err
