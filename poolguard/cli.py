@@ -198,21 +198,30 @@ def _add_budget(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
     budget.add_argument("--service", action="append", default=[], metavar="SPEC", help="a service (repeatable)")
     budget.add_argument("--file", type=Path, default=None, help="a TOML fleet file ([services.NAME] tables)")
     server = budget.add_mutually_exclusive_group()
-    server.add_argument("--max-connections", type=int, default=None, help="the server's max_connections")
+    server.add_argument("--max-connections", type=int, default=None, metavar="N", help="the server's max_connections")
     server.add_argument("--url", default=None, help="read max_connections and the reserved slots from this server")
     budget.add_argument(
         "--reserved",
         type=int,
         default=None,
+        metavar="N",
         help="slots reserved for superusers (default with --max-connections: 3, PostgreSQL's default)",
     )
-    budget.add_argument("--margin", default=None, help="connections to keep free, N or P%% (default: 10%%)")
-    budget.add_argument("--max-surge", default=None, help="extra pods during a rollout, N or P%% (default: 25%%)")
+    budget.add_argument(
+        "--margin", default=None, metavar="N|P%", help="connections to keep free, N or P%% (default: 10%%)"
+    )
+    budget.add_argument(
+        "--max-surge", default=None, metavar="N|P%", help="extra pods during a rollout, N or P%% (default: 25%%)"
+    )
     budget.add_argument(
         "--pgbouncer", default=None, metavar="SPEC", help="PgBouncer in front: instances=N,max_db_connections=N,..."
     )
     budget.add_argument(
-        "--timeout", type=_seconds, default=5.0, help="seconds to connect and read with --url (default: 5)"
+        "--timeout",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds to connect and read with --url (default: 5)",
     )
     budget.add_argument("--json", action="store_true", help="print the result as JSON")
     budget.set_defaults(handler=_run_budget)
