@@ -240,7 +240,7 @@ def read_limits(url: str | URL, *, timeout: float) -> ServerLimits:
 
     worker = threading.Thread(target=read, name="poolguard-budget-limits", daemon=True)
     worker.start()
-    worker.join(timeout + 1.0)
+    worker.join(timeout + 0.5)
     if not outcome:
         raise LimitsUnavailable(f"{shown} did not answer within {timeout:g}s")
     result = outcome[0]
