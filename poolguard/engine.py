@@ -42,9 +42,11 @@ from sqlalchemy import event, exc, pool
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext import asyncio as sa_asyncio
 
+from poolguard import _pooler
 from poolguard._validate import non_negative_int, positive_float, positive_int
 from poolguard.errors import ConfigError
 from poolguard.pools import LIBPQ_TCP_BOUNDS
+from poolguard.pools.sqlalchemy import connect_through_pooler
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import Dialect
@@ -64,6 +66,8 @@ CLIENT_MARGIN = 5.0
 
 _LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg_async", "psycopg2"})
 _PSYCOPG3_DRIVERS = frozenset({"psycopg", "psycopg_async"})
+_DETECTING_DRIVERS = _LIBPQ_DRIVERS | {"asyncpg"}
+"""PostgreSQL drivers whose connections tell a pooler apart (their startup pid); others get no detection."""
 _MAX_STATEMENT_MS = 2**31 - 1  # PostgreSQL's limit for statement_timeout
 _MAX_APPLICATION_NAME = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
 
@@ -76,6 +80,10 @@ class _EngineSpec:
     kwargs: dict[str, Any]
     mysql_statement_timeout_ms: int | None
     """Set with ``SET SESSION`` on every new pymysql connection (MariaDB and MySQL name it differently)."""
+    pooler: _pooler.Pooler
+    """What the engine knows of a pooler in front: told (``pgbouncer=True``/``False``) or to be detected."""
+    pooled_connect_args: dict[str, Any] | None
+    """The ``connect_args`` to use behind a pooler, while one is to be detected (None: no detection)."""
 
 
 def create_engine(
@@ -90,7 +98,7 @@ def create_engine(
     pool_pre_ping: bool = True,
     connect_timeout: float = 2.0,
     statement_timeout: float | None = 30.0,
-    pgbouncer: bool = False,
+    pgbouncer: bool | None = None,
     **engine_kwargs: Any,
 ) -> sqlalchemy.Engine:
     """A ``sqlalchemy.Engine`` with defaults that keep a web service's pool healthy.
@@ -173,7 +181,7 @@ def create_async_engine(
     pool_pre_ping: bool = True,
     connect_timeout: float = 2.0,
     statement_timeout: float | None = 30.0,
-    pgbouncer: bool = False,
+    pgbouncer: bool | None = None,
     **engine_kwargs: Any,
 ) -> sa_asyncio.AsyncEngine:
     """An ``AsyncEngine`` with the same defaults as ``create_engine`` (see there for why).
@@ -240,9 +248,11 @@ def _engine_spec(
     pre_ping = _flag(f"{caller}.pool_pre_ping", pool_pre_ping)
     connect_seconds = positive_float(f"{caller}.connect_timeout", connect_timeout)
     statement_ms = _statement_ms(caller, statement_timeout)
-    behind_pgbouncer = _flag(f"{caller}.pgbouncer", pgbouncer)
+    if pgbouncer is not None:
+        _flag(f"{caller}.pgbouncer", pgbouncer, "None (detect), True or False")
+    behind_pgbouncer = pgbouncer is True
     if behind_pgbouncer and backend != "postgresql":
-        raise ConfigError(f"{caller}.pgbouncer", pgbouncer, "False unless the URL is a PostgreSQL one")
+        raise ConfigError(f"{caller}.pgbouncer", pgbouncer, "None or False unless the URL is a PostgreSQL one")
 
     kwargs = dict(engine_kwargs)
     # SQLAlchemy puts bound parameters into exception messages, which reach logs and tracing
@@ -268,19 +278,30 @@ def _engine_spec(
             kwargs["max_overflow"] = overflow
             kwargs["pool_timeout"] = checkout_timeout
 
-    defaults = _driver_connect_args(
-        driver,
-        service_name=name,
-        connect_seconds=connect_seconds,
-        statement_ms=None if behind_pgbouncer else statement_ms,
-        read_bound=None if statement_ms is None else statement_ms / 1000 + CLIENT_MARGIN,
-        pgbouncer=behind_pgbouncer,
-    )
-    for key in parsed.query:
-        defaults.pop(key, None)
-    connect_args = _merge(defaults, user_connect_args)
+    def connect_args_for(pooled: bool) -> dict[str, Any]:
+        defaults = _driver_connect_args(
+            driver,
+            service_name=name,
+            connect_seconds=connect_seconds,
+            statement_ms=None if pooled else statement_ms,
+            read_bound=None if statement_ms is None else statement_ms / 1000 + CLIENT_MARGIN,
+            pgbouncer=pooled,
+        )
+        for key in parsed.query:
+            defaults.pop(key, None)
+        return _merge(defaults, user_connect_args)
+
+    connect_args = connect_args_for(behind_pgbouncer)
     if connect_args:
         kwargs["connect_args"] = connect_args
+    # A creator or a ready pool bypasses the dialect's connect, where detection happens: report only.
+    detects = pgbouncer is None and driver in _DETECTING_DRIVERS and not {"creator", "pool"} & kwargs.keys()
+    pooler = _pooler.Pooler(
+        _pooler.target(parsed.host, parsed.port, parsed.database),
+        kind=_pooler.PGBOUNCER if behind_pgbouncer else None,
+        decided=pgbouncer is not None or backend != "postgresql",
+        adapts=detects,
+    )
 
     mysql_timeout = statement_ms if driver == "pymysql" else None
     _log.debug(
@@ -292,7 +313,13 @@ def _engine_spec(
         behind_pgbouncer,
         driver,
     )
-    return _EngineSpec(url=parsed, kwargs=kwargs, mysql_statement_timeout_ms=mysql_timeout)
+    return _EngineSpec(
+        url=parsed,
+        kwargs=kwargs,
+        mysql_statement_timeout_ms=mysql_timeout,
+        pooler=pooler,
+        pooled_connect_args=connect_args_for(True) if detects else None,
+    )
 
 
 def _parse_url(caller: str, url: object) -> URL:
@@ -405,6 +432,9 @@ def _merge(defaults: dict[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
 
 def _install_listeners(engine: sqlalchemy.Engine, spec: _EngineSpec) -> None:
     """Listeners go on the Engine, so they survive ``dispose()``."""
+    setattr(engine.dialect, _pooler.POOLER_ATTRIBUTE, spec.pooler)
+    if spec.pooled_connect_args is not None:
+        connect_through_pooler(engine.dialect, spec.pooler, spec.kwargs.get("connect_args", {}), spec.pooled_connect_args)
     timeout_ms = spec.mysql_statement_timeout_ms
     if timeout_ms is None:
         return
@@ -447,7 +477,7 @@ def _statement_ms(caller: str, value: object) -> int | None:
     return ms
 
 
-def _flag(setting: str, value: object) -> bool:
+def _flag(setting: str, value: object, accepted: str = "True or False") -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(setting, value, "True or False")
+        raise ConfigError(setting, value, accepted)
     return value

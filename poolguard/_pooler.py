@@ -1,0 +1,274 @@
+"""Whether a connection pooler (PgBouncer, pgcat, Supavisor, Odyssey) stands between a client and PostgreSQL.
+
+Behind a pooler in transaction mode, consecutive transactions of one client connection run on
+different server connections: a statement prepared in one is missing in the next, and a startup
+parameter is refused (or, ignored, silently lost) while a session ``SET`` would leak to other
+clients. No client can ask the pooler, but the connection itself tells, cheaply:
+
+- PgBouncer refuses a startup parameter it does not know with an error naming it
+  ("unsupported startup parameter: options"; "... in options: statement_timeout" in newer
+  versions), before anything is spent: :func:`refused_startup_parameter`.
+- A pooler answers cancel requests itself, so the backend pid the client is given at startup (its
+  cancel key) is the pooler's own, never the pid of the server process running the client's
+  queries (``SELECT pg_backend_pid()``): :func:`is_pooler`. One round trip on the first
+  connection; it also catches a PgBouncer told to ignore the parameter
+  (``ignore_startup_parameters = options``) and poolers of other kinds, which is the right answer
+  for prepared statements: behind a session pooler turning them off costs only their reuse.
+
+Nothing here imports a driver: connections are duck-typed (psycopg 3 and psycopg2
+``info.backend_pid``, asyncpg ``get_server_pid()``), so the SQLAlchemy engines and an asyncpg pool
+share it. :class:`Pooler` holds what one engine or pool learned, for its connects and its health.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, Protocol, TypeVar
+
+__all__ = [
+    "PGBOUNCER",
+    "POOLER_ATTRIBUTE",
+    "SERVER_PID_QUERY",
+    "UNIDENTIFIED",
+    "Pooler",
+    "asyncpg_server_pid",
+    "client_pid",
+    "connect_asyncpg",
+    "connect_detecting",
+    "dbapi_server_pid",
+    "is_pooler",
+    "pooled_params",
+    "refused_startup_parameter",
+    "target",
+]
+
+_log = logging.getLogger("poolguard")
+
+
+class _Connection(Protocol):
+    def close(self) -> None: ...
+    def rollback(self) -> None: ...
+
+
+C = TypeVar("C", bound=_Connection)
+
+PGBOUNCER = "pgbouncer"
+"""The pooler's kind when PgBouncer named itself (it refused a startup parameter) or the user said so."""
+
+UNIDENTIFIED = "unidentified"
+"""The pooler's kind when only its cancel key gave it away (PgBouncer ignoring the parameter, pgcat, ...)."""
+
+SERVER_PID_QUERY = "SELECT pg_backend_pid()"
+
+POOLER_ATTRIBUTE = "_poolguard_pooler"
+"""Where a SQLAlchemy engine's :class:`Pooler` lives: an attribute of its dialect, which every copy of the
+engine (``execution_options()``) and every pool after ``dispose()`` share."""
+
+_REFUSED = re.compile(r"unsupported startup parameter(?: in options)?:\s*([A-Za-z_][A-Za-z0-9_.]*)?", re.IGNORECASE)
+
+
+def refused_startup_parameter(error: BaseException) -> str | None:
+    """The startup parameter a pooler refused to pass on (``"?"`` if unnamed); None for any other error."""
+    match = _REFUSED.search(str(error))
+    if match is None:
+        return None
+    return match.group(1) or "?"
+
+
+def client_pid(connection: Any) -> int | None:
+    """The backend pid a driver's connection was given at startup: the server's, or a pooler's own."""
+    pid = getattr(getattr(connection, "info", None), "backend_pid", None)  # psycopg 3, psycopg2
+    if pid is None:
+        get = getattr(connection, "get_server_pid", None)  # asyncpg
+        pid = get() if callable(get) else None
+    return pid if isinstance(pid, int) else None
+
+
+def is_pooler(client: int | None, server: int | None) -> bool:
+    """Whether the pid a client was given at startup is not its server process's: a pooler answered."""
+    return client is not None and server is not None and client != server
+
+
+def dbapi_server_pid(connection: Any) -> int:
+    """``pg_backend_pid()`` through a DB-API connection (psycopg, psycopg2, SQLAlchemy's async adapters).
+
+    Not a prepared statement (psycopg prepares only after several runs), and rolled back after, so
+    the connection is handed on as it came, outside a transaction.
+    """
+    cursor = connection.cursor()
+    try:
+        cursor.execute(SERVER_PID_QUERY)
+        row = cursor.fetchone()
+    finally:
+        cursor.close()
+    connection.rollback()
+    return int(row[0])
+
+
+async def asyncpg_server_pid(connection: Any) -> int:
+    """``pg_backend_pid()`` on an asyncpg connection, leaving no prepared statement behind.
+
+    asyncpg prepares every query; behind a transaction pooler a statement left on the server
+    connection would be found by the next client that lands there. So: one explicit transaction (one
+    server connection throughout), a name no one else uses, deallocated before the commit.
+    """
+    name = f"__poolguard_pid_{uuid.uuid4().hex}__"
+    async with connection.transaction():
+        statement = await connection.prepare(SERVER_PID_QUERY, name=name)
+        pid = await statement.fetchval()
+        await connection.execute(f'DEALLOCATE "{name}"')
+    return int(pid)
+
+
+def pooled_params(params: Mapping[str, Any], direct: Mapping[str, Any], pooled: Mapping[str, Any]) -> dict[str, Any]:
+    """``params`` as they would be had ``pooled`` been given instead of ``direct``: only where the two differ.
+
+    ``direct`` and ``pooled`` are the connect arguments computed for "no pooler" and "a pooler";
+    ``params`` what the driver is about to get (the URL's, a probe's bounds, the user's), left as they are elsewhere.
+    """
+    shifted = dict(params)
+    for key in direct.keys() - pooled.keys():
+        shifted.pop(key, None)
+    for key, value in pooled.items():
+        if key not in direct or direct[key] != value:
+            shifted[key] = value
+    return shifted
+
+
+class Pooler:
+    """What one engine or pool knows of a pooler in front of it: decided at its first connection, then kept.
+
+    ``kind`` is None (none, or not known yet), :data:`PGBOUNCER` or :data:`UNIDENTIFIED`;
+    ``decided`` says whether it is known. ``target`` (host, port and database only) names the
+    database in the one log line a decision makes; ``adapts`` whether the connections are then made
+    for the pooler (poolguard's own engines and pools) or only reported (an engine made elsewhere).
+    """
+
+    __slots__ = ("_lock", "adapts", "decided", "kind", "target")
+
+    def __init__(self, target: str, *, kind: str | None = None, decided: bool = False, adapts: bool = True) -> None:
+        self.target = target
+        self.kind = kind
+        self.decided = decided
+        self.adapts = adapts
+        self._lock = threading.Lock()
+
+    def decide(self, kind: str | None, why: str) -> None:
+        """Records the answer once (concurrent first connections may each find it) and says so once."""
+        with self._lock:
+            if self.decided:
+                return
+            self.kind, self.decided = kind, True
+        if kind is None:
+            _log.debug("poolguard: %s: no connection pooler in front (%s)", self.target, why)
+        elif self.adapts:
+            _log.info(
+                "poolguard: %s is reached through a connection pooler (%s, %s): prepared statements are off and "
+                "statement_timeout is not sent at startup (set it on the role); pgbouncer=False turns detection off",
+                self.target,
+                kind,
+                why,
+            )
+        else:
+            _log.info(
+                "poolguard: %s is reached through a connection pooler (%s, %s); in transaction pooling, prepared "
+                "statements and startup parameters break: make the engine with poolguard.create_engine, which "
+                "adapts to it",
+                self.target,
+                kind,
+                why,
+            )
+
+
+_CHECK_FAILED = "the pid check failed, so prepared statements stay on"
+
+
+def connect_detecting(
+    pooler: Pooler,
+    connect: Callable[[dict[str, Any]], C],
+    params: dict[str, Any],
+    pooled: dict[str, Any],
+    behind_pooler: Callable[[C], bool],
+) -> C:
+    """Connects with ``params``, or with ``pooled`` behind a pooler; until that is known, finds out.
+
+    While undecided: a connect refused over a startup parameter is retried once with ``pooled`` (it
+    was PgBouncer); a connect that succeeds is checked with ``behind_pooler`` (one round trip) and,
+    behind a pooler, replaced by one made with ``pooled``. A check that fails on a connection that
+    still works decides "no pooler" (it cannot tell, and must not fail every connect); one that
+    broke the connection raises, undecided.
+    """
+    if pooler.decided:
+        return connect(pooled if pooler.kind else params)
+    try:
+        connection = connect(params)
+    except Exception as error:
+        refused = refused_startup_parameter(error)
+        if refused is None or pooled == params:
+            raise
+        connection = connect(pooled)
+        pooler.decide(PGBOUNCER, f"it refused the startup parameter {refused!r}")
+        return connection
+    try:
+        behind = behind_pooler(connection)
+    except Exception:
+        try:
+            connection.rollback()
+        except Exception:
+            connection.close()
+            raise
+        pooler.decide(None, _CHECK_FAILED)
+        return connection
+    except BaseException:
+        connection.close()
+        raise
+    pooler.decide(UNIDENTIFIED if behind else None, "its cancel key is not the server's pid")
+    if not behind or pooled == params:
+        return connection
+    connection.close()
+    return connect(pooled)
+
+
+async def connect_asyncpg(
+    pooler: Pooler,
+    connect: Callable[[dict[str, Any]], Awaitable[Any]],
+    params: dict[str, Any],
+    pooled: dict[str, Any],
+) -> Any:
+    """:func:`connect_detecting` for an asyncpg connection (``connect`` returns one), e.g. an asyncpg pool's
+    ``connect=`` hook; the check is :func:`asyncpg_server_pid` against ``get_server_pid()``."""
+    if pooler.decided:
+        return await connect(pooled if pooler.kind else params)
+    try:
+        connection = await connect(params)
+    except Exception as error:
+        refused = refused_startup_parameter(error)
+        if refused is None or pooled == params:
+            raise
+        connection = await connect(pooled)
+        pooler.decide(PGBOUNCER, f"it refused the startup parameter {refused!r}")
+        return connection
+    try:
+        behind = is_pooler(client_pid(connection), await asyncpg_server_pid(connection))
+    except Exception:
+        if connection.is_closed():
+            raise
+        pooler.decide(None, _CHECK_FAILED)
+        return connection
+    except BaseException:  # cancelled: the connection is in an unknown state
+        connection.terminate()
+        raise
+    pooler.decide(UNIDENTIFIED if behind else None, "its cancel key is not the server's pid")
+    if not behind or pooled == params:
+        return connection
+    connection.terminate()  # nothing to wait for: its transaction is over
+    return await connect(pooled)
+
+
+def target(host: str | None, port: int | None, database: str | None) -> str:
+    """How a log line names the database: host, port and database, never the user, password or options."""
+    return f"{host or 'localhost'}:{port or 5432}/{database or ''}"
