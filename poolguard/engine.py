@@ -434,7 +434,9 @@ def _install_listeners(engine: sqlalchemy.Engine, spec: _EngineSpec) -> None:
     """Listeners go on the Engine, so they survive ``dispose()``."""
     setattr(engine.dialect, _pooler.POOLER_ATTRIBUTE, spec.pooler)
     if spec.pooled_connect_args is not None:
-        connect_through_pooler(engine.dialect, spec.pooler, spec.kwargs.get("connect_args", {}), spec.pooled_connect_args)
+        connect_through_pooler(
+            engine.dialect, spec.pooler, spec.kwargs.get("connect_args", {}), spec.pooled_connect_args
+        )
     timeout_ms = spec.mysql_statement_timeout_ms
     if timeout_ms is None:
         return

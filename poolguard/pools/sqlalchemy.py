@@ -79,7 +79,9 @@ def behind_pooler(dbapi_connection: Any) -> bool:
     return _pooler.is_pooler(_pooler.client_pid(driver_connection), server_pid)
 
 
-def connect_through_pooler(dialect: Any, pooler: _pooler.Pooler, direct: dict[str, Any], pooled: dict[str, Any]) -> None:
+def connect_through_pooler(
+    dialect: Any, pooler: _pooler.Pooler, direct: dict[str, Any], pooled: dict[str, Any]
+) -> None:
     """Makes the engine's connections with ``pooled`` connect arguments behind a pooler, found at the first one.
 
     ``direct`` and ``pooled`` are the engine's ``connect_args`` without and with a pooler in front

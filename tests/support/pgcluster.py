@@ -253,7 +253,9 @@ class PgBouncer:
     IGNORED = "extra_float_digits,options,statement_timeout"
     """What the fault suite's PgBouncer ignores, so engines made with ``pgbouncer=False`` still connect."""
 
-    def __init__(self, cluster: PgCluster, *, pool_size: int = 4, ignore_startup_parameters: str | None = IGNORED) -> None:
+    def __init__(
+        self, cluster: PgCluster, *, pool_size: int = 4, ignore_startup_parameters: str | None = IGNORED
+    ) -> None:
         self.cluster = cluster
         self.root = _owned_temp_dir("poolguard-pgbouncer-")
         self.port = free_port()
@@ -268,7 +270,11 @@ class PgBouncer:
             f"default_pool_size = {pool_size}\nmax_client_conn = 200\n"
             "server_check_delay = 0\nserver_login_retry = 1\n"
             f"logfile = {self.log}\npidfile = {self.root / 'pgbouncer.pid'}\n"
-            + ("" if ignore_startup_parameters is None else f"ignore_startup_parameters = {ignore_startup_parameters}\n")
+            + (
+                ""
+                if ignore_startup_parameters is None
+                else f"ignore_startup_parameters = {ignore_startup_parameters}\n"
+            )
         )
         self.process: subprocess.Popen[bytes] | None = None
 
