@@ -10,12 +10,12 @@ sync and async engines can never drift apart.
 Driver specifics (merged *under* the user's ``connect_args`` and the URL's query string, so the
 user always wins):
 
-- psycopg / psycopg2: ``application_name``, ``options="-c statement_timeout=<ms>"``,
+- psycopg / psycopg2: ``application_name``, ``options="-c statement_timeout=<ms>"`` (not behind a pooler),
   ``connect_timeout`` (whole seconds; libpq's minimum is 2), and TCP keepalives plus
   ``tcp_user_timeout`` (:data:`poolguard.pools.TCP_TIMEOUT`), so a read on a silent (black-holed) server fails
   within seconds instead of waiting on the OS's retransmissions for a quarter of an hour. Neither
   cuts a slow query: the server acknowledges while it works.
-- asyncpg: ``server_settings`` ``application_name`` and ``statement_timeout``, ``timeout``, and
+- asyncpg: ``server_settings`` ``application_name`` and ``statement_timeout`` (not behind a pooler), ``timeout``, and
   ``command_timeout`` (the statement timeout plus :data:`CLIENT_MARGIN`): asyncpg has no TCP
   timeouts, so the client bounds each query itself, a little after the server would have.
 - pymysql: ``program_name`` connection attribute, ``connect_timeout``, and ``read_timeout`` /
@@ -132,15 +132,29 @@ def create_engine(
     Explicit ``pool_size`` / ``max_overflow`` always win; sizing is
     only passed to pools that take it (QueuePool, not SQLite's in-memory pools or NullPool).
 
-    ``pgbouncer=True`` (PgBouncer in transaction pooling mode): PgBouncer does the real pooling, so
-    this process keeps at most ``PGBOUNCER_POOL_SIZE`` (2) connections open and allows overflow up
-    to ``workers`` in total (client connections to PgBouncer are cheap; PgBouncer queues for server
-    connections). Prepared-statement caches are turned off, because a statement prepared on one
-    server connection is missing on the next (psycopg ``prepare_threshold=None``; asyncpg
-    ``statement_cache_size=0``, SQLAlchemy's ``prepared_statement_cache_size=0`` and unique statement
-    names). ``statement_timeout`` is *not* sent as a startup parameter there, because PgBouncer
-    rejects unknown startup parameters and a session ``SET`` would leak to other clients: set it on
-    the role instead (``ALTER ROLE app SET statement_timeout = '30s'``).
+    PgBouncer (transaction pooling), or another pooler in front: prepared-statement caches are
+    turned off, because a statement prepared on one server connection is missing on the next
+    (psycopg ``prepare_threshold=None``; asyncpg ``statement_cache_size=0``, SQLAlchemy's
+    ``prepared_statement_cache_size=0`` and unique statement names). ``statement_timeout`` is *not*
+    sent as a startup parameter there, because PgBouncer rejects unknown startup parameters and a
+    session ``SET`` would leak to other clients: set it on the role instead
+    (``ALTER ROLE app SET statement_timeout = '30s'``). ``pgbouncer`` says how it is known:
+
+    - ``None`` (default): detected at the engine's first connection (psycopg, psycopg2, asyncpg; see
+      :mod:`poolguard._pooler`): a connect refused over poolguard's own startup parameter is
+      retried once without it, else ``SELECT pg_backend_pid()`` against the pid given at startup (a
+      pooler's cancel key is its own) tells, and that connection is replaced by one made for the
+      pooler. One INFO line says so; health shows ``"pooler"``. Nothing connects at creation, and
+      pools are sized as for a direct server (client connections to PgBouncer are cheap):
+      ``pgbouncer=True`` gives the smaller pools below.
+    - ``True``: nothing is probed. PgBouncer does the real pooling, so this process keeps at most
+      ``PGBOUNCER_POOL_SIZE`` (2) connections open and allows overflow up to ``workers`` in total
+      (PgBouncer queues for server connections).
+    - ``False``: no pooler, nothing is probed; PgBouncer with its default settings then refuses
+      every connect.
+
+    ``connect_args`` the user gives win in every case (e.g. ``{"prepare_threshold": 5}`` behind a
+    PgBouncer 1.21+ with ``max_prepared_statements`` on, which keeps prepared statements working).
 
     Every other keyword goes to ``sqlalchemy.create_engine`` unchanged; ``connect_args`` is merged
     over the defaults (asyncpg's ``server_settings`` one level deeper), and a parameter given in the
