@@ -313,7 +313,7 @@ def _engine_spec(
     pooler = _pooler.Pooler(
         _pooler.target(parsed.host, parsed.port, parsed.database),
         kind=_pooler.PGBOUNCER if behind_pgbouncer else None,
-        decided=pgbouncer is not None or backend != "postgresql",
+        decided=pgbouncer is not None or driver not in _DETECTING_DRIVERS,
         adapts=detects,
     )
 
