@@ -176,8 +176,8 @@ class Pooler:
         else:
             _log.info(
                 "poolguard: %s is reached through a connection pooler (%s, %s); in transaction pooling, prepared "
-                "statements and startup parameters break: make the engine with poolguard.create_engine, which "
-                "adapts to it",
+                "statements and startup parameters break: make the engine with poolguard.create_engine (without "
+                "creator= or pool=), which adapts to it",
                 self.target,
                 kind,
                 why,

@@ -309,7 +309,8 @@ def _engine_spec(
     if connect_args:
         kwargs["connect_args"] = connect_args
     # A creator or a ready pool bypasses the dialect's connect, where detection happens: report only.
-    detects = pgbouncer is None and driver in _DETECTING_DRIVERS and not {"creator", "pool"} & kwargs.keys()
+    bypassed = {"creator", "async_creator", "pool"} & kwargs.keys()
+    detects = pgbouncer is None and driver in _DETECTING_DRIVERS and not bypassed
     pooler = _pooler.Pooler(
         _pooler.target(parsed.host, parsed.port, parsed.database),
         kind=_pooler.PGBOUNCER if behind_pgbouncer else None,

@@ -272,13 +272,13 @@ class SQLAlchemyPool:
     def _detect_pooler(self, dbapi_connection: DBAPIConnection) -> None:
         """Reports a pooler in front of an engine made elsewhere; a check that fails decides "none"."""
         assert self._pooler is not None
+        why = "its cancel key is not the server's pid"
         try:
             behind = behind_pooler(dbapi_connection)
         except Exception as error:
-            _log.debug("poolguard: no pooler check on %s (%s)", self._pooler.target, type(error).__name__)
             dbapi_connection.rollback()
-            behind = False
-        self._pooler.decide(_pooler.UNIDENTIFIED if behind else None, "its cancel key is not the server's pid")
+            behind, why = False, f"the pid check failed ({type(error).__name__})"
+        self._pooler.decide(_pooler.UNIDENTIFIED if behind else None, why)
 
     def _on_error(self, context: ExceptionContext) -> None:
         if context.is_pre_ping:  # raised on to the checkout, where the gate counts it

@@ -168,6 +168,17 @@ def test_an_engine_made_elsewhere_is_reported(
     assert "poolguard.create_engine" in line
 
 
+def test_a_creator_bypasses_detection_which_then_only_reports(bouncer: PgBouncer, fleet: Fleet) -> None:
+    conninfo = f"host={HOST} port={bouncer.port} dbname={DATABASE} user=app"
+    engine = fleet.engine(bouncer.url("psycopg"), creator=lambda: psycopg.connect(conninfo))
+    guard = fleet.guard(engine)
+    with guard.session() as session:
+        session.execute(text("SELECT 1"))
+        raw: Any = session.connection().connection.driver_connection
+        assert raw.prepare_threshold == 5  # the creator's connection, as it made it
+    assert guard.health().to_dict()["pools"][0]["pooler"] == _pooler.UNIDENTIFIED
+
+
 def test_the_private_cluster_direct_is_no_pooler(cluster: PgCluster, fleet: Fleet) -> None:
     guard = fleet.guard(fleet.engine(cluster.url("psycopg", password=SECRET), statement_timeout=4))
     with guard.session() as session:
