@@ -81,10 +81,11 @@ def refused_startup_parameter(error: BaseException) -> str | None:
 
 def client_pid(connection: Any) -> int | None:
     """The backend pid a driver's connection was given at startup: the server's, or a pooler's own."""
-    pid = getattr(getattr(connection, "info", None), "backend_pid", None)  # psycopg 3, psycopg2
-    if pid is None:
-        get = getattr(connection, "get_server_pid", None)  # asyncpg
-        pid = get() if callable(get) else None
+    pid = getattr(getattr(connection, "info", None), "backend_pid", None)  # psycopg 3, psycopg2 >= 2.8
+    for getter in ("get_server_pid", "get_backend_pid"):  # asyncpg, psycopg2
+        get = getattr(connection, getter, None)
+        if pid is None and callable(get):
+            pid = get()
     return pid if isinstance(pid, int) else None
 
 

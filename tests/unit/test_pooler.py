@@ -71,3 +71,15 @@ def test_no_pooler_is_not_logged_at_info(caplog: pytest.LogCaptureFixture) -> No
     caplog.set_level(logging.INFO, "poolguard")
     _pooler.Pooler("db:5432/orders").decide(None, "its cancel key is the server's pid")
     assert not caplog.records
+
+
+class _Psycopg2Before28:
+    """psycopg2 before 2.8 had no ``info``; its ``get_backend_pid()`` is libpq's PQbackendPID, the startup pid."""
+
+    def get_backend_pid(self) -> int:
+        return 4242
+
+
+def test_client_pid_reads_every_drivers_spelling() -> None:
+    assert _pooler.client_pid(_Psycopg2Before28()) == 4242
+    assert _pooler.client_pid(object()) is None
