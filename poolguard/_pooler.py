@@ -22,6 +22,7 @@ share it. :class:`Pooler` holds what one engine or pool learned, for its connect
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 import threading
@@ -30,6 +31,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
 __all__ = [
+    "CHECK_TIMEOUT",
     "PGBOUNCER",
     "POOLER_ATTRIBUTE",
     "SERVER_PID_QUERY",
@@ -63,6 +65,10 @@ UNIDENTIFIED = "unidentified"
 """The pooler's kind when only its cancel key gave it away (PgBouncer ignoring the parameter, pgcat, ...)."""
 
 SERVER_PID_QUERY = "SELECT pg_backend_pid()"
+
+CHECK_TIMEOUT = 5.0
+"""Seconds the pid check may take on an asyncpg connection without a connect timeout of its own (libpq
+connections are bounded by their TCP timeouts): a server that answers slower fails the connect."""
 
 POOLER_ATTRIBUTE = "_poolguard_pooler"
 """Where a SQLAlchemy engine's :class:`Pooler` lives: an attribute of its dialect, which every copy of the
@@ -110,15 +116,16 @@ def dbapi_server_pid(connection: Any) -> int:
     return int(row[0])
 
 
-async def asyncpg_server_pid(connection: Any) -> int:
-    """``pg_backend_pid()`` on an asyncpg connection, leaving no prepared statement behind.
+async def asyncpg_server_pid(connection: Any, timeout: float | None = None) -> int:
+    """``pg_backend_pid()`` on an asyncpg connection within ``timeout`` (:data:`CHECK_TIMEOUT`), leaving no
+    prepared statement behind.
 
     asyncpg prepares every query; behind a transaction pooler a statement left on the server
     connection would be found by the next client that lands there. So: one explicit transaction (one
     server connection throughout), a name no one else uses, deallocated before the commit.
     """
     name = f"__poolguard_pid_{uuid.uuid4().hex}__"
-    async with connection.transaction():
+    async with asyncio.timeout(timeout or CHECK_TIMEOUT), connection.transaction():
         statement = await connection.prepare(SERVER_PID_QUERY, name=name)
         pid = await statement.fetchval()
         await connection.execute(f'DEALLOCATE "{name}"')
@@ -188,6 +195,12 @@ class Pooler:
 _CHECK_FAILED = "the pid check failed, so prepared statements stay on"
 
 
+def _server_answered(error: BaseException) -> bool:
+    """An error with the server's own code: the connection works (only the check failed), unlike a lost or
+    timed-out one, whose state nobody knows."""
+    return bool(getattr(error, "sqlstate", None) or getattr(error, "pgcode", None))
+
+
 def connect_detecting(
     pooler: Pooler,
     connect: Callable[[dict[str, Any]], C],
@@ -199,9 +212,9 @@ def connect_detecting(
 
     While undecided: a connect refused over a startup parameter is retried once with ``pooled`` (it
     was PgBouncer); a connect that succeeds is checked with ``behind_pooler`` (one round trip) and,
-    behind a pooler, replaced by one made with ``pooled``. A check that fails on a connection that
-    still works decides "no pooler" (it cannot tell, and must not fail every connect); one that
-    broke the connection raises, undecided.
+    behind a pooler, replaced by one made with ``pooled``. A check the server answered with an error
+    decides "no pooler" (it cannot tell, and must not fail every connect); any other failure (lost,
+    timed out) closes the connection and raises, undecided.
     """
     if pooler.decided:
         return connect(pooled if pooler.kind else params)
@@ -216,17 +229,17 @@ def connect_detecting(
         return connection
     try:
         behind = behind_pooler(connection)
-    except Exception:
+    except BaseException as error:
+        if not isinstance(error, Exception) or not _server_answered(error):
+            connection.close()
+            raise
         try:
             connection.rollback()
-        except Exception:
+        except BaseException:
             connection.close()
             raise
         pooler.decide(None, _CHECK_FAILED)
         return connection
-    except BaseException:
-        connection.close()
-        raise
     pooler.decide(UNIDENTIFIED if behind else None, "its cancel key is not the server's pid")
     if not behind or pooled == params:
         return connection
@@ -241,7 +254,8 @@ async def connect_asyncpg(
     pooled: dict[str, Any],
 ) -> Any:
     """:func:`connect_detecting` for an asyncpg connection (``connect`` returns one), e.g. an asyncpg pool's
-    ``connect=`` hook; the check is :func:`asyncpg_server_pid` against ``get_server_pid()``."""
+    ``connect=`` hook; the check is :func:`asyncpg_server_pid` (bounded by ``params["timeout"]``, the
+    connect timeout) against ``get_server_pid()``."""
     if pooler.decided:
         return await connect(pooled if pooler.kind else params)
     try:
@@ -254,15 +268,13 @@ async def connect_asyncpg(
         pooler.decide(PGBOUNCER, f"it refused the startup parameter {refused!r}")
         return connection
     try:
-        behind = is_pooler(client_pid(connection), await asyncpg_server_pid(connection))
-    except Exception:
-        if connection.is_closed():
+        behind = is_pooler(client_pid(connection), await asyncpg_server_pid(connection, params.get("timeout")))
+    except BaseException as error:
+        if not isinstance(error, Exception) or not _server_answered(error) or connection.is_closed():
+            connection.terminate()  # lost, timed out or cancelled: its state is unknown
             raise
-        pooler.decide(None, _CHECK_FAILED)
+        pooler.decide(None, _CHECK_FAILED)  # the transaction rolled back: the connection is clean
         return connection
-    except BaseException:  # cancelled: the connection is in an unknown state
-        connection.terminate()
-        raise
     pooler.decide(UNIDENTIFIED if behind else None, "its cancel key is not the server's pid")
     if not behind or pooled == params:
         return connection

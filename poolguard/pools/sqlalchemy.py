@@ -66,14 +66,15 @@ _PROBE_FAMILIES = {"psycopg": "libpq", "psycopg_async": "libpq", "psycopg2": "li
 """SQLAlchemy driver names by the family of connect arguments they take."""
 
 
-def behind_pooler(dbapi_connection: Any) -> bool:
+def behind_pooler(dbapi_connection: Any, timeout: float | None = None) -> bool:
     """Whether a new PostgreSQL connection's startup pid is a pooler's: one round trip, on the connection.
 
-    Called where SQLAlchemy connects, which for an asyncio driver is inside its greenlet.
+    Called where SQLAlchemy connects, which for an asyncio driver is inside its greenlet; ``timeout``
+    bounds the round trip there (libpq's connections have their TCP bounds).
     """
     driver_connection = getattr(dbapi_connection, "driver_connection", dbapi_connection)
     if callable(getattr(driver_connection, "get_server_pid", None)):  # asyncpg
-        server_pid = sqlalchemy.util.await_only(_pooler.asyncpg_server_pid(driver_connection))
+        server_pid = sqlalchemy.util.await_only(_pooler.asyncpg_server_pid(driver_connection, timeout))
     else:
         server_pid = _pooler.dbapi_server_pid(dbapi_connection)
     return _pooler.is_pooler(_pooler.client_pid(driver_connection), server_pid)
@@ -98,7 +99,7 @@ def connect_through_pooler(
             lambda params: real_connect(*cargs, **params),
             cparams,
             _pooler.pooled_params(cparams, direct, pooled),
-            behind_pooler,
+            lambda connection: behind_pooler(connection, cparams.get("timeout")),  # asyncpg's connect timeout
         )
 
     dialect.connect = connect

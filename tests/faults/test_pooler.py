@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import time
 from typing import Any
 
 import asyncpg
@@ -23,6 +24,7 @@ from poolguard import BreakerState, _pooler
 from tests.faults.helpers import SECRET, Fleet
 from tests.support.clock import FakeClock
 from tests.support.pgcluster import DATABASE, HOST, PgBouncer, PgCluster
+from tests.support.tcpproxy import TcpProxy
 
 pytestmark = pytest.mark.postgres
 
@@ -274,3 +276,23 @@ def test_a_plain_engine_is_checked_once(cluster: PgCluster, monkeypatch: pytest.
         engine.dispose()
     assert calls == [1]
     assert isinstance(engine, sqlalchemy.Engine)
+
+
+async def test_a_pid_check_on_a_silent_server_is_bounded(proxy: TcpProxy) -> None:
+    """The server goes silent between the connect and the check: the connect fails within its timeout,
+    undecided (the next connect checks again), and the connection is not left open."""
+    pooler = _pooler.Pooler(_pooler.target(HOST, proxy.port, DATABASE))
+    made: list[Any] = []
+
+    async def connect_then_hang(params: dict[str, Any]) -> Any:
+        connection = await asyncpg.connect(f"postgresql://app@{HOST}:{proxy.port}/{DATABASE}", **params)
+        made.append(connection)
+        proxy.blackhole()
+        return connection
+
+    started = time.monotonic()
+    with pytest.raises(TimeoutError):
+        await _pooler.connect_asyncpg(pooler, connect_then_hang, {"timeout": 0.5}, {"timeout": 0.5, "x": 1})
+    assert time.monotonic() - started < 2.0
+    assert not pooler.decided
+    assert made[0].is_closed()
