@@ -36,6 +36,7 @@ __all__ = [
     "POOLER_ATTRIBUTE",
     "SERVER_PID_QUERY",
     "UNIDENTIFIED",
+    "AsyncpgConnect",
     "Pooler",
     "asyncpg_server_pid",
     "client_pid",
@@ -280,6 +281,40 @@ async def connect_asyncpg(
         return connection
     connection.terminate()  # nothing to wait for: its transaction is over
     return await connect(pooled)
+
+
+class AsyncpgConnect:
+    """An asyncpg pool's ``connect=`` hook that finds the pooler at the pool's first connection.
+
+    ``connect`` is ``asyncpg.connect`` (passed in: this module imports no driver); ``direct`` and
+    ``pooled`` are the pool's connect keyword arguments without and with a pooler in front. The pool
+    calls the hook with its own arguments (``loop``, ``connection_class``, ``record_class``) and its
+    connect keyword arguments, which are ``direct`` and what the user gave; behind a pooler the hook
+    connects with them shifted to ``pooled`` (:func:`pooled_params`). ``pooler`` holds the answer,
+    for health (an asyncpg pool keeps its hook as ``pool._connect``).
+    """
+
+    __slots__ = ("_connect", "direct", "pooled", "pooler")
+
+    def __init__(
+        self,
+        pooler: Pooler,
+        connect: Callable[..., Awaitable[Any]],
+        direct: Mapping[str, Any],
+        pooled: Mapping[str, Any],
+    ) -> None:
+        self.pooler = pooler
+        self._connect = connect
+        self.direct = direct
+        self.pooled = pooled
+
+    async def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return await connect_asyncpg(
+            self.pooler,
+            lambda params: self._connect(*args, **params),
+            kwargs,
+            pooled_params(kwargs, self.direct, self.pooled),
+        )
 
 
 def target(host: str | None, port: int | None, database: str | None) -> str:

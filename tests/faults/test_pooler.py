@@ -208,17 +208,10 @@ async def test_asyncpg_pool_connect_hook(
     )
     direct, pooled = asyncpg_kwargs
     pooler = _pooler.Pooler(_pooler.target(HOST, server.port, DATABASE))
-
-    async def connect(*args: Any, **kwargs: Any) -> Any:
-        return await _pooler.connect_asyncpg(
-            pooler,
-            lambda params: asyncpg.connect(*args, **params),
-            kwargs,
-            _pooler.pooled_params(kwargs, direct, pooled),
-        )
-
+    connect = _pooler.AsyncpgConnect(pooler, asyncpg.connect, direct, pooled)
     dsn = f"postgresql://app@{HOST}:{server.port}/{DATABASE}"
     async with asyncpg.create_pool(dsn, connect=connect, min_size=0, max_size=8, **direct) as pool:
+        assert pool._connect is connect  # where a Guard over the pool finds the answer
 
         async def work(n: int) -> int:
             total = 0
