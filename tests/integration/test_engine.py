@@ -419,3 +419,16 @@ def test_pgbouncer_none_detects_and_rejects_other_values(pg_url: str):
             pg_engine.create_engine(pg_url, pgbouncer=value)
         assert info.value.setting == "create_engine.pgbouncer"
     pg_engine.create_engine("sqlite://", pgbouncer=None).dispose()  # nothing to detect there, and no error
+
+
+def test_what_the_user_says_is_shown_before_any_connection():
+    import poolguard  # noqa: PLC0415
+
+    for told, shown in ((True, "pgbouncer"), (False, None), (None, None)):
+        engine = pg_engine.create_engine(databases.pg_url(port=databases.DEAD_PORT), pgbouncer=told)
+        guard = poolguard.Guard(engine)
+        try:
+            assert guard.health(ping=False).to_dict()["pools"][0]["pooler"] == shown
+        finally:
+            guard.close()
+            engine.dispose()
