@@ -10,8 +10,9 @@ clients. No client can ask the pooler, but the connection itself tells, cheaply:
   versions), before anything is spent: :func:`refused_startup_parameter`.
 - A pooler answers cancel requests itself, so the backend pid the client is given at startup (its
   cancel key) is the pooler's own, never the pid of the server process running the client's
-  queries (``SELECT pg_backend_pid()``): :func:`is_pooler`. One round trip on the first
-  connection; it also catches a PgBouncer told to ignore the parameter
+  queries (``pg_backend_pid()``): :func:`is_pooler`, :func:`dbapi_same_backend`,
+  :func:`asyncpg_same_backend`. One round trip on the first connection, the server doing the
+  comparison; it also catches a PgBouncer told to ignore the parameter
   (``ignore_startup_parameters = options``) and poolers of other kinds, which is the right answer
   for prepared statements: behind a session pooler turning them off costs only their reuse.
 
@@ -22,11 +23,9 @@ share it. :class:`Pooler` holds what one engine or pool learned, for its connect
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import re
 import threading
-import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, TypeVar
 
@@ -34,18 +33,19 @@ __all__ = [
     "CHECK_TIMEOUT",
     "PGBOUNCER",
     "POOLER_ATTRIBUTE",
-    "SERVER_PID_QUERY",
     "UNIDENTIFIED",
     "AsyncpgConnect",
     "Pooler",
-    "asyncpg_server_pid",
+    "asyncpg_same_backend",
     "client_pid",
     "connect_asyncpg",
     "connect_detecting",
-    "dbapi_server_pid",
+    "dbapi_same_backend",
     "is_pooler",
     "pooled_params",
     "refused_startup_parameter",
+    "same_backend_query",
+    "server_answered",
     "target",
 ]
 
@@ -54,7 +54,6 @@ _log = logging.getLogger("poolguard")
 
 class _Connection(Protocol):
     def close(self) -> None: ...
-    def rollback(self) -> None: ...
 
 
 C = TypeVar("C", bound=_Connection)
@@ -65,11 +64,16 @@ PGBOUNCER = "pgbouncer"
 UNIDENTIFIED = "unidentified"
 """The pooler's kind when only its cancel key gave it away (PgBouncer ignoring the parameter, pgcat, ...)."""
 
-SERVER_PID_QUERY = "SELECT pg_backend_pid()"
-
 CHECK_TIMEOUT = 5.0
 """Seconds the pid check may take on an asyncpg connection without a connect timeout of its own (libpq
 connections are bounded by their TCP timeouts): a server that answers slower fails the connect."""
+
+
+def same_backend_query(pid: int) -> str:
+    """One row when the server process is ``pid``, none otherwise: a plain query (no parameter, nothing
+    prepared), which a pooler runs whole on one server connection, outside any transaction."""
+    return f"SELECT 1 WHERE pg_backend_pid() = {int(pid)}"
+
 
 POOLER_ATTRIBUTE = "_poolguard_pooler"
 """Where a SQLAlchemy engine's :class:`Pooler` lives: an attribute of its dialect, which every copy of the
@@ -101,36 +105,33 @@ def is_pooler(client: int | None, server: int | None) -> bool:
     return client is not None and server is not None and client != server
 
 
-def dbapi_server_pid(connection: Any) -> int:
-    """``pg_backend_pid()`` through a DB-API connection (psycopg, psycopg2, SQLAlchemy's async adapters).
+def dbapi_same_backend(connection: Any, pid: int) -> bool:
+    """Whether a DB-API connection (psycopg, psycopg2, SQLAlchemy's async adapters) runs on server process ``pid``.
 
-    Not a prepared statement (psycopg prepares only after several runs), and rolled back after, so
-    the connection is handed on as it came, outside a transaction.
+    One round trip: autocommit for the query (set locally, no round trip), so no ``BEGIN`` or
+    ``ROLLBACK`` is sent and the connection is handed on as it came.
     """
-    cursor = connection.cursor()
+    autocommit = connection.autocommit
+    connection.autocommit = True
     try:
-        cursor.execute(SERVER_PID_QUERY)
-        row = cursor.fetchone()
+        cursor = connection.cursor()
+        try:
+            cursor.execute(same_backend_query(pid))
+            return len(cursor.fetchall()) == 1
+        finally:
+            cursor.close()
     finally:
-        cursor.close()
-    connection.rollback()
-    return int(row[0])
+        connection.autocommit = autocommit
 
 
-async def asyncpg_server_pid(connection: Any, timeout: float | None = None) -> int:
-    """``pg_backend_pid()`` on an asyncpg connection within ``timeout`` (:data:`CHECK_TIMEOUT`), leaving no
-    prepared statement behind.
+async def asyncpg_same_backend(connection: Any, pid: int, timeout: float | None = None) -> bool:
+    """Whether an asyncpg connection runs on server process ``pid``, within ``timeout`` (:data:`CHECK_TIMEOUT`).
 
-    asyncpg prepares every query; behind a transaction pooler a statement left on the server
-    connection would be found by the next client that lands there. So: one explicit transaction (one
-    server connection throughout), a name no one else uses, deallocated before the commit.
+    asyncpg's ``execute`` without arguments is the simple query protocol: one round trip, nothing
+    prepared (a statement left on a pooled server connection would be found by the next client).
     """
-    name = f"__poolguard_pid_{uuid.uuid4().hex}__"
-    async with asyncio.timeout(timeout or CHECK_TIMEOUT), connection.transaction():
-        statement = await connection.prepare(SERVER_PID_QUERY, name=name)
-        pid = await statement.fetchval()
-        await connection.execute(f'DEALLOCATE "{name}"')
-    return int(pid)
+    status = await connection.execute(same_backend_query(pid), timeout=timeout or CHECK_TIMEOUT)
+    return bool(status == "SELECT 1")
 
 
 def pooled_params(params: Mapping[str, Any], direct: Mapping[str, Any], pooled: Mapping[str, Any]) -> dict[str, Any]:
@@ -166,6 +167,13 @@ class Pooler:
         self.adapts = adapts
         self._lock = threading.Lock()
 
+    def decide_by_pid(self, behind: bool) -> None:
+        """Records what the pid check found."""
+        if behind:
+            self.decide(UNIDENTIFIED, "its cancel key is not the server's pid")
+        else:
+            self.decide(None, "its cancel key is the server's pid")
+
     def decide(self, kind: str | None, why: str) -> None:
         """Records the answer once (concurrent first connections may each find it) and says so once."""
         with self._lock:
@@ -196,7 +204,7 @@ class Pooler:
 _CHECK_FAILED = "the pid check failed, so prepared statements stay on"
 
 
-def _server_answered(error: BaseException) -> bool:
+def server_answered(error: BaseException) -> bool:
     """An error with the server's own code: the connection works (only the check failed), unlike a lost or
     timed-out one, whose state nobody knows."""
     return bool(getattr(error, "sqlstate", None) or getattr(error, "pgcode", None))
@@ -231,17 +239,12 @@ def connect_detecting(
     try:
         behind = behind_pooler(connection)
     except BaseException as error:
-        if not isinstance(error, Exception) or not _server_answered(error):
+        if not isinstance(error, Exception) or not server_answered(error):
             connection.close()
             raise
-        try:
-            connection.rollback()
-        except BaseException:
-            connection.close()
-            raise
-        pooler.decide(None, _CHECK_FAILED)
+        pooler.decide(None, _CHECK_FAILED)  # the server refused the query: the connection is as it was
         return connection
-    pooler.decide(UNIDENTIFIED if behind else None, "its cancel key is not the server's pid")
+    pooler.decide_by_pid(behind)
     if not behind or pooled == params:
         return connection
     connection.close()
@@ -255,8 +258,8 @@ async def connect_asyncpg(
     pooled: dict[str, Any],
 ) -> Any:
     """:func:`connect_detecting` for an asyncpg connection (``connect`` returns one), e.g. an asyncpg pool's
-    ``connect=`` hook; the check is :func:`asyncpg_server_pid` (bounded by ``params["timeout"]``, the
-    connect timeout) against ``get_server_pid()``."""
+    ``connect=`` hook; the check is :func:`asyncpg_same_backend` on ``get_server_pid()``, bounded by
+    ``params["timeout"]`` (the connect timeout)."""
     if pooler.decided:
         return await connect(pooled if pooler.kind else params)
     try:
@@ -269,14 +272,15 @@ async def connect_asyncpg(
         pooler.decide(PGBOUNCER, f"it refused the startup parameter {refused!r}")
         return connection
     try:
-        behind = is_pooler(client_pid(connection), await asyncpg_server_pid(connection, params.get("timeout")))
+        pid = client_pid(connection)
+        behind = pid is not None and not await asyncpg_same_backend(connection, pid, params.get("timeout"))
     except BaseException as error:
-        if not isinstance(error, Exception) or not _server_answered(error) or connection.is_closed():
+        if not isinstance(error, Exception) or not server_answered(error) or connection.is_closed():
             connection.terminate()  # lost, timed out or cancelled: its state is unknown
             raise
-        pooler.decide(None, _CHECK_FAILED)  # the transaction rolled back: the connection is clean
+        pooler.decide(None, _CHECK_FAILED)  # the server refused the query: the connection is as it was
         return connection
-    pooler.decide(UNIDENTIFIED if behind else None, "its cancel key is not the server's pid")
+    pooler.decide_by_pid(behind)
     if not behind or pooled == params:
         return connection
     connection.terminate()  # nothing to wait for: its transaction is over

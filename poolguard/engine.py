@@ -142,9 +142,9 @@ def create_engine(
 
     - ``None`` (default): detected at the engine's first connection (psycopg, psycopg2, asyncpg; see
       :mod:`poolguard._pooler`): a connect refused over poolguard's own startup parameter is
-      retried once without it, else ``SELECT pg_backend_pid()`` against the pid given at startup (a
-      pooler's cancel key is its own) tells, and that connection is replaced by one made for the
-      pooler. One INFO line says so; health shows ``"pooler"``. Nothing connects at creation, and
+      retried once without it, else ``pg_backend_pid()`` against the pid given at startup (a
+      pooler's cancel key is its own; one round trip) tells, and that connection is replaced by one
+      made for the pooler. One INFO line says so; health shows ``"pooler"``. Nothing connects at creation, and
       pools are sized as for a direct server (client connections to PgBouncer are cheap):
       ``pgbouncer=True`` gives the smaller pools below.
     - ``True``: nothing is probed. PgBouncer does the real pooling, so this process keeps at most

@@ -73,11 +73,14 @@ def behind_pooler(dbapi_connection: Any, timeout: float | None = None) -> bool:
     bounds the round trip there (libpq's connections have their TCP bounds).
     """
     driver_connection = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    pid = _pooler.client_pid(driver_connection)
+    if pid is None:
+        return False
     if callable(getattr(driver_connection, "get_server_pid", None)):  # asyncpg
-        server_pid = sqlalchemy.util.await_only(_pooler.asyncpg_server_pid(driver_connection, timeout))
+        same = sqlalchemy.util.await_only(_pooler.asyncpg_same_backend(driver_connection, pid, timeout))
     else:
-        server_pid = _pooler.dbapi_server_pid(dbapi_connection)
-    return _pooler.is_pooler(_pooler.client_pid(driver_connection), server_pid)
+        same = _pooler.dbapi_same_backend(dbapi_connection, pid)
+    return not same
 
 
 def connect_through_pooler(
@@ -273,13 +276,14 @@ class SQLAlchemyPool:
     def _detect_pooler(self, dbapi_connection: DBAPIConnection) -> None:
         """Reports a pooler in front of an engine made elsewhere; a check that fails decides "none"."""
         assert self._pooler is not None
-        why = "its cancel key is not the server's pid"
         try:
             behind = behind_pooler(dbapi_connection)
         except Exception as error:
-            dbapi_connection.rollback()
-            behind, why = False, f"the pid check failed ({type(error).__name__})"
-        self._pooler.decide(_pooler.UNIDENTIFIED if behind else None, why)
+            if not _pooler.server_answered(error):
+                raise  # lost or timed out: the connect fails
+            self._pooler.decide(None, f"the pid check failed ({type(error).__name__})")
+            return
+        self._pooler.decide_by_pid(behind)
 
     def _on_error(self, context: ExceptionContext) -> None:
         if context.is_pre_ping:  # raised on to the checkout, where the gate counts it

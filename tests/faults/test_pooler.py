@@ -228,36 +228,37 @@ async def test_asyncpg_pool_connect_hook(
     assert timeout == ("30s" if where == "direct" else "0")
 
 
-def test_the_pid_check_leaves_no_prepared_statement(bouncer: PgBouncer) -> None:
-    """asyncpg prepares every query: the check's own statement is gone from the server connection."""
+def test_the_pid_check_is_one_plain_query(bouncer: PgBouncer, cluster: PgCluster) -> None:
+    """Nothing prepared (a statement left on a pooled server connection would meet the next client), no
+    transaction left open; the server compares, through the pooler and directly."""
 
-    async def check() -> tuple[int, int]:
-        connection = await asyncpg.connect(f"postgresql://app@{HOST}:{bouncer.port}/{DATABASE}", statement_cache_size=0)
+    async def check(port: int) -> tuple[bool, int]:
+        connection = await asyncpg.connect(f"postgresql://app@{HOST}:{port}/{DATABASE}", statement_cache_size=0)
         try:
-            server_pid = await _pooler.asyncpg_server_pid(connection)
-            async with connection.transaction():
-                left = await connection.fetchval("SELECT count(*) FROM pg_prepared_statements")
-            return server_pid, left
+            same = await _pooler.asyncpg_same_backend(connection, connection.get_server_pid())
+            return same, await connection.fetchval("SELECT count(*) FROM pg_prepared_statements")
         finally:
             await connection.close()
 
-    server_pid, left = asyncio.run(check())
-    assert server_pid > 0
-    assert left == 0
-    with psycopg.connect(f"host={HOST} port={bouncer.port} dbname={DATABASE} user=app") as connection:
-        assert _pooler.is_pooler(_pooler.client_pid(connection), _pooler.dbapi_server_pid(connection))
+    assert asyncio.run(check(bouncer.port)) == (False, 0)
+    assert asyncio.run(check(cluster.port)) == (True, 0)
+    for port, same in ((bouncer.port, False), (cluster.port, True)):
+        with psycopg.connect(f"host={HOST} port={port} dbname={DATABASE} user=app") as connection:
+            assert _pooler.dbapi_same_backend(connection, connection.info.backend_pid) is same
+            assert connection.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+            assert not connection.autocommit
 
 
 def test_a_plain_engine_is_checked_once(cluster: PgCluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """One round trip on the first connection, none on the next ones."""
     calls: list[int] = []
-    real = _pooler.dbapi_server_pid
+    real = _pooler.dbapi_same_backend
 
-    def counted(connection: Any) -> int:
+    def counted(connection: Any, pid: int) -> bool:
         calls.append(1)
-        return real(connection)
+        return real(connection, pid)
 
-    monkeypatch.setattr(_pooler, "dbapi_server_pid", counted)
+    monkeypatch.setattr(_pooler, "dbapi_same_backend", counted)
     engine = poolguard.create_engine(cluster.url("psycopg"), workers=3)
     try:
         with engine.connect(), engine.connect(), engine.connect():
