@@ -283,7 +283,7 @@ async def connect_asyncpg(
     pooler.decide_by_pid(behind)
     if not behind or pooled == params:
         return connection
-    connection.terminate()  # nothing to wait for: its transaction is over
+    connection.terminate()  # nothing to wait for: it is idle
     return await connect(pooled)
 
 
