@@ -244,9 +244,18 @@ class PgBouncer:
 
     ``auth_type = any``: clients may give any user name and password (the database entry logs in as
     ``app``), so a secret in the client's URL is sent and must still never leak.
+
+    ``ignore_startup_parameters``: what PgBouncer drops from a client's startup packet instead of
+    refusing the connection ("unsupported startup parameter"); None leaves PgBouncer's default
+    (nothing ignored), which is what a user's PgBouncer has unless someone changed it.
     """
 
-    def __init__(self, cluster: PgCluster, *, pool_size: int = 4) -> None:
+    IGNORED = "extra_float_digits,options,statement_timeout"
+    """What the fault suite's PgBouncer ignores, so engines made with ``pgbouncer=False`` still connect."""
+
+    def __init__(
+        self, cluster: PgCluster, *, pool_size: int = 4, ignore_startup_parameters: str | None = IGNORED
+    ) -> None:
         self.cluster = cluster
         self.root = _owned_temp_dir("poolguard-pgbouncer-")
         self.port = free_port()
@@ -261,7 +270,11 @@ class PgBouncer:
             f"default_pool_size = {pool_size}\nmax_client_conn = 200\n"
             "server_check_delay = 0\nserver_login_retry = 1\n"
             f"logfile = {self.log}\npidfile = {self.root / 'pgbouncer.pid'}\n"
-            "ignore_startup_parameters = extra_float_digits,options,statement_timeout\n"
+            + (
+                ""
+                if ignore_startup_parameters is None
+                else f"ignore_startup_parameters = {ignore_startup_parameters}\n"
+            )
         )
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "poolguard.errors": 0,
     "poolguard._validate": 1,
     "poolguard._classify": 1,
+    "poolguard._pooler": 1,
     "poolguard._context": 1,
     "poolguard._fork": 1,
     "poolguard._serving": 1,
@@ -60,7 +61,9 @@ LAYERS: dict[str, int] = {
 
 BOTTOM = 2
 POOL_MODULES = ("poolguard.pools.sqlalchemy", "poolguard.pools.django")
-POOLS_MAY_IMPORT = frozenset({"poolguard.pools", "poolguard.errors", "poolguard._classify", "poolguard._types"})
+POOLS_MAY_IMPORT = frozenset(
+    {"poolguard.pools", "poolguard.errors", "poolguard._classify", "poolguard._pooler", "poolguard._types"}
+)
 POOL_HELPERS = {"poolguard.pools.django": frozenset({"poolguard.pools.django_settings"})}
 """A pool module's own helper modules, split off to keep it under the size limit."""
 
