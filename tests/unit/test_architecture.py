@@ -41,6 +41,8 @@ LAYERS: dict[str, int] = {
     "poolguard.pools.sqlalchemy": 3,
     "poolguard.pools.django": 3,
     "poolguard.pools.django_settings": 3,
+    "poolguard.pools.asyncpg": 3,
+    "poolguard.asyncpg_pool": 3,
     "poolguard.metrics": 4,
     "poolguard.telemetry": 5,
     "poolguard.http": 4,
@@ -48,13 +50,14 @@ LAYERS: dict[str, int] = {
     # the checkout path, the units of work, the composition root
     "poolguard.gate": 6,
     "poolguard.work": 7,
+    "poolguard.acquire": 7,
     "poolguard.watchdog": 7,
     "poolguard.guard": 8,
 }
 """Each core module's layer: a module imports only from its own layer or below. The rest are adapters."""
 
 BOTTOM = 2
-POOL_MODULES = ("poolguard.pools.sqlalchemy", "poolguard.pools.django")
+POOL_MODULES = ("poolguard.pools.sqlalchemy", "poolguard.pools.django", "poolguard.pools.asyncpg")
 POOLS_MAY_IMPORT = frozenset({"poolguard.pools", "poolguard.errors", "poolguard._classify", "poolguard._types"})
 POOL_HELPERS = {"poolguard.pools.django": frozenset({"poolguard.pools.django_settings"})}
 """A pool module's own helper modules, split off to keep it under the size limit."""
@@ -67,7 +70,7 @@ FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "django": ("poolguard.django", "poolguard.pools.django"),
     "asgiref": ("poolguard.django",),
     "prometheus_client": ("poolguard.prometheus",),
-    "asyncpg": (),
+    "asyncpg": ("poolguard.pools.asyncpg", "poolguard.asyncpg_pool"),
     "psycopg": (),
     "psycopg_pool": (),
     "pymysql": (),
