@@ -106,9 +106,10 @@ class AsyncpgPool:
             return False
         if is_connection_failure(exc):
             return True
-        raw = _raw(connection)
-        if raw is not None and raw.is_closed() and isinstance(exc, asyncpg.InterfaceError | OSError):
-            return True
+        if isinstance(exc, asyncpg.InterfaceError | OSError):
+            raw = _raw(connection)  # None: asyncpg saw the connection die and took it back itself
+            if raw is None or raw.is_closed():
+                return True
         return isinstance(exc, TimeoutError) and _raised_in_asyncpg(exc)
 
     def counts(self) -> PoolCounts:
