@@ -65,12 +65,12 @@ POOL_HELPERS = {"poolguard.pools.django": frozenset({"poolguard.pools.django_set
 FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "flask": ("poolguard.flask",),
     "werkzeug": ("poolguard.flask",),
-    "starlette": ("poolguard.starlette", "poolguard.fastapi"),
+    "starlette": ("poolguard.starlette", "poolguard._starlette_handlers", "poolguard.fastapi"),
     "fastapi": ("poolguard.fastapi",),
     "django": ("poolguard.django", "poolguard.pools.django"),
     "asgiref": ("poolguard.django",),
     "prometheus_client": ("poolguard.prometheus",),
-    "asyncpg": ("poolguard.pools.asyncpg", "poolguard.asyncpg_pool"),
+    "asyncpg": ("poolguard.pools.asyncpg", "poolguard.asyncpg_pool", "poolguard.fastapi"),  # fastapi: type-only
     "psycopg": (),
     "psycopg_pool": (),
     "pymysql": (),
@@ -163,7 +163,16 @@ def test_the_cycle_finder_finds_one() -> None:
 def test_every_core_module_has_a_layer() -> None:
     adapters = {name for name in MODULES if name not in LAYERS}
     assert all(
-        within(name, ("poolguard.flask", "poolguard.starlette", "poolguard.fastapi", "poolguard.django"))
+        within(
+            name,
+            (
+                "poolguard.flask",
+                "poolguard.starlette",
+                "poolguard._starlette_handlers",
+                "poolguard.fastapi",
+                "poolguard.django",
+            ),
+        )
         or name
         in (
             "poolguard",
