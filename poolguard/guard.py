@@ -295,9 +295,12 @@ class Guard:
             raise TypeError(f"guard.session() needs a Guard over a SQLAlchemy engine; {self.name!r} is not one")
         return SessionBlock(self.gate, self.session_factory, is_async=self.is_async)
 
-    def connection(self) -> ConnectionBlock[Any] | AcquiredConnection:
+    def connection(self) -> Any:
         """``with guard.connection() as c`` (``async with`` for an AsyncEngine or an asyncpg pool): a guarded
-        raw connection (SQLAlchemy's Connection / AsyncConnection, or the asyncpg Connection)."""
+        raw connection (SQLAlchemy's Connection / AsyncConnection, or the asyncpg Connection).
+
+        Typed ``Any``: an ``async with`` gives an AsyncConnection or an asyncpg Connection, which only the
+        pool the guard was given tells apart (a :class:`ConnectionBlock` or an ``AcquiredConnection``)."""
         if self._closed:
             self._refuse_closed()
         if self.acquiring is not None:

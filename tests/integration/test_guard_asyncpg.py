@@ -285,4 +285,4 @@ async def test_one_guard_per_pool_and_close_lets_go(make_pool: Any) -> None:
 
 def test_guard_does_not_need_asyncpg_loaded_to_refuse_other_objects() -> None:
     with pytest.raises(ConfigError, match=r"an asyncpg\.Pool"):
-        poolguard.Guard(object())  # type: ignore[arg-type]
+        poolguard.Guard(object())
