@@ -22,12 +22,13 @@ from typing import Any
 from opentelemetry.context import get_current
 from opentelemetry.trace import INVALID_SPAN, get_current_span
 
+from poolguard._classify import mark_counted
 from poolguard.gate import Gate, _outcome
 from poolguard.leaks import Holder, capture_stack
 from poolguard.pools import AcquiringPool, Unit
 from poolguard.work import RequestScope
 
-__all__ = ["AcquiredConnection", "RequestConnection", "acquire", "release"]
+__all__ = ["AcquiredConnection", "RequestConnection", "acquire", "failed", "release"]
 
 
 async def acquire(gate: Gate, pool: AcquiringPool, unit: Unit) -> Any:
@@ -68,8 +69,9 @@ async def acquire(gate: Gate, pool: AcquiringPool, unit: Unit) -> Any:
             except BaseException as exc:
                 gate._not_admitted(exc, unit, start)
                 raise
-        with gate._counter_lock:
-            gate.pending += 1
+        # No counter lock on this path: an asyncpg pool lives on one event loop, whose thread is the only one
+        # that checks out from it (the watchdog's thread only reads).
+        gate.pending += 1
         try:
             connection = await pool.acquire()
         except BaseException as exc:
@@ -82,9 +84,8 @@ async def acquire(gate: Gate, pool: AcquiringPool, unit: Unit) -> Any:
     now = gate.clock()
     wait = now - start
     gate.last_progress = now
-    with gate._counter_lock:
-        gate.pending -= 1
-        gate.checkouts += 1
+    gate.pending -= 1
+    gate.checkouts += 1
     gate.wait_times.append((wait, now))
     unit.waited += wait
     if breaker is not None:
@@ -108,32 +109,45 @@ async def acquire(gate: Gate, pool: AcquiringPool, unit: Unit) -> Any:
 async def release(gate: Gate, pool: AcquiringPool, connection: Any, error: BaseException | None = None) -> None:
     """Gives ``connection`` back to the pool and ends its use; ``error`` is what its user raised, if anything.
 
-    A connection-level ``error`` (lost, reset, asyncpg's own timeout) is recorded on the breaker, as
-    the SQLAlchemy adapter's error hook does; an application error is not. The connection is
-    accounted as back even when the release fails or is cancelled (asyncpg shields it; a connection
-    it cannot reset, it terminates).
+    The connection is accounted as back even when the release fails or is cancelled (asyncpg shields
+    it; a connection it cannot reset, it terminates).
     """
-    if error is not None and pool.broken(connection, error):
-        gate.lost(error)
+    if error is not None:
+        failed(gate, pool, connection, error)
     try:
         await pool.release(connection)
     finally:
         gate.checkin(id(connection))
 
 
+def failed(gate: Gate, pool: AcquiringPool, connection: Any, error: BaseException) -> None:
+    """A connection-level ``error`` (lost, reset, asyncpg's own timeout) raised in use is recorded on the
+    breaker, as the SQLAlchemy adapter's error hook does; an application error is not."""
+    if gate.breaker is not None and pool.broken(connection, error):
+        gate.breaker.record_failure(0.0)
+        mark_counted(error, gate.name)
+
+
 class AcquiredConnection:
     """``async with guard.connection() as conn`` over an acquiring pool: the pool's connection, always released.
 
-    It joins the unit of work running here (a request), or opens one of its own for the block.
+    Inside a request it joins the request's unit of work (its wait budget, its route); outside one the
+    block is a unit of work itself (the gate's :class:`~poolguard.pools.Unit`): a job's, which waits
+    its whole budget. It is not made the context's unit: nothing below an asyncpg acquire asks for it.
     """
 
-    __slots__ = ("_connection", "_gate", "_own", "_pool")
+    __slots__ = ("_connection", "_gate", "_pool", "held", "queued", "reserved", "route", "sheds", "waited")
 
     def __init__(self, gate: Gate, pool: AcquiringPool) -> None:
         self._gate = gate
         self._pool = pool
-        self._own: RequestScope | None = None
         self._connection: Any = None
+        self.route: str | None = None
+        self.waited = 0.0
+        self.queued = 0.0
+        self.sheds = False
+        self.reserved: float | None = None
+        self.held = 0
 
     def __enter__(self) -> Any:
         raise TypeError("guard.connection() on an asyncpg pool is used with 'async with', not 'with'")
@@ -143,31 +157,19 @@ class AcquiredConnection:
 
     async def __aenter__(self) -> Any:
         gate = self._gate
-        unit = gate.unit_var.get()
-        if unit is None:
-            own = self._own = RequestScope(gate, None)
-            own.sheds = False  # a job's unit, outside any request: it waits its whole budget
-            unit = own.open()
-        try:
-            self._connection = await acquire(gate, self._pool, unit)
-        except BaseException:
-            self._leave()
-            raise
+        self._connection = await acquire(gate, self._pool, gate.unit_var.get() or self)
         return self._connection
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        connection, self._connection = self._connection, None
+        if exc is not None:
+            failed(self._gate, self._pool, connection, exc)
         try:
-            await release(self._gate, self._pool, self._connection, exc)
+            await self._pool.release(connection)
         finally:
-            self._connection = None
-            self._leave()
-
-    def _leave(self) -> None:
-        own, self._own = self._own, None
-        if own is not None:
-            own.close()
+            self._gate.checkin(id(connection))
 
 
 class RequestConnection:

@@ -240,11 +240,11 @@ class AcquiringPool(PoolAdapter, Protocol):
     its accounting, and :meth:`release` when the unit is done with the connection.
     """
 
-    def acquire(self) -> Awaitable[Any]:
-        """The pool's own acquire; the wait for it is what the core measures."""
+    acquire: Callable[[], Awaitable[Any]]
+    """The pool's own acquire; the wait for it is what the core measures."""
 
-    async def release(self, connection: Any) -> None:
-        """The pool's own release, bounded and cancellation-safe."""
+    release: Callable[[Any], Awaitable[None]]
+    """The pool's own release, cancellation-safe."""
 
     def broken(self, connection: Any, exc: BaseException) -> bool:
         """Whether ``exc``, raised while ``connection`` was in use, says the connection failed."""

@@ -20,15 +20,11 @@ from asyncpg.pool import PoolConnectionProxy
 
 from poolguard._classify import is_connection_failure
 from poolguard.errors import ConfigError
-from poolguard.pools import TCP_TIMEOUT, PoolCounts, PoolEvents, bound_probe_params, driver_fileno, shutdown_socket
+from poolguard.pools import PoolCounts, PoolEvents, bound_probe_params, driver_fileno, shutdown_socket
 
 _log = logging.getLogger("poolguard")
 
 _EVENTS_ATTRIBUTE = "_poolguard_events"
-
-RELEASE_TIMEOUT = TCP_TIMEOUT
-"""Seconds a release may take (asyncpg resets the connection with a round trip) when the pool's
-connections have no ``command_timeout``: a release never hangs on a silent server."""
 
 
 def _raw(connection: Any) -> Any:
@@ -47,10 +43,15 @@ class AsyncpgPool:
         self.pool = pool
         self._events: PoolEvents | None = None
         self._real_connect: Callable[..., Awaitable[Any]] | None = None
-        kwargs = getattr(pool, "_connect_kwargs", None) or {}
-        command_timeout = kwargs.get("command_timeout")
-        self.release_timeout: float = float(command_timeout) if command_timeout else RELEASE_TIMEOUT
-        """What bounds a release's reset: the connections' own ``command_timeout``, else :data:`RELEASE_TIMEOUT`."""
+        self.acquire: Callable[[], Awaitable[Any]] = pool.acquire
+        """The pool's own acquire, itself (no frame of ours on the hot path), without a timeout: admission
+        bounds the wait for a slot, the pool's connect ``timeout`` a new connection, and asyncpg would run
+        a timeout through ``wait_for``."""
+        self.release: Callable[[Any], Awaitable[None]] = pool.release
+        """The pool's own release, itself: cancellation-safe (asyncpg shields it) and, as a bare release,
+        without a timeout of its own (one costs a timer per release): the reset's round trip is bounded by
+        the connection's ``command_timeout`` (``create_asyncpg_pool`` sets one), and a release hung on a
+        silent server still counts as held, which the watchdog aborts."""
 
     def attach(self, events: PoolEvents) -> None:
         connect = getattr(self.pool, "_connect", None)
@@ -83,16 +84,6 @@ class AsyncpgPool:
                 self.pool._connect = self._real_connect
             self._real_connect = None
         self._events = None
-
-    def acquire(self) -> Awaitable[Any]:
-        """The pool's own acquire, without a timeout of its own (admission bounds the wait for a slot,
-        the pool's connect ``timeout`` a new connection): asyncpg runs a timeout through ``wait_for``."""
-        acquiring: Awaitable[Any] = self.pool.acquire()
-        return acquiring
-
-    async def release(self, connection: Any) -> None:
-        """The pool's own release (cancellation-safe: asyncpg shields it), bounded."""
-        await self.pool.release(connection, timeout=self.release_timeout)
 
     @staticmethod
     def broken(connection: Any, exc: BaseException) -> bool:
