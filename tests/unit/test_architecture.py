@@ -53,6 +53,11 @@ LAYERS: dict[str, int] = {
     "poolguard.acquire": 7,
     "poolguard.watchdog": 7,
     "poolguard.guard": 8,
+    # what the server sees: the connection budget (its arithmetic is shared with Django's checks)
+    "poolguard.diagnose": 0,
+    "poolguard.diagnose.budget": 4,
+    "poolguard.diagnose.budget_input": 5,
+    "poolguard.diagnose.budget_report": 5,
 }
 """Each core module's layer: a module imports only from its own layer or below. The rest are adapters."""
 
