@@ -112,7 +112,8 @@ class AsyncpgPool:
         )
 
     def probe(self, timeout: float) -> None:
-        """``SELECT 1`` on a connection of its own, made with the pool's connect arguments, on a loop of its own."""
+        """``SELECT 1`` on a connection of its own, made as the pool makes one (its connect function and
+        arguments, bounded by ``timeout``), on an event loop of its own in the probe's thread."""
         asyncio.run(self._probe(timeout))
 
     async def _probe(self, timeout: float) -> None:
@@ -121,7 +122,9 @@ class AsyncpgPool:
             params.pop(key, None)
         bound_probe_params("asyncpg", params, timeout)
         args = getattr(self.pool, "_connect_args", None) or ()
-        connection = await asyncpg.connect(*args, **params)
+        # The pool's own connect function (a ``connect=`` that fetches a token, say), not the timed one.
+        connect = self._real_connect or getattr(self.pool, "_connect", None) or asyncpg.connect
+        connection = await connect(*args, **params)
         try:
             await connection.fetchval("SELECT 1")
         finally:

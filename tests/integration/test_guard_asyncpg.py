@@ -4,6 +4,8 @@ path, admission, leaks, the breaker's view of errors, and health."""
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -283,6 +285,30 @@ async def test_one_guard_per_pool_and_close_lets_go(make_pool: Any) -> None:
     second.close()
 
 
-def test_guard_does_not_need_asyncpg_loaded_to_refuse_other_objects() -> None:
+def test_guard_refuses_other_objects_naming_asyncpg_pools() -> None:
     with pytest.raises(ConfigError, match=r"an asyncpg\.Pool"):
         poolguard.Guard(object())
+
+
+def test_a_guard_over_an_engine_never_loads_asyncpg() -> None:
+    code = (
+        "import sys, sqlalchemy, poolguard; "
+        "guard = poolguard.Guard(sqlalchemy.create_engine('sqlite://'), probe_interval=None); guard.close(); "
+        "poolguard.Guard; sys.exit(1 if 'asyncpg' in sys.modules else 0)"
+    )
+    assert subprocess.run([sys.executable, "-c", code], timeout=60, check=False).returncode == 0
+
+
+async def test_the_probe_connects_as_the_pool_does_and_is_not_a_pool_connection(make_pool: Any, guards: Any) -> None:
+    calls: list[str] = []
+
+    async def connect(*args: Any, **kwargs: Any) -> asyncpg.Connection:
+        calls.append("connect")
+        return await asyncpg.connect(*args, **kwargs)
+
+    pool = await make_pool(connect=connect)
+    guard = guards(pool)
+    assert (await guard.ahealth(max_age=0)).status == "ok"
+    assert calls == ["connect"]  # the pool's own connect function, with its arguments
+    assert guard.stats().connections_created == 0
+    assert pool.get_size() == 0
