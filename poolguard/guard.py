@@ -108,6 +108,10 @@ class Guard:
                 type(engine).__name__,
                 "a sqlalchemy Engine or AsyncEngine, an asyncpg.Pool, or a pool adapter",
             )
+        if is_asyncpg and session_factory is not None:
+            raise ConfigError(
+                "Guard.session_factory", session_factory, "None for an asyncpg pool (it has connections, not sessions)"
+            )
         if not isinstance(name, str) or not name:
             raise ConfigError("Guard.name", name, "a non-empty string")
         if not isinstance(capture_stacks, bool):

@@ -271,6 +271,8 @@ async def test_session_and_sync_use_fail_with_the_way_to_do_it(make_pool: Any, g
         guard.session()
     with pytest.raises(TypeError, match="'async with', not 'with'"), guard.connection():
         pass
+    with pytest.raises(ConfigError, match=r"Guard\.session_factory.*connections, not sessions"):
+        Guard(await make_pool(), session_factory=lambda: None)
 
 
 async def test_one_guard_per_pool_and_close_lets_go(make_pool: Any) -> None:
