@@ -73,7 +73,7 @@ async def acquire(gate: Gate, pool: AcquiringPool, unit: Unit) -> Any:
         # that checks out from it (the watchdog's thread only reads).
         gate.pending += 1
         try:
-            connection = await pool.acquire()
+            connection = await pool.acquire(gate.max_wait - unit.waited)
         except BaseException as exc:
             gate._checkout_failed(exc, unit, start)
             raise

@@ -240,8 +240,9 @@ class AcquiringPool(PoolAdapter, Protocol):
     its accounting, and :meth:`release` when the unit is done with the connection.
     """
 
-    acquire: Callable[[], Awaitable[Any]]
-    """The pool's own acquire; the wait for it is what the core measures."""
+    def acquire(self, budget: float) -> Awaitable[Any]:
+        """The pool's own acquire, waiting at most ``budget`` seconds for a connection (then ``PoolSaturated``);
+        the wait for it is what the core measures."""
 
     release: Callable[[Any], Awaitable[None]]
     """The pool's own release, cancellation-safe."""

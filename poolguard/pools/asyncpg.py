@@ -19,7 +19,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from poolguard._classify import is_connection_failure
-from poolguard.errors import ConfigError
+from poolguard.errors import ConfigError, PoolSaturated
 from poolguard.pools import PoolCounts, PoolEvents, bound_probe_params, driver_fileno, shutdown_socket
 
 _log = logging.getLogger("poolguard")
@@ -43,10 +43,7 @@ class AsyncpgPool:
         self.pool = pool
         self._events: PoolEvents | None = None
         self._real_connect: Callable[..., Awaitable[Any]] | None = None
-        self.acquire: Callable[[], Awaitable[Any]] = pool.acquire
-        """The pool's own acquire, itself (no frame of ours on the hot path), without a timeout: admission
-        bounds the wait for a slot, the pool's connect ``timeout`` a new connection, and asyncpg would run
-        a timeout through ``wait_for``."""
+        self._acquire = pool.acquire
         self.release: Callable[[Any], Awaitable[None]] = pool.release
         """The pool's own release, itself: cancellation-safe (asyncpg shields it) and, as a bare release,
         without a timeout of its own (one costs a timer per release): the reset's round trip is bounded by
@@ -84,6 +81,36 @@ class AsyncpgPool:
                 self.pool._connect = self._real_connect
             self._real_connect = None
         self._events = None
+
+    def acquire(self, budget: float) -> Awaitable[Any]:
+        """The pool's own acquire; bounded by ``budget`` seconds only when it would wait.
+
+        With a connection free (asyncpg's queue of free holders is not empty) the acquire takes it at
+        once, and goes without a timeout (asyncpg runs one through ``wait_for``, a task per acquire).
+        Admission keeps a guard's own units within the pool's size, so only connections held outside the
+        guard (``pool.acquire()`` called directly) leave none free: then the wait is bounded, and running
+        out of it is ``PoolSaturated``, not a failure of the database.
+        """
+        try:
+            if self.pool._queue._queue:
+                acquiring: Awaitable[Any] = self._acquire()
+                return acquiring
+        except AttributeError:  # a pool not initialized yet (or an asyncpg that keeps them elsewhere)
+            pass
+        return self._acquire_within(budget)
+
+    async def _acquire_within(self, budget: float) -> Any:
+        try:
+            return await self._acquire(timeout=max(budget, 0.001))
+        except TimeoutError:
+            events = self._events
+            name = events.name if events is not None else "?"
+            raise PoolSaturated(
+                f"pool {name!r}: all {self.pool.get_max_size()} connections are held, some of them outside the "
+                f"guard (pool.acquire() called directly), and none came back within the wait budget {budget:.3f}s",
+                retry_after=1.0,
+                pool=name,
+            ) from None
 
     @staticmethod
     def broken(connection: Any, exc: BaseException) -> bool:

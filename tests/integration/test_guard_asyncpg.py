@@ -314,3 +314,36 @@ async def test_the_probe_connects_as_the_pool_does_and_is_not_a_pool_connection(
     assert calls == ["connect"]  # the pool's own connect function, with its arguments
     assert guard.stats().connections_created == 0
     assert pool.get_size() == 0
+
+
+async def test_connections_held_outside_the_guard_bound_its_wait_with_pool_saturated(
+    make_pool: Any, guards: Any
+) -> None:
+    """Admission counts the guard's own units only; asyncpg has no timeout of its own: a pool emptied by
+    direct ``pool.acquire()`` calls must not leave a guarded unit waiting without end."""
+    pool = await make_pool()
+    guard = guards(pool, max_wait=0.3)
+    outside = [await pool.acquire(), await pool.acquire()]
+    try:
+        started = time.monotonic()
+        with pytest.raises(PoolSaturated, match="outside the guard") as raised:
+            async with guard.connection():
+                pass
+        assert time.monotonic() - started < 1.0
+        assert raised.value.reason == "pool_saturated"
+        assert guard.breaker is not None
+        assert guard.breaker.failure_rate == 0.0
+        assert guard.stats().timeouts == 1
+        assert guard.gate.admission.in_use == 0
+
+        async def give_one_back() -> None:
+            await asyncio.sleep(0.1)
+            await pool.release(outside.pop())
+
+        returning = asyncio.ensure_future(give_one_back())
+        async with guard.connection() as conn:  # waits for the one coming back, within the budget
+            assert await conn.fetchval("SELECT 1") == 1
+        await returning
+    finally:
+        for connection in outside:
+            await pool.release(connection)
