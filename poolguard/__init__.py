@@ -26,12 +26,14 @@ from poolguard.stats import PoolStats as PoolStats
 from poolguard.work import RequestScope as RequestScope
 
 if TYPE_CHECKING:
+    from poolguard.asyncpg_pool import create_asyncpg_pool as create_asyncpg_pool
     from poolguard.engine import create_async_engine as create_async_engine
     from poolguard.engine import create_engine as create_engine
 
 
 def __getattr__(name: str) -> Any:
-    """``create_engine`` / ``create_async_engine`` load SQLAlchemy on first use, not on ``import poolguard``.
+    """``create_engine`` / ``create_async_engine`` / ``create_asyncpg_pool`` load SQLAlchemy (asyncpg) on first
+    use, not on ``import poolguard``.
 
     A Django app that guards only its own connections then never loads SQLAlchemy.
     """
@@ -39,6 +41,10 @@ def __getattr__(name: str) -> Any:
         from poolguard import engine  # noqa: PLC0415
 
         return getattr(engine, name)
+    if name == "create_asyncpg_pool":
+        from poolguard.asyncpg_pool import create_asyncpg_pool  # noqa: PLC0415
+
+        return create_asyncpg_pool
     raise AttributeError(f"module 'poolguard' has no attribute {name!r}")
 
 
@@ -63,6 +69,7 @@ __all__ = [
     "RetryBudget",
     "Unavailable",
     "create_async_engine",
+    "create_asyncpg_pool",
     "create_engine",
     "retry",
 ]

@@ -206,6 +206,15 @@ class Admission:
         if not waiter.lock.acquire(timeout=waiter.budget):
             self._give_up(waiter)
 
+    def try_acquire(self) -> bool:
+        """Takes a free slot if one is free now with nobody waiting ahead; never waits (one lock)."""
+        with self._lock:
+            if self.capacity is None or (self.in_use < self.capacity and not self._waiters):
+                self.in_use += 1
+                self._free += 1
+                return True
+        return False
+
     async def acquire_async(self, budget: float, sheds: bool = True) -> None:
         """Takes a slot within ``budget`` seconds or raises PoolSaturated (for asyncio tasks)."""
         waiter = self._try_enter(budget, asyncio.get_running_loop(), sheds)

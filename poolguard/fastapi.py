@@ -12,7 +12,24 @@ Usage (an AsyncEngine and ``async def`` routes)::
     async def create_order(db: DbSession) -> dict[str, int]:
         ...
 
-A synchronous Engine and ``def`` routes take :data:`SyncDbSession` instead. Both are generic in the
+A synchronous Engine and ``def`` routes take :data:`SyncDbSession` instead; a guard over an asyncpg
+pool (made in the lifespan, given to the middleware as a function) :data:`DbConnection`::
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = await poolguard.create_asyncpg_pool(URL, service_name="orders")
+        app.state.guard = poolguard.Guard(pool)
+        yield
+        app.state.guard.close()
+        await pool.close()
+
+    app = FastAPI(lifespan=lifespan)
+    app.add_middleware(PoolGuardMiddleware, guard=lambda: app.state.guard)
+
+    @app.get("/orders/{id}")
+    async def order(id: int, conn: DbConnection) -> dict[str, Any]:
+        ...
+ Both are generic in the
 session class, defaulting to SQLAlchemy's: ``SyncDbSession[sqlmodel.Session]`` (or ``DbSession[MySession]``)
 is the same dependency typed as the app's own class, so a SQLModel app keeps its tutorial's alias::
 
@@ -21,7 +38,8 @@ is the same dependency typed as the app's own class, so a SQLModel app keeps its
 
 Startup (the lifespan, through the middleware or :func:`poolguard_lifespan`) checks every route:
 ``DbSession`` on a synchronous engine, ``SyncDbSession`` on an AsyncEngine, or a session class the
-guard's ``session_factory`` does not make, is a ConfigError naming the route and the right choice.
+guard's ``session_factory`` does not make, or a session on an asyncpg guard (or ``DbConnection`` on an
+engine's), is a ConfigError naming the route and the right choice.
 
 The dependency only hands out the session the middleware's request scope owns; the middleware
 decides when it commits (when the response starts, so a ``StreamingResponse`` never holds a
@@ -35,7 +53,7 @@ from __future__ import annotations
 import contextlib
 import typing
 from collections.abc import AsyncIterator, Callable, Iterator
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 from fastapi import Depends, Request
 from fastapi.dependencies.models import Dependant
@@ -46,10 +64,28 @@ from typing_extensions import TypeVar
 
 from poolguard.errors import ConfigError
 from poolguard.guard import Guard
-from poolguard.starlette import STARTUP_CHECKS, STATE_KEY, PoolGuardMiddleware, get_session, poolguard_lifespan
+from poolguard.starlette import (
+    STARTUP_CHECKS,
+    STATE_KEY,
+    PoolGuardMiddleware,
+    get_connection,
+    get_session,
+    poolguard_lifespan,
+)
 from poolguard.work import RequestScope
 
-__all__ = ["DbSession", "PoolGuardMiddleware", "SyncDbSession", "get_session", "poolguard_lifespan"]
+if TYPE_CHECKING:
+    from asyncpg import Connection
+
+__all__ = [
+    "DbConnection",
+    "DbSession",
+    "PoolGuardMiddleware",
+    "SyncDbSession",
+    "get_connection",
+    "get_session",
+    "poolguard_lifespan",
+]
 
 AsyncSessionT = TypeVar("AsyncSessionT", bound=AsyncSession, default=AsyncSession)
 SessionT = TypeVar("SessionT", bound=Session, default=Session)
@@ -82,6 +118,13 @@ async def _sync_session(request: Request) -> AsyncIterator[Session]:
         yield session
 
 
+async def _connection(request: Request) -> AsyncIterator[Any]:
+    """The request's asyncpg connection; an endpoint that raises marks the request's unit failed."""
+    connection = await get_connection(request)
+    with _rollback_on_error(request):
+        yield connection
+
+
 @contextlib.contextmanager
 def _rollback_on_error(request: Request) -> Iterator[None]:
     """An endpoint that raises, even an ``HTTPException`` FastAPI turns into a response, is rolled back.
@@ -109,11 +152,21 @@ SyncDbSession = Annotated[SessionT, Depends(_sync_session)]
 (``sessionmaker(engine, class_=sqlmodel.Session)``), so ``session.exec(select(Hero))`` type-checks."""
 
 
+if TYPE_CHECKING:
+    DbConnection = Annotated[Connection, Depends(_connection)]
+else:  # asyncpg is an extra: the alias needs it only for type checkers
+    DbConnection = Annotated[Any, Depends(_connection)]
+"""The request's asyncpg ``Connection`` (the guard's pool is an asyncpg pool): ``async def view(conn: DbConnection)``.
+
+Acquired on first use, guarded (breaker, admission, timing), released once the response is complete."""
+
+
 _DEPENDENCIES: dict[Callable[..., Any], tuple[str, bool]] = {
     _async_session: ("DbSession", True),
     _sync_session: ("SyncDbSession", False),
+    _connection: ("DbConnection", True),
 }
-"""Each dependency: its public name, and whether it needs an AsyncEngine."""
+"""Each dependency: its public name, and whether it needs an asyncio pool (an AsyncEngine or asyncpg)."""
 
 
 def _check_routes(guard: Guard, app: Any) -> None:
@@ -145,6 +198,17 @@ def _check_parameter(guard: Guard, parent: Dependant, name: str, known: tuple[st
     alias, needs_async = known
     setting = f"the annotation of parameter {name!r} of {where}"
     factory = guard.session_factory
+    if (alias == "DbConnection") != (guard.acquiring is not None):
+        if guard.acquiring is not None:
+            accepted = f"poolguard.fastapi.DbConnection: guard {guard.name!r} watches an asyncpg pool (no sessions)"
+        elif factory is not None:
+            right = "DbSession" if guard.is_async else "SyncDbSession"
+            accepted = f"poolguard.fastapi.{right}: DbConnection needs a guard over an asyncpg pool"
+        else:
+            accepted = f"a guard over a SQLAlchemy engine or an asyncpg pool (pool {guard.name!r} is neither)"
+        raise ConfigError(setting, alias, accepted)
+    if alias == "DbConnection":
+        return
     if factory is None:
         raise ConfigError(setting, alias, f"a guard over a SQLAlchemy engine (pool {guard.name!r} has no sessions)")
     if needs_async != guard.is_async:

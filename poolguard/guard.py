@@ -22,12 +22,13 @@ from opentelemetry.trace import TracerProvider
 from poolguard import _fork
 from poolguard._types import Clock
 from poolguard._validate import non_negative_float, optional_positive_float, positive_float
+from poolguard.acquire import AcquiredConnection
 from poolguard.breaker import Breaker, BreakerState
 from poolguard.config import GUARD_OPTION_NAMES, BreakerOptions, PoolGuardConfig
 from poolguard.errors import ConfigError, PoolGuardError, Unavailable
 from poolguard.gate import Gate
 from poolguard.health import HealthReport, PingResult, PoolHealth, assess
-from poolguard.pools import PoolAdapter
+from poolguard.pools import AcquiringPool, PoolAdapter
 from poolguard.probe import Prober
 from poolguard.stats import PoolStats, rounded
 from poolguard.watchdog import Watchdog
@@ -56,11 +57,18 @@ def _is_engine(engine: object) -> bool:
     return isinstance(engine, Engine | AsyncEngine)
 
 
-class Guard:
-    """Guards one pool: a SQLAlchemy Engine or AsyncEngine, or any :class:`~poolguard.pools.PoolAdapter`.
+def _is_asyncpg_pool(pool: object) -> bool:
+    """An ``asyncpg.Pool`` (without asyncpg loaded, nothing can be one)."""
+    asyncpg = sys.modules.get("asyncpg")
+    return asyncpg is not None and isinstance(pool, asyncpg.Pool)
 
-    Sessions and connection blocks need a SQLAlchemy engine; health, stats, the breaker and
-    admission work for every pool kind (Django's connections use them through their adapter).
+
+class Guard:
+    """Guards one pool: a SQLAlchemy Engine or AsyncEngine, an ``asyncpg.Pool``, or a pool adapter.
+
+    Sessions need a SQLAlchemy engine; connection blocks a SQLAlchemy engine or an asyncpg pool
+    (``async with guard.connection() as conn`` gives the asyncpg connection); health, stats, the
+    breaker and admission work for every pool kind (Django's connections use them through their adapter).
 
     Options (keyword-only): ``name`` names the pool in health, metrics and logs; ``max_wait`` is the
     most a unit of work waits for connections in total before PoolSaturated (0: never wait);
@@ -78,7 +86,7 @@ class Guard:
 
     def __init__(
         self,
-        engine: Engine | AsyncEngine | PoolAdapter,
+        engine: Engine | AsyncEngine | PoolAdapter | object,  # object: an asyncpg.Pool (asyncpg is an extra)
         *,
         name: str = "primary",
         max_wait: float = 1.0,
@@ -93,9 +101,16 @@ class Guard:
         meter_provider: MeterProvider | None = None,
     ) -> None:
         is_engine = _is_engine(engine)
-        if not is_engine and not isinstance(engine, PoolAdapter):
+        is_asyncpg = not is_engine and _is_asyncpg_pool(engine)
+        if not (is_engine or is_asyncpg or isinstance(engine, PoolAdapter)):
             raise ConfigError(
-                "Guard(engine)", type(engine).__name__, "a sqlalchemy Engine or AsyncEngine, or a pool adapter"
+                "Guard(engine)",
+                type(engine).__name__,
+                "a sqlalchemy Engine or AsyncEngine, an asyncpg.Pool, or a pool adapter",
+            )
+        if is_asyncpg and session_factory is not None:
+            raise ConfigError(
+                "Guard.session_factory", session_factory, "None for an asyncpg pool (it has connections, not sessions)"
             )
         if not isinstance(name, str) or not name:
             raise ConfigError("Guard.name", name, "a non-empty string")
@@ -122,8 +137,17 @@ class Guard:
         else:
             self._engine = None
             self.session_factory = None
-            self.pool = cast("PoolAdapter", engine)
+            if is_asyncpg:
+                from poolguard.pools.asyncpg import AsyncpgPool  # noqa: PLC0415
+
+                self.pool = AsyncpgPool(cast("Any", engine))
+            else:
+                self.pool = cast("PoolAdapter", engine)
         self.is_async = self.pool.is_async
+        self.acquiring: AcquiringPool | None = self.pool if isinstance(self.pool, AcquiringPool) else None
+        """The pool when its units of work acquire from it themselves (asyncpg), else None."""
+        # A unit over a pool without sessions never needs SQLAlchemy's greenlet to close a connection.
+        self._scope_async = self.is_async and self.session_factory is not None
         self.gate = Gate(
             self.pool,
             name=name,
@@ -256,24 +280,35 @@ class Guard:
         if self._closed:
             self._refuse_closed()
         if queued is None:
-            return RequestScope(self.gate, self.session_factory, is_async=self.is_async, route=route)
+            return RequestScope(self.gate, self.session_factory, is_async=self._scope_async, route=route)
         if not 0.0 <= queued < math.inf:
             raise ValueError(f"request_scope(queued=...) takes seconds, at least 0; got {queued!r}")
         self.gate.request_queued(queued)
-        return RequestScope(self.gate, self.session_factory, is_async=self.is_async, route=route, queued=queued)
+        return RequestScope(self.gate, self.session_factory, is_async=self._scope_async, route=route, queued=queued)
 
     def session(self) -> SessionBlock[Any]:
         """``with guard.session() as s`` (or ``async with`` for an AsyncEngine): commit, rollback, close."""
         if self._closed:
             self._refuse_closed()
         if self.session_factory is None:
+            if self.acquiring is not None:
+                raise TypeError(
+                    f"guard.session() needs a Guard over a SQLAlchemy engine; {self.name!r} guards an asyncpg pool, "
+                    "which has connections, not sessions: use 'async with guard.connection() as conn'"
+                )
             raise TypeError(f"guard.session() needs a Guard over a SQLAlchemy engine; {self.name!r} is not one")
         return SessionBlock(self.gate, self.session_factory, is_async=self.is_async)
 
-    def connection(self) -> ConnectionBlock[Any]:
-        """``with guard.connection() as c`` (``async with`` for an AsyncEngine): a guarded raw connection."""
+    def connection(self) -> Any:
+        """``with guard.connection() as c`` (``async with`` for an AsyncEngine or an asyncpg pool): a guarded
+        raw connection (SQLAlchemy's Connection / AsyncConnection, or the asyncpg Connection).
+
+        Typed ``Any``: an ``async with`` gives an AsyncConnection or an asyncpg Connection, which only the
+        pool the guard was given tells apart (a :class:`ConnectionBlock` or an ``AcquiredConnection``)."""
         if self._closed:
             self._refuse_closed()
+        if self.acquiring is not None:
+            return AcquiredConnection(self.gate, self.acquiring)
         return ConnectionBlock(self.gate, self.engine, is_async=self.is_async)
 
     # -- observation -----------------------------------------------------------------------------

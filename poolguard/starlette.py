@@ -14,6 +14,11 @@ Usage::
 
     async def view(request):
         db = get_session(request)      # AsyncSession (Session for a synchronous Engine)
+        conn = await get_connection(request)  # or, for a guard over an asyncpg pool, its Connection
+
+A guard over an asyncpg pool is made in the app's lifespan (the pool belongs to the serving event
+loop), so the middleware takes a function that returns it once the lifespan has run:
+``Middleware(PoolGuardMiddleware, guard=lambda: app.state.guard)``.
 
 The middleware is plain ASGI rather than ``BaseHTTPMiddleware``: that one runs the endpoint in
 another task (so contextvars set here would not reach it, and the request scope is carried by a
@@ -39,13 +44,13 @@ from contextlib import AbstractAsyncContextManager
 from typing import TYPE_CHECKING, Any, Final
 
 from sqlalchemy.ext.asyncio import AsyncEngine
-from starlette._utils import is_async_callable
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
-from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import HTTPConnection, Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from poolguard._starlette_handlers import STATE_KEY, watch_handled_errors
+from poolguard.acquire import RequestConnection
 from poolguard.config import (
     ENV_PREFIX,
     GUARD_OPTION_NAMES,
@@ -64,19 +69,30 @@ from poolguard.http import (
     queue_time,
     unavailable_response,
 )
+from poolguard.pools import AcquiringPool
 from poolguard.work import RequestScope
 
-__all__ = ["STARTUP_CHECKS", "STATE_KEY", "PoolGuardMiddleware", "check_app", "get_session", "poolguard_lifespan"]
+__all__ = [
+    "STARTUP_CHECKS",
+    "STATE_KEY",
+    "PoolGuardMiddleware",
+    "check_app",
+    "get_connection",
+    "get_session",
+    "poolguard_lifespan",
+]
 
 logger = logging.getLogger("poolguard")
 
-STATE_KEY: Final = "poolguard"
-"""The key of the request's :class:`RequestScope` in ``scope["state"]`` (``request.state.poolguard``)."""
+CONNECTION_KEY: Final = "poolguard.connection"
+"""The key of the request's asyncpg connection (a ``RequestConnection``) in ``scope["state"]``."""
 
 STARTUP_CHECKS: list[Callable[[Guard, Any], None]] = []
 """Checks of the application run at startup (the lifespan), each given the guard and the ASGI app;
 one raises ConfigError to refuse to start. :mod:`poolguard.fastapi` adds the one that finds routes
 whose session dependency does not fit the guard's engine."""
+
+_GUARD_ACCEPTED: Final = "a poolguard.Guard, or a function returning one (a guard the app's lifespan makes)"
 
 _INTERNAL_ERROR: Final = HttpResponse(
     status=500, headers=(("Content-Type", "text/plain; charset=utf-8"),), body=b"Internal Server Error"
@@ -118,7 +134,7 @@ class PoolGuardMiddleware:
             self,
             app: ASGIApp,
             *,
-            guard: Guard,
+            guard: Guard | Callable[[], Guard],
             health_path: str | None = ...,
             health_detail: str = ...,
             health_token: HealthToken = ...,
@@ -131,7 +147,7 @@ class PoolGuardMiddleware:
         def __init__(self, app: ASGIApp, **options: Any) -> None:
             self.app = app
             self._refusal = None
-            _watch_handled_errors(app)
+            watch_handled_errors(app)
             try:
                 # Any keyword reaches _configure, so a misspelt option is a ConfigError like everywhere else.
                 self._configure(options)
@@ -146,8 +162,11 @@ class PoolGuardMiddleware:
                 "PoolGuardMiddleware.guard", None, "a poolguard.Guard: PoolGuardMiddleware(app, guard=guard)"
             )
         guard = options.pop("guard")
+        self._guard_factory: Callable[[], object] | None = None
         if not isinstance(guard, Guard):
-            raise ConfigError("PoolGuardMiddleware.guard", f"<{type(guard).__name__}>", "a poolguard.Guard")
+            if not callable(guard):
+                raise ConfigError("PoolGuardMiddleware.guard", f"<{type(guard).__name__}>", _GUARD_ACCEPTED)
+            self._guard_factory, guard = guard, None
         for name in options:
             # Never echo the value: it may be a token or a URL with a password.
             if name in GUARD_OPTION_NAMES:
@@ -162,9 +181,12 @@ class PoolGuardMiddleware:
                     f"PoolGuardMiddleware.{name}", "(unknown option)", "one of guard, " + ", ".join(HTTP_OPTION_NAMES)
                 )
         config = PoolGuardConfig.load(options)
-        check_passed_guard(guard, config, setting_of=_environment_key)
+        if guard is not None:
+            check_passed_guard(guard, config, setting_of=_environment_key)
+        self._config = config
         http = config.http
-        self.guard = guard
+        self.guard: Guard | None = guard
+        """The guard (None until a ``guard=`` function gave it, after the app's lifespan started)."""
         self.health_path = http.health_path
         self.health_detail = http.health_detail
         self.health_token = http.health_token
@@ -172,23 +194,37 @@ class PoolGuardMiddleware:
         self._unavailable = functools.partial(unavailable_response, body=http.unavailable_body)
         """The 503, its body rendered by the ``unavailable_body`` hook when the app sets one."""
 
+    def _resolve(self) -> Guard:
+        """The guard a ``guard=`` function returns, checked as a passed guard is (again at each startup)."""
+        assert self._guard_factory is not None
+        guard = self._guard_factory()
+        if not isinstance(guard, Guard):
+            returned = f"a function returning <{type(guard).__name__}>"
+            raise ConfigError("PoolGuardMiddleware.guard", returned, _GUARD_ACCEPTED)
+        check_passed_guard(guard, self._config, setting_of=_environment_key)
+        self.guard = guard
+        return guard
+
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             if scope["type"] == "lifespan":
-                await self._start(scope, receive, send)
+                send = await self._start(scope, receive, send)
             await self.app(scope, receive, send)
             return
         if self._refusal is not None:
             raise self._refusal.with_traceback(None)
+        guard = self.guard or self._resolve()
         if self.health_path is not None and scope["method"] in HEALTH_METHODS and _path(scope) == self.health_path:
-            await self._health(scope, receive, send)
+            await self._health(guard, scope, receive, send)
             return
 
         if self.trust_request_start:
-            request_scope = self.guard.request_scope(queued=_queued(scope)).open()
+            request_scope = guard.request_scope(queued=_queued(scope)).open()
         else:
-            request_scope = self.guard.request_scope().open()
-        scope.setdefault("state", {})[STATE_KEY] = request_scope
+            request_scope = guard.request_scope().open()
+        state = scope.setdefault("state", {})
+        state[STATE_KEY] = request_scope
+        acquiring = guard.acquiring
         started = False
         answered = False  # a commit at response start failed and this middleware sent the response
 
@@ -203,10 +239,12 @@ class PoolGuardMiddleware:
                     await request_scope.afinish(offload=run_in_threadpool)
                 except Exception as exc:
                     answered = True
-                    unavailable = _unavailable(exc, self.guard)
+                    unavailable = _unavailable(exc, guard)
                     await _answer(send, self._unavailable(unavailable) if unavailable else _INTERNAL_ERROR)
                     raise
             elif message["type"] == "http.response.body" and not message.get("more_body", False):
+                if acquiring is not None:  # the request's asyncpg connection goes back with the response
+                    await _release_connection(state)
                 # The body is complete: report leftovers while the request's span is still open.
                 await request_scope.areclaim()
             await send(message)
@@ -215,8 +253,10 @@ class PoolGuardMiddleware:
             await self.app(scope, receive, send_after_commit)
         except BaseException as exc:
             _take_route(request_scope, scope)
+            if acquiring is not None:
+                await _release_connection(state, exc)
             await request_scope.aclose(exc, offload=run_in_threadpool)
-            unavailable = _unavailable(exc, self.guard)
+            unavailable = _unavailable(exc, guard)
             if unavailable is not None and (answered or not started):
                 if not answered:
                     await _answer(send, self._unavailable(unavailable))
@@ -226,33 +266,89 @@ class PoolGuardMiddleware:
                 return
             raise
         _take_route(request_scope, scope)
+        if acquiring is not None:
+            await _release_connection(state)
         await request_scope.aclose(offload=run_in_threadpool)
 
-    async def _start(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _start(self, scope: Scope, receive: Receive, send: Send) -> Send:
         """Refuses the server's startup, with the reason, when an option or a startup check is wrong.
 
         The server learns why (uvicorn logs the message and exits, a ``TestClient`` raises), rather
-        than taking an error before startup for "lifespan not supported" and serving anyway.
+        than taking an error before startup for "lifespan not supported" and serving anyway. A guard
+        given as a function is asked for once the app's lifespan has started (it made the guard), and
+        checked then: the ``send`` returned reports a refusal instead of the startup's completion.
         """
         refusal = self._refusal
-        if refusal is None:
+        if refusal is None and self.guard is not None and self._guard_factory is None:
             try:
                 check_app(self.guard, scope.get("app"))
             except ConfigError as exc:
                 refusal = exc
         if refusal is None:
-            return
+            return send if self._guard_factory is None else functools.partial(self._started, scope, send)
         message = await receive()
         if message["type"] == "lifespan.startup":
             await send({"type": "lifespan.startup.failed", "message": str(refusal)})
         raise refusal.with_traceback(None)
 
-    async def _health(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _started(self, scope: Scope, send: Send, message: Message) -> None:
+        if message["type"] == "lifespan.startup.complete":
+            try:
+                check_app(self._resolve(), scope.get("app"))
+            except Exception as exc:
+                refusal = exc if isinstance(exc, ConfigError) else None
+                if refusal is None:
+                    raised = f"a function raising {type(exc).__name__}"
+                    refusal = ConfigError("PoolGuardMiddleware.guard", raised, _GUARD_ACCEPTED)
+                self._refusal = refusal
+                message = {"type": "lifespan.startup.failed", "message": str(refusal)}
+        await send(message)
+
+    async def _health(self, guard: Guard, scope: Scope, receive: Receive, send: Send) -> None:
         """Answers from the guard's health alone: no request scope, so it works while the pool is full."""
-        report = await self.guard.ahealth()
+        report = await guard.ahealth()
         authorization = Headers(scope=scope).get("authorization")
         detail = detail_allowed(self.health_detail, self.health_token, Request(scope, receive), authorization)
         await _answer(send, health_response(report, detail=detail), body=scope["method"] != "HEAD")
+
+
+async def get_connection(request: HTTPConnection) -> Any:
+    """The request's asyncpg ``Connection``, for a guard over an asyncpg pool; acquired on first call.
+
+    Guarded as a session's checkout is (breaker, admission within ``max_wait``, timed and traced), and
+    released once the response is complete, or when the endpoint raises: a background task that needs
+    the database takes its own, ``async with guard.connection() as conn``. Transactions are the
+    endpoint's (``async with conn.transaction()``). Also a FastAPI dependency (``DbConnection``).
+    """
+    scope = request.scope
+    state = scope.get("state", {})
+    connection: RequestConnection | None = state.get(CONNECTION_KEY)
+    if connection is None:
+        request_scope: RequestScope | None = state.get(STATE_KEY)
+        if request_scope is None:
+            raise _no_scope("get_connection")
+        _take_route(request_scope, scope)
+        pool = request_scope.gate.pool
+        if not isinstance(pool, AcquiringPool):
+            raise TypeError(
+                f"poolguard.starlette.get_connection() needs a guard over an asyncpg pool; pool "
+                f"{request_scope.gate.name!r} is a SQLAlchemy engine: use get_session(request)"
+            )
+        connection = state[CONNECTION_KEY] = RequestConnection(request_scope.gate, pool, request_scope)
+    return await connection.get()
+
+
+async def _release_connection(state: dict[str, Any], error: BaseException | None = None) -> None:
+    connection: RequestConnection | None = state.pop(CONNECTION_KEY, None)
+    if connection is not None:
+        await connection.aclose(error)
+
+
+def _no_scope(caller: str) -> RuntimeError:
+    return RuntimeError(
+        f"poolguard.starlette.{caller}() found no request scope: add "
+        "Middleware(poolguard.starlette.PoolGuardMiddleware, guard=guard) to the application's middleware"
+    )
 
 
 def get_session(request: HTTPConnection) -> Any:
@@ -268,67 +364,9 @@ def get_session(request: HTTPConnection) -> Any:
     try:
         request_scope: RequestScope = scope["state"][STATE_KEY]
     except KeyError:
-        raise RuntimeError(
-            "poolguard.starlette.get_session() found no request scope: add "
-            "Middleware(poolguard.starlette.PoolGuardMiddleware, guard=guard) to the application's middleware"
-        ) from None
+        raise _no_scope("get_session") from None
     _take_route(request_scope, scope)
     return request_scope.session
-
-
-def _watch_handled_errors(app: ASGIApp) -> None:
-    """Wraps the exception handlers of the app's exception middleware so a handled error rolls back.
-
-    Starlette answers an ``HTTPException`` (and any error with a handler) inside the application,
-    below this middleware, which then sees only the response; without this a write followed by
-    ``raise HTTPException(409)`` would be committed. Starlette and FastAPI build their middleware
-    innermost first, so the exception middleware below this one exists by now. Its handler tables
-    are private attributes: if they are missing, the endpoint has to roll back itself.
-    """
-    inner: Any = app
-    for _ in range(32):  # the middleware between this one and the router
-        if isinstance(inner, ExceptionMiddleware):
-            for table in (getattr(inner, "_exception_handlers", None), getattr(inner, "_status_handlers", None)):
-                if isinstance(table, dict):
-                    for key, handler in table.items():
-                        table[key] = _failing_first(handler)
-            return
-        inner = getattr(inner, "app", None)
-        if inner is None:
-            return
-
-
-_WATCHED_HANDLER: Final = "poolguard_watched"
-"""Marks a handler already wrapped (a second middleware over the same stack must not wrap it again)."""
-
-
-def _failing_first(handler: Callable[..., Any]) -> Callable[..., Any]:
-    """``handler``, after marking the request's unit of work failed (sync or async, as it was)."""
-    if getattr(handler, _WATCHED_HANDLER, False):
-        return handler
-
-    def fail(conn: HTTPConnection, exc: Exception) -> None:
-        request_scope = conn.scope.get("state", {}).get(STATE_KEY)
-        if isinstance(request_scope, RequestScope):
-            request_scope.fail(exc)
-
-    watched: Callable[..., Any]
-    if is_async_callable(handler):
-
-        async def watched_async(conn: HTTPConnection, exc: Exception) -> Any:
-            fail(conn, exc)
-            return await handler(conn, exc)
-
-        watched = watched_async
-    else:
-
-        def watched_sync(conn: HTTPConnection, exc: Exception) -> Any:
-            fail(conn, exc)
-            return handler(conn, exc)
-
-        watched = watched_sync
-    setattr(watched, _WATCHED_HANDLER, True)
-    return watched
 
 
 def poolguard_lifespan(
@@ -359,7 +397,7 @@ def poolguard_lifespan(
                 async with lifespan(app) as state:
                     yield state
         finally:
-            if dispose_engine:
+            if dispose_engine and guard.acquiring is None:  # an asyncpg pool is closed by the app that made it
                 engine = guard.engine
                 if isinstance(engine, AsyncEngine):
                     await engine.dispose()

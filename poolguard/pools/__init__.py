@@ -233,3 +233,22 @@ class PoolAdapter(Protocol):
 
     def reclaim(self, handle: Any) -> None:
         """Closes a connection a unit of work still held at its end (the handle its checkout returned)."""
+
+
+@runtime_checkable
+class AcquiringPool(PoolAdapter, Protocol):
+    """A pool with no hook before its acquire waits (asyncpg): the core acquires and releases through it.
+
+    A guarded unit of work calls :meth:`acquire` itself, between the gate's breaker and admission and
+    its accounting, and :meth:`release` when the unit is done with the connection.
+    """
+
+    def acquire(self, budget: float) -> Awaitable[Any]:
+        """The pool's own acquire, waiting at most ``budget`` seconds for a connection (then ``PoolSaturated``);
+        the wait for it is what the core measures."""
+
+    release: Callable[[Any], Awaitable[None]]
+    """The pool's own release, cancellation-safe."""
+
+    def broken(self, connection: Any, exc: BaseException) -> bool:
+        """Whether ``exc``, raised while ``connection`` was in use, says the connection failed."""

@@ -10,10 +10,11 @@ Rewrite the pins after a deliberate change: POOLGUARD_WRITE_CALL_COUNTS=1 python
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 from unittest import mock
 
+import asyncpg
 import django
 import pytest
 import sqlalchemy
@@ -39,6 +40,7 @@ from poolguard.flask import PoolGuard, db
 from poolguard.starlette import PoolGuardMiddleware, get_session
 from tests.profiling.calls import acount_calls, assert_pinned, count_calls
 from tests.support.clock import FakeClock, arrived
+from tests.support.databases import DATABASE, HOST, PG_PORT, USER
 
 if not settings.configured:
     from tests.django import settings as django_test_settings
@@ -58,6 +60,7 @@ WARM_UP = 30
 """Requests before counting: more than the breaker's window (20), whose fast path starts once it is full."""
 
 SELECT_1 = text("SELECT 1")
+PG_DSN = f"postgresql://{USER}@{HOST}:{PG_PORT}/{DATABASE}"
 
 
 def warm_then_pin(scenario: str, run: Callable[[], object]) -> None:
@@ -306,3 +309,37 @@ def test_django_request(django_handler: WSGIHandler, django_clock: CountedClock,
     warm_then_pin(f"django_{path.strip('/')}", run)
     if path == "/db/":
         assert django_clock.reads > 0, "Django's guards no longer take time.monotonic when built: give them a clock"
+
+
+# -- asyncpg: the checkout poolguard makes itself ------------------------------------------------------
+
+
+@pytest.fixture
+async def asyncpg_guard() -> AsyncIterator[Guard]:
+    pool = await asyncpg.create_pool(PG_DSN, min_size=0, max_size=2)
+    guard = Guard(pool, clock=FakeClock())
+    yield guard
+    guard.close()
+    held = pool.get_size() - pool.get_idle_size()
+    await pool.close()
+    assert held == 0
+
+
+async def test_asyncpg_connection_block(asyncpg_guard: Guard):
+    """``async with guard.connection()`` on an asyncpg pool: its own unit, admission, acquire, release."""
+
+    async def run() -> None:
+        async with asyncpg_guard.connection():
+            pass
+
+    await awarm_then_pin("asyncpg_connection_block", run)
+
+
+async def test_asyncpg_connection_block_in_a_request_scope(asyncpg_guard: Guard):
+    """Joining a request's unit of work (what a route's ``guard.connection()`` does)."""
+
+    async def run() -> None:
+        async with asyncpg_guard.request_scope(), asyncpg_guard.connection():
+            pass
+
+    await awarm_then_pin("asyncpg_connection_block_in_scope", run)

@@ -509,3 +509,21 @@ def test_under_overload_a_job_waits_its_whole_budget(clock: FakeClock) -> None:
     job.join(timeout=10)
     assert not job.is_alive()
     assert admission.in_use == 1
+
+
+async def test_try_acquire_takes_a_free_slot_and_never_waits(clock: FakeClock) -> None:
+    """The asyncpg checkout's fast path: a free slot with nobody ahead, else False (and nothing taken)."""
+    admission = make(clock, capacity=1)
+    assert admission.try_acquire()
+    assert admission.in_use == 1
+    assert not admission.try_acquire()
+    waiter = asyncio.ensure_future(admission.acquire_async(GENEROUS))
+    await async_wait_until(lambda: admission.waiting == 1)
+    admission.release()  # handed straight to the waiter
+    await waiter
+    assert not admission.try_acquire()
+    admission.release()
+    assert admission.try_acquire()  # free again, nobody waiting
+    admission.release()
+    assert admission.in_use == 0
+    assert make(clock, capacity=None).try_acquire()

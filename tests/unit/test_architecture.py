@@ -42,6 +42,8 @@ LAYERS: dict[str, int] = {
     "poolguard.pools.sqlalchemy": 3,
     "poolguard.pools.django": 3,
     "poolguard.pools.django_settings": 3,
+    "poolguard.pools.asyncpg": 3,
+    "poolguard.asyncpg_pool": 3,
     "poolguard.metrics": 4,
     "poolguard.telemetry": 5,
     "poolguard.http": 4,
@@ -49,6 +51,7 @@ LAYERS: dict[str, int] = {
     # the checkout path, the units of work, the composition root
     "poolguard.gate": 6,
     "poolguard.work": 7,
+    "poolguard.acquire": 7,
     "poolguard.watchdog": 7,
     "poolguard.guard": 8,
     # what the server sees: the connection budget (its arithmetic is shared with Django's checks)
@@ -60,7 +63,7 @@ LAYERS: dict[str, int] = {
 """Each core module's layer: a module imports only from its own layer or below. The rest are adapters."""
 
 BOTTOM = 2
-POOL_MODULES = ("poolguard.pools.sqlalchemy", "poolguard.pools.django")
+POOL_MODULES = ("poolguard.pools.sqlalchemy", "poolguard.pools.django", "poolguard.pools.asyncpg")
 POOLS_MAY_IMPORT = frozenset(
     {"poolguard.pools", "poolguard.errors", "poolguard._classify", "poolguard._pooler", "poolguard._types"}
 )
@@ -70,12 +73,12 @@ POOL_HELPERS = {"poolguard.pools.django": frozenset({"poolguard.pools.django_set
 FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "flask": ("poolguard.flask",),
     "werkzeug": ("poolguard.flask",),
-    "starlette": ("poolguard.starlette", "poolguard.fastapi"),
+    "starlette": ("poolguard.starlette", "poolguard._starlette_handlers", "poolguard.fastapi"),
     "fastapi": ("poolguard.fastapi",),
     "django": ("poolguard.django", "poolguard.pools.django"),
     "asgiref": ("poolguard.django",),
     "prometheus_client": ("poolguard.prometheus",),
-    "asyncpg": (),
+    "asyncpg": ("poolguard.pools.asyncpg", "poolguard.asyncpg_pool", "poolguard.fastapi"),  # fastapi: type-only
     "psycopg": (),
     "psycopg_pool": (),
     "pymysql": (),
@@ -168,7 +171,16 @@ def test_the_cycle_finder_finds_one() -> None:
 def test_every_core_module_has_a_layer() -> None:
     adapters = {name for name in MODULES if name not in LAYERS}
     assert all(
-        within(name, ("poolguard.flask", "poolguard.starlette", "poolguard.fastapi", "poolguard.django"))
+        within(
+            name,
+            (
+                "poolguard.flask",
+                "poolguard.starlette",
+                "poolguard._starlette_handlers",
+                "poolguard.fastapi",
+                "poolguard.django",
+            ),
+        )
         or name
         in (
             "poolguard",

@@ -24,6 +24,7 @@ EXPECTED = [
     "RetryBudget",
     "Unavailable",
     "create_async_engine",
+    "create_asyncpg_pool",
     "create_engine",
     "retry",
 ]

@@ -1,0 +1,158 @@
+"""``create_asyncpg_pool``: an ``asyncpg.Pool`` with the production defaults of :func:`poolguard.create_engine`.
+
+The numbers are :mod:`poolguard.engine`'s (connect timeout, statement timeout and its client-side
+margin, sizes from ``workers``, PgBouncer's), so an engine and a pool made for the same service
+behave alike. What asyncpg is given is computed by one function, :func:`connect_kwargs`, from a
+``behind_pgbouncer`` flag, so PgBouncer detection can decide that flag without touching the rest.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit, urlunsplit
+
+from poolguard._validate import positive_float, positive_int
+from poolguard.engine import CLIENT_MARGIN, DEFAULT_WORKERS, _flag, _service_name, _statement_ms
+from poolguard.errors import ConfigError
+
+if TYPE_CHECKING:
+    import asyncpg
+
+__all__ = ["connect_kwargs", "create_asyncpg_pool"]
+
+_log = logging.getLogger("poolguard")
+
+_CALLER = "create_asyncpg_pool"
+_SCHEMES = {"postgresql": "postgresql", "postgres": "postgresql", "postgresql+asyncpg": "postgresql"}
+
+
+async def create_asyncpg_pool(
+    url: str,
+    *,
+    service_name: str | None = None,
+    workers: int | None = None,
+    pgbouncer: bool = False,
+    statement_timeout: float | None = 30.0,
+    connect_timeout: float = 2.0,
+    **pool_kwargs: Any,
+) -> asyncpg.Pool:
+    """An ``asyncpg.Pool`` (created and ready) with defaults that keep a web service's pool healthy.
+
+    - ``connect_timeout=2`` s (asyncpg's ``timeout``): an unreachable or silent server fails fast,
+      within the time poolguard's watchdog takes to confirm an outage.
+    - ``statement_timeout=30`` s, set server-side (``server_settings``): a runaway query is cancelled
+      by the server; ``command_timeout`` is that plus :data:`~poolguard.engine.CLIENT_MARGIN` (5 s),
+      because asyncpg has no TCP timeouts: the client bounds each query itself, a little after the
+      server would have, so a black-holed server never hangs a request. ``None`` turns both off.
+    - ``application_name=service_name`` (at most 63 characters): connections are attributed to the
+      service in ``pg_stat_activity``.
+    - Sizes from ``workers`` (the requests the event loop serves at once, default 5): ``max_size`` is
+      ``workers + workers // 2``, the same ceiling as ``create_engine``'s ``pool_size + max_overflow``,
+      so the connection budget adds up the same way. ``min_size=0``: asyncpg opens ``min_size``
+      connections inside ``create_pool`` and fails if it cannot, and an app must start (and answer
+      503 and its DB-free routes) during a database outage, not crash-loop.
+    - ``pgbouncer=True`` (transaction pooling): ``max_size = workers`` (PgBouncer queues for server
+      connections), ``statement_cache_size=0`` (a statement prepared on one server connection is
+      missing on the next), and no ``statement_timeout`` startup parameter (PgBouncer refuses unknown
+      ones: set it on the role, ``ALTER ROLE app SET statement_timeout = '30s'``).
+
+    ``url``: ``postgresql://``, ``postgres://`` or ``postgresql+asyncpg://``. Every other keyword goes to
+    ``asyncpg.create_pool`` and wins over these defaults (``server_settings`` merged one level deeper);
+    a setting in the URL's query string is never overridden. Raises ``ConfigError`` naming
+    ``create_asyncpg_pool.<option>`` for an invalid option, before anything connects.
+    """
+    import asyncpg  # noqa: PLC0415 (asyncpg is the ``asyncpg`` extra)
+
+    dsn, query = _dsn(url)
+    behind_pgbouncer = _flag(f"{_CALLER}.pgbouncer", pgbouncer)
+    demand = DEFAULT_WORKERS if workers is None else positive_int(f"{_CALLER}.workers", workers)
+    _check_names(pool_kwargs, asyncpg)
+    defaults = connect_kwargs(
+        behind_pgbouncer,
+        service_name=_service_name(_CALLER, service_name),
+        connect_timeout=positive_float(f"{_CALLER}.connect_timeout", connect_timeout),
+        statement_ms=_statement_ms(_CALLER, statement_timeout),
+    )
+    defaults["min_size"] = 0
+    defaults["max_size"] = demand if behind_pgbouncer else demand + demand // 2
+    settings = defaults.get("server_settings", {})
+    for key in query:
+        defaults.pop(key, None)
+        settings.pop(key, None)
+    kwargs = _merge(defaults, pool_kwargs)
+    if kwargs["min_size"] > kwargs["max_size"]:
+        raise ConfigError(f"{_CALLER}.min_size", kwargs["min_size"], f"at most max_size ({kwargs['max_size']})")
+    _log.debug(
+        "%s: max_size=%s pgbouncer=%s statement_cache_size=%s",
+        _CALLER,
+        kwargs["max_size"],
+        behind_pgbouncer,
+        kwargs.get("statement_cache_size", "default"),
+    )
+    pool: asyncpg.Pool = await asyncpg.create_pool(dsn, **kwargs)
+    return pool
+
+
+def connect_kwargs(
+    behind_pgbouncer: bool, *, service_name: str | None, connect_timeout: float, statement_ms: int | None
+) -> dict[str, Any]:
+    """asyncpg's arguments for these defaults, directly to PostgreSQL or through PgBouncer (transaction mode).
+
+    The one place the PgBouncer difference lives: no prepared-statement cache, no ``statement_timeout``
+    startup parameter (the client-side ``command_timeout`` stays: the role's timeout is the server's).
+    """
+    kwargs: dict[str, Any] = {"timeout": connect_timeout}
+    if statement_ms is not None:
+        kwargs["command_timeout"] = statement_ms / 1000 + CLIENT_MARGIN
+    settings: dict[str, str] = {}
+    if service_name is not None:
+        settings["application_name"] = service_name
+    if statement_ms is not None and not behind_pgbouncer:
+        settings["statement_timeout"] = str(statement_ms)
+    if settings:
+        kwargs["server_settings"] = settings
+    if behind_pgbouncer:
+        kwargs["statement_cache_size"] = 0
+    return kwargs
+
+
+def _dsn(url: object) -> tuple[str, set[str]]:
+    """The DSN asyncpg takes, and the names in its query string (never echoed with its password)."""
+    accepted = "a PostgreSQL URL: postgresql://, postgres:// or postgresql+asyncpg://user@host/db"
+    if not isinstance(url, str):
+        raise ConfigError(f"{_CALLER}.url", f"<{type(url).__name__}>", accepted)
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        raise ConfigError(f"{_CALLER}.url", "<unparseable URL>", accepted) from None
+    scheme = _SCHEMES.get(parts.scheme.lower())
+    if scheme is None:
+        shown = f"{parts.scheme}://..." if parts.scheme else "<not a URL>"
+        raise ConfigError(f"{_CALLER}.url", shown, accepted)
+    query = {item.partition("=")[0] for item in parts.query.split("&") if item}
+    return urlunsplit((scheme, *parts[1:])), query
+
+
+def _check_names(pool_kwargs: Mapping[str, Any], asyncpg: Any) -> None:
+    """Unknown keywords fail here, naming the option, rather than as a TypeError deep in asyncpg."""
+    known = set(inspect.signature(asyncpg.create_pool).parameters) | set(inspect.signature(asyncpg.connect).parameters)
+    known -= {"dsn", "connect_kwargs", "loop", "args", "kwargs"}
+    for name in pool_kwargs:
+        if name not in known:
+            raise ConfigError(
+                f"{_CALLER}.{name}", "(unknown option)", "a keyword of asyncpg.create_pool or asyncpg.connect"
+            )
+    settings = pool_kwargs.get("server_settings")
+    if settings is not None and not isinstance(settings, Mapping):
+        raise ConfigError(f"{_CALLER}.server_settings", f"<{type(settings).__name__}>", "a mapping of str to str")
+
+
+def _merge(defaults: dict[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(defaults)
+    for key, value in user.items():
+        base = merged.get(key)
+        merged[key] = {**base, **value} if isinstance(base, dict) and isinstance(value, Mapping) else value
+    return merged

@@ -1,0 +1,124 @@
+"""A Guard over an asyncpg pool (made by ``create_asyncpg_pool``) against the private server: a stopped
+server opens the breaker and refusals come at once, the database's return is noticed within about a
+second (the watchdog's probe), a black-holed server never hangs a query, and PgBouncer in transaction
+mode works with ``pgbouncer=True``."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import asyncpg
+import pytest
+
+import poolguard
+from poolguard import BreakerState, CircuitOpen, Guard
+from tests.support.pgcluster import PgBouncer, PgCluster
+from tests.support.tcpproxy import TcpProxy
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+async def guarded() -> AsyncIterator[Callable[..., Any]]:
+    """``await guarded(url, **create_asyncpg_pool_options)``: (guard, pool); closed after the test."""
+    made: list[tuple[Guard, asyncpg.Pool]] = []
+
+    async def factory(url: str, **options: Any) -> tuple[Guard, asyncpg.Pool]:
+        pool = await poolguard.create_asyncpg_pool(url, **{"connect_timeout": 1.0, "workers": 2, **options})
+        guard = Guard(pool, name="faults")
+        made.append((guard, pool))
+        return guard, pool
+
+    yield factory
+    for guard, pool in made:
+        held = guard.gate.held
+        guard.close()
+        pool.terminate()
+        assert held == 0
+
+
+async def select_one(guard: Guard) -> Any:
+    async with guard.connection() as conn:
+        return await conn.fetchval("SELECT 1")
+
+
+async def until_open(guard: Guard) -> list[BaseException]:
+    """Uses the guard until it refuses with CircuitOpen; each failed use is bounded."""
+    errors: list[BaseException] = []
+    for _ in range(20):
+        started = time.monotonic()
+        try:
+            await select_one(guard)
+        except CircuitOpen:
+            return errors
+        except Exception as exc:
+            errors.append(exc)
+        assert time.monotonic() - started < 2.5
+    raise AssertionError(f"the breaker never opened: {[type(e).__name__ for e in errors]}")
+
+
+async def served_again_within(guard: Guard, seconds: float) -> float:
+    back = time.monotonic()
+    while True:
+        try:
+            assert await select_one(guard) == 1
+            return time.monotonic() - back
+        except (CircuitOpen, OSError, asyncpg.PostgresError, asyncpg.InterfaceError):
+            assert time.monotonic() - back < seconds, "not served again after the database came back"
+            await asyncio.sleep(0.02)
+
+
+async def test_a_stopped_server_opens_the_breaker_then_its_return_is_noticed(cluster: PgCluster, guarded: Any) -> None:
+    guard, _pool = await guarded(cluster.url("asyncpg"))
+    assert await select_one(guard) == 1
+    cluster.stop()
+    errors = await until_open(guard)
+    assert errors, "dead connections and refused connects are failures first"
+    for _ in range(5):
+        started = time.monotonic()
+        with pytest.raises(CircuitOpen):
+            await select_one(guard)
+        assert time.monotonic() - started < 0.05
+    assert (await guard.ahealth()).status == "unavailable"
+    cluster.start()
+    assert await served_again_within(guard, 2.0) < 2.0
+    assert guard.breaker is not None
+    assert guard.breaker.state is not BreakerState.OPEN
+
+
+async def test_a_blackholed_server_never_hangs_a_query(cluster: PgCluster, proxy: TcpProxy, guarded: Any) -> None:
+    guard, _pool = await guarded(cluster.url("asyncpg", port=proxy.port))
+    assert await select_one(guard) == 1
+    proxy.blackhole()
+    started = time.monotonic()
+    with pytest.raises((asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError)):
+        await select_one(guard)  # hangs on the silent socket until the watchdog aborts it
+    assert time.monotonic() - started < 3.5
+    assert guard.breaker is not None
+    assert guard.breaker.state is BreakerState.OPEN
+    started = time.monotonic()
+    with pytest.raises(CircuitOpen):
+        await select_one(guard)
+    assert time.monotonic() - started < 0.05
+    proxy.heal()
+    assert await served_again_within(guard, 2.5) < 2.5
+
+
+async def test_pgbouncer_in_transaction_mode_with_prepared_statements_off(bouncer: PgBouncer, guarded: Any) -> None:
+    guard, pool = await guarded(bouncer.url("asyncpg"), pgbouncer=True, workers=8)
+    assert pool.get_max_size() == 8
+
+    async def work(n: int) -> int:
+        async with guard.connection() as conn:
+            assert conn._stmt_cache.get_max_size() == 0
+            async with conn.transaction():
+                value: int = await conn.fetchval("SELECT $1::int + 1", n)
+            return value
+
+    for _ in range(5):
+        assert await asyncio.gather(*(work(n) for n in range(8))) == [n + 1 for n in range(8)]
+    assert guard.breaker is not None
+    assert guard.breaker.failure_rate == 0.0
