@@ -3,7 +3,8 @@
 The numbers are :mod:`poolguard.engine`'s (connect timeout, statement timeout and its client-side
 margin, sizes from ``workers``, PgBouncer's), so an engine and a pool made for the same service
 behave alike. What asyncpg is given is computed by one function, :func:`connect_kwargs`, from a
-``behind_pgbouncer`` flag, so PgBouncer detection can decide that flag without touching the rest.
+``behind_pgbouncer`` flag; with ``pgbouncer=None`` both sets are computed and the pool's ``connect=``
+hook (:class:`poolguard._pooler.AsyncpgConnect`) picks one at the first connection, as the engines do.
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Mapping
+from functools import partial
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit, urlunsplit
 
+from poolguard import _pooler
 from poolguard._validate import positive_float, positive_int
 from poolguard.engine import CLIENT_MARGIN, DEFAULT_WORKERS, _flag, _service_name, _statement_ms
 from poolguard.errors import ConfigError
@@ -34,7 +37,7 @@ async def create_asyncpg_pool(
     *,
     service_name: str | None = None,
     workers: int | None = None,
-    pgbouncer: bool = False,
+    pgbouncer: bool | None = None,
     statement_timeout: float | None = 30.0,
     connect_timeout: float = 2.0,
     **pool_kwargs: Any,
@@ -58,6 +61,10 @@ async def create_asyncpg_pool(
       connections), ``statement_cache_size=0`` (a statement prepared on one server connection is
       missing on the next), and no ``statement_timeout`` startup parameter (PgBouncer refuses unknown
       ones: set it on the role, ``ALTER ROLE app SET statement_timeout = '30s'``).
+    - ``pgbouncer=None`` (the default): found out at the pool's first connection, as
+      :func:`poolguard.create_engine` does (a refused startup parameter, or a cancel key that is not
+      the server's pid); behind a pooler the connections are made as with ``True`` (the size stays).
+      ``False``: nothing is checked. A ``connect=`` of yours is called by the hook that checks.
 
     ``url``: ``postgresql://``, ``postgres://`` or ``postgresql+asyncpg://``. Every other keyword goes to
     ``asyncpg.create_pool`` and wins over these defaults (``server_settings`` merged one level deeper);
@@ -67,22 +74,29 @@ async def create_asyncpg_pool(
     import asyncpg  # noqa: PLC0415 (asyncpg is the ``asyncpg`` extra)
 
     dsn, query = _dsn(url)
-    behind_pgbouncer = _flag(f"{_CALLER}.pgbouncer", pgbouncer)
+    behind_pgbouncer = False if pgbouncer is None else _flag(f"{_CALLER}.pgbouncer", pgbouncer)
     demand = DEFAULT_WORKERS if workers is None else positive_int(f"{_CALLER}.workers", workers)
     _check_names(pool_kwargs, asyncpg)
-    defaults = connect_kwargs(
-        behind_pgbouncer,
+    computed = partial(
+        connect_kwargs,
         service_name=_service_name(_CALLER, service_name),
         connect_timeout=positive_float(f"{_CALLER}.connect_timeout", connect_timeout),
         statement_ms=_statement_ms(_CALLER, statement_timeout),
     )
-    defaults["min_size"] = 0
-    defaults["max_size"] = demand if behind_pgbouncer else demand + demand // 2
-    settings = defaults.get("server_settings", {})
-    for key in query:
-        defaults.pop(key, None)
-        settings.pop(key, None)
+    defaults = _without(computed(behind_pgbouncer), query)
     kwargs = _merge(defaults, pool_kwargs)
+    if pgbouncer is not False:
+        # The hook connects with ``kwargs`` (direct) or, behind a pooler, with them shifted to ``pooled``:
+        # both merged with the user's, so what the user gave wins either way.
+        pooled = _merge(_without(computed(True), query), pool_kwargs)
+        pooler = _pooler.Pooler(
+            _target(dsn), kind=_pooler.PGBOUNCER if pgbouncer else None, decided=pgbouncer is not None
+        )
+        kwargs["connect"] = _pooler.AsyncpgConnect(
+            pooler, pool_kwargs.get("connect") or asyncpg.connect, dict(kwargs), pooled
+        )
+    kwargs.setdefault("min_size", 0)
+    kwargs.setdefault("max_size", demand if behind_pgbouncer else demand + demand // 2)
     if kwargs["min_size"] > kwargs["max_size"]:
         raise ConfigError(f"{_CALLER}.min_size", kwargs["min_size"], f"at most max_size ({kwargs['max_size']})")
     _log.debug(
@@ -117,6 +131,25 @@ def connect_kwargs(
     if behind_pgbouncer:
         kwargs["statement_cache_size"] = 0
     return kwargs
+
+
+def _without(kwargs: dict[str, Any], query: set[str]) -> dict[str, Any]:
+    """The defaults less what the URL's query string sets (the URL's own settings are never overridden)."""
+    settings = kwargs.get("server_settings", {})
+    for key in query:
+        kwargs.pop(key, None)
+        settings.pop(key, None)
+    return kwargs
+
+
+def _target(dsn: str) -> str:
+    """How the one log line of a detection names the database: host, port and database only."""
+    parts = urlsplit(dsn)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return _pooler.target(parts.hostname, port, parts.path.lstrip("/") or None)
 
 
 def _dsn(url: object) -> tuple[str, set[str]]:

@@ -19,6 +19,7 @@ import asyncpg
 from asyncpg.pool import PoolConnectionProxy
 
 from poolguard._classify import is_connection_failure
+from poolguard._pooler import Pooler
 from poolguard.errors import ConfigError, PoolSaturated
 from poolguard.pools import PoolCounts, PoolEvents, bound_probe_params, driver_fileno, shutdown_socket
 
@@ -73,6 +74,13 @@ class AsyncpgPool:
         setattr(timed_connect, _EVENTS_ATTRIBUTE, events)
         self._real_connect = connect
         self.pool._connect = timed_connect
+
+    @property
+    def pooler(self) -> str | None:
+        """The connection pooler found in front (``pgbouncer``, ``unidentified``), None when none is known:
+        what ``create_asyncpg_pool``'s ``connect=`` hook learned at the first connection."""
+        found = getattr(self._real_connect or getattr(self.pool, "_connect", None), "pooler", None)
+        return found.kind if isinstance(found, Pooler) else None
 
     def detach(self) -> None:
         """Idempotent; puts asyncpg's connect function back."""

@@ -290,3 +290,60 @@ async def test_a_pid_check_on_a_silent_server_is_bounded(proxy: TcpProxy) -> Non
     assert time.monotonic() - started < 2.0
     assert not pooler.decided
     assert made[0].is_closed()
+
+
+async def test_create_asyncpg_pool_with_defaults_works_through_pgbouncer(
+    pooler: tuple[PgBouncer, str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """``create_asyncpg_pool(url)`` with nothing said about PgBouncer: guarded work there, past the point a
+    statement cache would break, no statement_timeout sent, the pooler in health."""
+    bouncer, kind = pooler
+    caplog.set_level("INFO", logger="poolguard")
+    pool = await poolguard.create_asyncpg_pool(
+        bouncer.url("asyncpg", password=SECRET), service_name="orders", workers=8
+    )
+    guard = poolguard.Guard(pool, name="bounced")
+    try:
+        assert (await guard.ahealth(ping=False)).to_dict()["pools"][0]["pooler"] is None  # not known yet
+
+        async def work(n: int) -> int:
+            total = 0
+            for i in range(ROUNDS):
+                async with guard.connection() as connection:
+                    total += await connection.fetchval("SELECT $1::int + $2::int", n, i)
+            return total
+
+        assert await asyncio.gather(*(work(n) for n in range(TASKS))) == EXPECTED
+        async with guard.connection() as connection:
+            assert await connection.fetchval("SHOW statement_timeout") == "0"  # not sent through the pooler
+        assert guard.breaker is not None
+        assert guard.breaker.state is BreakerState.CLOSED
+        assert (await guard.ahealth(ping=False)).to_dict()["pools"][0]["pooler"] == kind
+        assert len(detections(caplog)) == 1
+        assert SECRET not in caplog.text
+    finally:
+        guard.close()
+        await pool.close()
+
+
+async def test_create_asyncpg_pool_direct_keeps_its_statement_timeout(cluster: PgCluster) -> None:
+    pool = await poolguard.create_asyncpg_pool(cluster.url("asyncpg", password=SECRET), statement_timeout=4)
+    guard = poolguard.Guard(pool, name="direct")
+    try:
+        async with guard.connection() as connection:
+            assert await connection.fetchval("SHOW statement_timeout") == "4s"
+        assert (await guard.ahealth(ping=False)).to_dict()["pools"][0]["pooler"] is None
+    finally:
+        guard.close()
+        await pool.close()
+
+
+async def test_create_asyncpg_pool_pgbouncer_false_checks_nothing(default_bouncer: PgBouncer) -> None:
+    """As a user asked: the startup parameter is sent, and PgBouncer as installed refuses it."""
+    pool = await poolguard.create_asyncpg_pool(default_bouncer.url("asyncpg", password=SECRET), pgbouncer=False)
+    try:
+        with pytest.raises(asyncpg.PostgresError, match="unsupported startup parameter"):
+            async with pool.acquire():
+                pass
+    finally:
+        await pool.close()
