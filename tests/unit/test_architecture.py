@@ -68,9 +68,9 @@ FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "asgiref": ("poolguard.django",),
     "prometheus_client": ("poolguard.prometheus",),
     "asyncpg": (),
-    "psycopg": (),
+    "psycopg": ("poolguard.diagnose.postgres", "poolguard.diagnose.pgbouncer"),
     "psycopg_pool": (),
-    "pymysql": (),
+    "pymysql": ("poolguard.diagnose.mysql",),
 }
 """A framework or driver package, and the only modules allowed to import it (and their submodules)."""
 
@@ -160,7 +160,10 @@ def test_the_cycle_finder_finds_one() -> None:
 def test_every_core_module_has_a_layer() -> None:
     adapters = {name for name in MODULES if name not in LAYERS}
     assert all(
-        within(name, ("poolguard.flask", "poolguard.starlette", "poolguard.fastapi", "poolguard.django"))
+        within(
+            name,
+            ("poolguard.flask", "poolguard.starlette", "poolguard.fastapi", "poolguard.django", "poolguard.diagnose"),
+        )
         or name
         in (
             "poolguard",

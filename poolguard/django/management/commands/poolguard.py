@@ -3,7 +3,9 @@
 It reports, per guarded alias (and the SQLAlchemy pool when configured): how connections are
 handled, the pool counts, the breaker state and a live ping bounded by ``PING_TIMEOUT``. A fresh
 management process has served no requests, so its breaker is closed and its counts are its own.
-Exits non-zero when a database does not answer.
+Then the server-side doctor (:mod:`poolguard.diagnose`, as ``poolguard doctor URL``) examines each
+guarded alias's server, once per server, from the alias's HOST, PORT, NAME, USER, PASSWORD and
+OPTIONS. Exits non-zero when a database does not answer or the doctor finds something critical.
 """
 
 from __future__ import annotations
@@ -13,7 +15,11 @@ from typing import Any
 
 from django.apps import apps  # type: ignore[import-untyped]
 from django.core.management.base import BaseCommand, CommandError, CommandParser  # type: ignore[import-untyped]
+from django.db import connections  # type: ignore[import-untyped]
 
+from poolguard.diagnose.doctor import DEFAULT_TIMEOUT, diagnose
+from poolguard.diagnose.findings import Report, render_text
+from poolguard.diagnose.target import Target, target_from_django
 from poolguard.health import PoolHealth
 
 
@@ -23,12 +29,21 @@ class Command(BaseCommand):  # type: ignore[misc]
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("action", choices=["doctor"], help="doctor: report the guarded databases")
         parser.add_argument("--json", action="store_true", help="print the health report as JSON")
+        parser.add_argument(
+            "--timeout",
+            type=float,
+            default=DEFAULT_TIMEOUT,
+            help=f"seconds the server-side doctor may take per server (default: {DEFAULT_TIMEOUT:g})",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         state = apps.get_app_config("poolguard").require_state()
         report = state.health(max_age=0.0)  # a command-line check asks the database now
+        servers = _examine(list(state.guards), timeout=options["timeout"])
         if options["json"]:
-            self.stdout.write(json.dumps(report.to_dict(), indent=2))
+            data = report.to_dict()
+            data["doctor"] = [{"aliases": aliases, **found.to_dict()} for aliases, found in servers]
+            self.stdout.write(json.dumps(data, indent=2))
         else:
             self.stdout.write("poolguard doctor (what this process sees of the guarded databases)")
             for pool in report.pools:
@@ -37,8 +52,24 @@ class Command(BaseCommand):  # type: ignore[misc]
             for issue in report.to_dict()["issues"]:
                 self.stdout.write(f"  issue: {issue}")
             self.stdout.write(f"status: {report.status}")
+            for aliases, found in servers:
+                self.stdout.write("")
+                self.stdout.write(f"database {', '.join(aliases)}: what the server sees")
+                self.stdout.write(render_text(found))
         if report.status == "unavailable":
             raise CommandError("poolguard: a guarded database is unavailable (see above)")
+        if any(found.critical for _, found in servers):
+            raise CommandError("poolguard: the server-side doctor found a critical problem (see above)")
+
+
+def _examine(aliases: list[str], *, timeout: float) -> list[tuple[list[str], Report]]:
+    """The doctor's report for each server the aliases use, examined once however many aliases share it."""
+    shared: dict[Target, list[str]] = {}
+    for alias in aliases:
+        target = target_from_django(connections[alias].settings_dict)
+        if target is not None:
+            shared.setdefault(target, []).append(alias)
+    return [(names, diagnose(target, timeout=timeout)) for target, names in shared.items()]
 
 
 def _line(pool: PoolHealth, kind: str) -> str:

@@ -1,0 +1,1 @@
+"""What the database server sees: ``poolguard doctor`` and ``poolguard budget``."""
