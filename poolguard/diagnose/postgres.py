@@ -13,7 +13,7 @@ from typing import Any
 
 import psycopg
 
-from poolguard.diagnose.findings import Report, Thresholds, headroom
+from poolguard.diagnose.findings import Report, Severity, Thresholds, headroom
 from poolguard.diagnose.target import Session, Target
 from poolguard.pools import bound_probe_params, driver_fileno
 
@@ -299,6 +299,7 @@ def _limits(report: Report, what: str, limits: list[tuple[str, int, int]]) -> No
     report.facts[f"{what}_limits"] = {name: {"limit": limit, "connections": count} for name, limit, count in limits}
     for name, limit, count in sorted(limits):
         free = limit - count
+        severity: Severity
         if free <= 0:
             severity = "critical"
         elif free <= 1 or count >= 0.8 * limit:
@@ -306,7 +307,7 @@ def _limits(report: Report, what: str, limits: list[tuple[str, int, int]]) -> No
         else:
             continue
         report.add(
-            severity,  # type: ignore[arg-type]
+            severity,
             f"pg.{what}_connection_limit",
             f"{what} {name!r} has {count} of its {limit} connections (CONNECTION LIMIT), {max(free, 0)} free",
             f"new connections as {name!r} will be refused: raise it (ALTER {what.upper()} {name} CONNECTION LIMIT n) "

@@ -243,10 +243,12 @@ class PgBouncer:
     """A private PgBouncer in transaction pooling mode, in front of ``cluster`` as the ``app`` role.
 
     ``auth_type = any``: clients may give any user name and password (the database entry logs in as
-    ``app``), so a secret in the client's URL is sent and must still never leak.
+    ``app``), so a secret in the client's URL is sent and must still never leak. ``admin_users`` are
+    written to the ini (the admin console, database ``pgbouncer``: :meth:`admin_url`); PgBouncer
+    lets anyone into the console under ``auth_type = any``, so it is what real deployments set.
     """
 
-    def __init__(self, cluster: PgCluster, *, pool_size: int = 4) -> None:
+    def __init__(self, cluster: PgCluster, *, pool_size: int = 4, admin_users: Sequence[str] = ()) -> None:
         self.cluster = cluster
         self.root = _owned_temp_dir("poolguard-pgbouncer-")
         self.port = free_port()
@@ -262,6 +264,7 @@ class PgBouncer:
             "server_check_delay = 0\nserver_login_retry = 1\n"
             f"logfile = {self.log}\npidfile = {self.root / 'pgbouncer.pid'}\n"
             "ignore_startup_parameters = extra_float_digits,options,statement_timeout\n"
+            f"admin_users = {','.join(admin_users)}\n"
         )
         self.process: subprocess.Popen[bytes] | None = None
 
@@ -290,3 +293,8 @@ class PgBouncer:
 
     def url(self, driver: str = "psycopg", *, password: str | None = None) -> str:
         return self.cluster.url(driver, password=password, port=self.port)
+
+    def admin_url(self, user: str, *, password: str | None = None) -> str:
+        """``postgresql://<user>[:<password>]@127.0.0.1:<port>/pgbouncer``: the admin console."""
+        credentials = user if password is None else f"{user}:{password}"
+        return f"postgresql://{credentials}@{HOST}:{self.port}/pgbouncer"
