@@ -20,7 +20,7 @@ from sqlalchemy.engine import URL, make_url
 from poolguard._version import __version__
 from poolguard.demo import run_demo
 from poolguard.demo_report import DemoSettings, render_report
-from poolguard.diagnose.doctor import DEFAULT_TIMEOUT, diagnose
+from poolguard.diagnose.doctor import DEFAULT_TIMEOUT, command_age, diagnose
 from poolguard.diagnose.findings import Thresholds, render_text
 from poolguard.diagnose.target import Target, TargetError, parse_url
 from poolguard.errors import PoolGuardError
@@ -206,7 +206,7 @@ def _build_parser() -> argparse.ArgumentParser:
         "--timeout",
         type=_seconds,
         default=DEFAULT_TIMEOUT,
-        help=f"seconds the whole run may take, connect included, {_MIN_SECONDS:g} to {_MAX_SECONDS:g} "
+        help=f"seconds the whole command may take, start and connect included, {_MIN_SECONDS:g} to {_MAX_SECONDS:g} "
         f"(default: {DEFAULT_TIMEOUT:g})",
     )
     defaults = Thresholds()
@@ -253,7 +253,8 @@ def _run_doctor(args: argparse.Namespace) -> int:
         _stderr("poolguard doctor: no URL: give one (poolguard doctor URL) or set DATABASE_URL")
         return 2
     thresholds = Thresholds().scaled(idle_in_transaction=args.idle_in_transaction, long_query=args.long_query)
-    report = diagnose(target, timeout=args.timeout, thresholds=thresholds)
+    timeout = max(args.timeout - command_age(), args.timeout / 2)  # the process's start counts too
+    report = diagnose(target, timeout=timeout, thresholds=thresholds)
     print(json.dumps(report.to_dict(), indent=2) if args.json else render_text(report))
     return report.exit_code
 

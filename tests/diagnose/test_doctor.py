@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +197,29 @@ def test_findings_are_shown_most_severe_first_and_only_critical_fails() -> None:
     text = render_text(report)
     assert text.index("a.critical") < text.index("a.warning") < text.index("a.info")
     assert "what to do: do that" in text
+
+
+def test_the_command_ends_within_its_timeout_start_included(silent_port: int) -> None:
+    """Run as a script (what a probe waits for), the interpreter's start counts against --timeout."""
+    started = time.monotonic()
+    completed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "poolguard",
+            "doctor",
+            "--timeout",
+            "1.5",
+            f"postgresql://app:{SECRET}@{HOST}:{silent_port}/app",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+        cwd=Path(__file__).parents[2],
+    )
+    elapsed = time.monotonic() - started
+    assert completed.returncode == 1
+    assert "CRITICAL unreachable: the connection got no answer within" in completed.stdout
+    assert elapsed < 1.5 + 0.2  # process exit and the 10 ms resolution of /proc/uptime
+    assert SECRET not in completed.stdout + completed.stderr
