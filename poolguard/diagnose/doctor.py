@@ -31,6 +31,8 @@ EXIT_ALLOWANCE = 0.2
 
 Examine = Callable[[Target, float, Thresholds, Session, Report], None]
 
+_DRIVERS: dict[Kind, str] = {"postgresql": "'psycopg[binary]'", "pgbouncer": "'psycopg[binary]'", "mysql": "pymysql"}
+
 
 def _examiner(kind: Kind) -> Examine:
     """The examiner for ``kind``, imported on use: only its driver needs to be installed."""
@@ -60,10 +62,21 @@ def diagnose(
     work = Report(target=target.shown(), kind=target.kind)
     errors: list[BaseException] = []
     started = clock()
+    try:
+        examine = _examiner(target.kind)  # the driver's import is not the server's time
+    except ImportError as error:
+        work.add(
+            "critical",
+            "driver_missing",
+            f"cannot examine a {target.kind} server: {type(error).__name__}: {error}",
+            f"install its driver in this environment: pip install {_DRIVERS[target.kind]}",
+        )
+        work.seconds = clock() - started
+        return work
 
     def run() -> None:
         try:
-            _examiner(target.kind)(target, timeout, limits, session, work)
+            examine(target, timeout, limits, session, work)
         except Exception as error:  # reported as a finding below, redacted
             errors.append(error)
 

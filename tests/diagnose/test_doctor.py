@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+import poolguard.diagnose
 from poolguard.cli import main
+from poolguard.diagnose.doctor import diagnose
 from poolguard.diagnose.findings import Report, render_text
 from poolguard.diagnose.target import Session, TargetError, parse_url, target_from_django
 from tests.diagnose.conftest import SECRET
@@ -223,3 +225,15 @@ def test_the_command_ends_within_its_timeout_start_included(silent_port: int) ->
     assert "CRITICAL unreachable: the connection got no answer within" in completed.stdout
     assert elapsed < 1.5 + 0.2  # process exit and the 10 ms resolution of /proc/uptime
     assert SECRET not in completed.stdout + completed.stderr
+
+
+def test_a_missing_driver_is_a_critical_finding_that_names_the_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An environment without pymysql (simulated: the module made unimportable) gets a finding, not a traceback."""
+    monkeypatch.setitem(sys.modules, "pymysql", None)
+    monkeypatch.delitem(sys.modules, "poolguard.diagnose.mysql", raising=False)
+    monkeypatch.delattr(poolguard.diagnose, "mysql", raising=False)
+    report = diagnose(parse_url(f"mysql://root:{SECRET}@{HOST}:3306/test"), timeout=2.0)
+    [finding] = report.findings
+    assert (finding.severity, finding.code) == ("critical", "driver_missing")
+    assert "pip install pymysql" in finding.action
+    assert report.exit_code == 1
