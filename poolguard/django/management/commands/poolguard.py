@@ -3,7 +3,7 @@
 It reports, per guarded alias (and the SQLAlchemy pool when configured): how connections are
 handled, the pool counts, the breaker state and a live ping bounded by ``PING_TIMEOUT``. A fresh
 management process has served no requests, so its breaker is closed and its counts are its own.
-Then the server-side doctor (:mod:`poolguard.diagnose`, as ``poolguard doctor URL``) examines each
+Beside the ping, the server-side doctor (:mod:`poolguard.diagnose`, as ``poolguard doctor URL``) examines each
 guarded alias's server, once per server, from the alias's HOST, PORT, NAME, USER, PASSWORD and
 OPTIONS. Exits non-zero when a database does not answer or the doctor finds something critical.
 """
@@ -11,6 +11,7 @@ OPTIONS. Exits non-zero when a database does not answer or the doctor finds some
 from __future__ import annotations
 
 import json
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from django.apps import apps  # type: ignore[import-untyped]
@@ -18,7 +19,7 @@ from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import connections  # type: ignore[import-untyped]
 
 from poolguard.diagnose.doctor import DEFAULT_TIMEOUT, diagnose
-from poolguard.diagnose.findings import Report, render_text
+from poolguard.diagnose.findings import render_text
 from poolguard.diagnose.target import Target, target_from_django
 from poolguard.health import PoolHealth
 
@@ -38,8 +39,12 @@ class Command(BaseCommand):  # type: ignore[misc]
 
     def handle(self, *args: Any, **options: Any) -> None:
         state = apps.get_app_config("poolguard").require_state()
-        report = state.health(max_age=0.0)  # a command-line check asks the database now
-        servers = _examine(list(state.guards), timeout=options["timeout"])
+        targets = _targets(list(state.guards))
+        # The server-side doctor runs beside the ping, so a silent database costs the longer wait, not both.
+        with ThreadPoolExecutor(max_workers=max(1, len(targets)), thread_name_prefix="poolguard-doctor") as workers:
+            pending = [workers.submit(diagnose, target, timeout=options["timeout"]) for target in targets]
+            report = state.health(max_age=0.0)  # a command-line check asks the database now
+            servers = [(aliases, future.result()) for aliases, future in zip(targets.values(), pending, strict=True)]
         if options["json"]:
             data = report.to_dict()
             data["doctor"] = [{"aliases": aliases, **found.to_dict()} for aliases, found in servers]
@@ -62,14 +67,14 @@ class Command(BaseCommand):  # type: ignore[misc]
             raise CommandError("poolguard: the server-side doctor found a critical problem (see above)")
 
 
-def _examine(aliases: list[str], *, timeout: float) -> list[tuple[list[str], Report]]:
-    """The doctor's report for each server the aliases use, examined once however many aliases share it."""
+def _targets(aliases: list[str]) -> dict[Target, list[str]]:
+    """Each server the aliases use, with the aliases on it: a server is examined once however many share it."""
     shared: dict[Target, list[str]] = {}
     for alias in aliases:
         target = target_from_django(connections[alias].settings_dict)
         if target is not None:
             shared.setdefault(target, []).append(alias)
-    return [(names, diagnose(target, timeout=timeout)) for target, names in shared.items()]
+    return shared
 
 
 def _line(pool: PoolHealth, kind: str) -> str:
