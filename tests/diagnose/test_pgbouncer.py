@@ -64,3 +64,12 @@ def test_clients_waiting_for_a_server_connection_are_found(
     data = json.loads(capsys.readouterr().out)
     assert data["status"] == "warning"
     assert SECRET not in json.dumps(data)
+
+
+def test_a_database_behind_pgbouncer_is_examined_through_it(bouncer: PgBouncer) -> None:
+    """A DATABASE_URL that points at PgBouncer (transaction pooling) still reaches pg_stat_activity."""
+    report = diagnose(parse_url(bouncer.url("psycopg", password=SECRET)), timeout=5.0)
+    assert report.kind == "postgresql"
+    assert report.server.startswith("15.")
+    assert not report.critical, report.to_dict()
+    assert any(finding.code == "pg.connections" for finding in report.findings)

@@ -64,3 +64,9 @@ def test_doctor_json_holds_the_server_side_report() -> None:
     assert server["status"] == "critical"
     assert server["findings"][0]["code"] == "unreachable"
     assert "secret-pw" not in out.getvalue()
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "x", "61"])
+def test_doctor_refuses_a_bad_timeout_naming_the_option(value: str) -> None:
+    with pytest.raises(CommandError, match=r"--timeout.*expected a number of seconds"):
+        call_command("poolguard", "doctor", "--timeout", value, stdout=io.StringIO())

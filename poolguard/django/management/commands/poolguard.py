@@ -10,7 +10,9 @@ OPTIONS. Exits non-zero when a database does not answer or the doctor finds some
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -32,7 +34,7 @@ class Command(BaseCommand):  # type: ignore[misc]
         parser.add_argument("--json", action="store_true", help="print the health report as JSON")
         parser.add_argument(
             "--timeout",
-            type=float,
+            type=_timeout,
             default=DEFAULT_TIMEOUT,
             help=f"seconds the server-side doctor may take per server (default: {DEFAULT_TIMEOUT:g})",
         )
@@ -65,6 +67,16 @@ class Command(BaseCommand):  # type: ignore[misc]
             raise CommandError("poolguard: a guarded database is unavailable (see above)")
         if any(found.critical for _, found in servers):
             raise CommandError("poolguard: the server-side doctor found a critical problem (see above)")
+
+
+def _timeout(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0.0 < seconds <= 60.0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0 and up to 60, got {value!r}")
+    return seconds
 
 
 def _targets(aliases: list[str]) -> dict[Target, list[str]]:
