@@ -29,6 +29,7 @@ __all__ = ["main"]
 
 _MIN_SECONDS, _MAX_SECONDS = 0.5, 60.0
 _MAX_CLIENTS = 256
+_MIN_DOCTOR_SECONDS = 0.25  # what a healthy server needs, at the least, after a slow start
 
 _DEMO_DESCRIPTION = """\
 Run the example app twice with the same load, once on a plain SQLAlchemy engine and once through
@@ -253,7 +254,7 @@ def _run_doctor(args: argparse.Namespace) -> int:
         _stderr("poolguard doctor: no URL: give one (poolguard doctor URL) or set DATABASE_URL")
         return 2
     thresholds = Thresholds().scaled(idle_in_transaction=args.idle_in_transaction, long_query=args.long_query)
-    timeout = max(args.timeout - command_age(), args.timeout / 2)  # the process's start counts too
+    timeout = max(args.timeout - command_age(), _MIN_DOCTOR_SECONDS)  # the process's start counts too
     report = diagnose(target, timeout=timeout, thresholds=thresholds)
     print(json.dumps(report.to_dict(), indent=2) if args.json else render_text(report))
     return report.exit_code

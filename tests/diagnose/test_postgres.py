@@ -44,8 +44,9 @@ def seasoned(cluster: PgCluster, state: str, count: int = 1) -> None:
 
 
 def quiet(cluster: PgCluster) -> None:
-    """No client backend of the app's left from an earlier test."""
-    wait_until(lambda: not cluster.backends())
+    """No client backend of the app's left from an earlier test (PgBouncer's idle server connections included)."""
+    cluster.terminate()
+    wait_until(lambda: not cluster.backends(), steps=2000)
 
 
 def test_a_healthy_cluster_has_no_critical_finding_and_exits_0(
