@@ -83,8 +83,8 @@ class Admission:
 
     ``capacity`` None means the pool has no bound (NullPool, unbounded overflow): everything is
     admitted and only counted. ``mean_use`` returns the live mean seconds a connection is held;
-    it drives the predicted wait, with ``next_release`` (seconds until the longest-held connection
-    is expected back, None when unknown) for the head of the queue.
+    it drives the predicted wait, with ``next_release`` (given that mean: seconds until the
+    longest-held connection is expected back, None when unknown) for the head of the queue.
     """
 
     _lock: threading.Lock
@@ -109,7 +109,7 @@ class Admission:
         pool_name: str,
         mean_use: Callable[[], float],
         clock: Clock,
-        next_release: Callable[[], float | None] | None = None,
+        next_release: Callable[[float], float | None] | None = None,
     ) -> None:
         self.capacity = capacity
         self._pool_name = pool_name
@@ -130,8 +130,9 @@ class Admission:
         told it waits mean use / capacity even when a connection is about to come back, and under
         overload, where it may wait only :data:`OVERLOAD_WAIT`, be refused a slot it would get.)
         """
-        spacing = self._mean_use() / (self.capacity or 1)
-        first = self._next_release() if self._next_release is not None else None
+        mean_use = self._mean_use()
+        spacing = mean_use / (self.capacity or 1)
+        first = self._next_release(mean_use) if self._next_release is not None else None
         return (queue_position + 1) * spacing if first is None else first + queue_position * spacing
 
     def _try_enter(self, budget: float, loop: asyncio.AbstractEventLoop | None, sheds: bool) -> _Waiter | None:

@@ -13,17 +13,23 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 
+from poolguard._validate import positive_int
 from poolguard._version import __version__
 from poolguard.demo import run_demo
 from poolguard.demo_report import DemoSettings, render_report
+from poolguard.diagnose import budget_input
+from poolguard.diagnose.budget import ServerLimits, assess
+from poolguard.diagnose.budget_report import render as render_budget
 from poolguard.diagnose.doctor import DEFAULT_TIMEOUT, command_age, diagnose
 from poolguard.diagnose.findings import Thresholds, render_text
 from poolguard.diagnose.target import Target, TargetError, parse_url
-from poolguard.errors import PoolGuardError
+from poolguard.errors import ConfigError, PoolGuardError
 
 __all__ = ["main"]
 
@@ -229,6 +235,7 @@ def _build_parser() -> argparse.ArgumentParser:
         f"(default: {defaults.idle_in_transaction:g})",
     )
     doctor.set_defaults(handler=_run_doctor)
+    _add_budget(commands)
     return parser
 
 
@@ -258,6 +265,130 @@ def _run_doctor(args: argparse.Namespace) -> int:
     report = diagnose(target, timeout=timeout, thresholds=thresholds)
     print(json.dumps(report.to_dict(), indent=2) if args.json else render_text(report))
     return report.exit_code
+
+
+_BUDGET_DESCRIPTION = """\
+Check that a fleet's connection pools fit one database server:
+
+  per service   replicas x processes x (pool_size + max_overflow + other)
+  demand        the sum over the services; the peak adds the largest one service's rollout surge
+                (Kubernetes' maxSurge, 25 % by default: new pods start before old ones stop)
+  usable        max_connections - reserved (superuser_reserved_connections, + reserved_connections)
+  verdict       over when the peak exceeds usable, tight when it leaves less than the margin free
+                (admin sessions, migrations, cron jobs), fits otherwise
+
+When it does not fit it says what does: pool sizes (the room shared in proportion to current
+demand) or PgBouncer settings (default_pool_size, max_db_connections, max_client_conn).
+
+A service: NAME:replicas=N[,processes=N][,workers=N][,pool_size=N][,max_overflow=N]
+[,pgbouncer=true][,other=N][,max_surge=N|P%]. workers is poolguard.create_engine's (the pool is
+sized as create_engine(workers=N) does when pool_size is not given); processes are per pod.
+The same keys in a TOML file (--file), documented in docs/fleet.md.
+"""
+
+_BUDGET_EPILOG = """\
+exit codes: 0 fits (or tight), 1 over budget, 2 bad usage or input, 3 the server could not be read
+
+examples:
+  poolguard budget --max-connections 200 --service orders:replicas=10,pool_size=20 \\
+      --service billing:replicas=5,pool_size=20 --service search:replicas=8,pool_size=20
+  poolguard budget --file fleet.toml --url postgresql://app@db/orders --json
+  poolguard budget --file fleet.toml --max-connections 100 --pgbouncer instances=2,max_db_connections=40
+
+The URL's password is never printed.
+"""
+
+
+def _add_budget(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    budget = commands.add_parser(
+        "budget",
+        help="do the fleet's pools fit max_connections? a verdict, and the pool or PgBouncer sizes that fit",
+        description=_BUDGET_DESCRIPTION,
+        epilog=_BUDGET_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    budget.add_argument("--service", action="append", default=[], metavar="SPEC", help="a service (repeatable)")
+    budget.add_argument("--file", type=Path, default=None, help="a TOML fleet file ([services.NAME] tables)")
+    server = budget.add_mutually_exclusive_group()
+    server.add_argument("--max-connections", type=int, default=None, metavar="N", help="the server's max_connections")
+    server.add_argument("--url", default=None, help="read max_connections and the reserved slots from this server")
+    budget.add_argument(
+        "--reserved",
+        type=int,
+        default=None,
+        metavar="N",
+        help="slots reserved for superusers (default with --max-connections: 3, PostgreSQL's default)",
+    )
+    budget.add_argument(
+        "--margin", default=None, metavar="N|P%", help="connections to keep free, N or P%% (default: 10%%)"
+    )
+    budget.add_argument(
+        "--max-surge", default=None, metavar="N|P%", help="extra pods during a rollout, N or P%% (default: 25%%)"
+    )
+    budget.add_argument(
+        "--pgbouncer", default=None, metavar="SPEC", help="PgBouncer in front: instances=N,max_db_connections=N,..."
+    )
+    budget.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=5.0,
+        metavar="SECONDS",
+        help="seconds to connect and read with --url (default: 5)",
+    )
+    budget.add_argument("--json", action="store_true", help="print the result as JSON")
+    budget.set_defaults(handler=_run_budget)
+
+
+def _run_budget(args: argparse.Namespace) -> int:
+    try:
+        from_file = budget_input.load_file(args.file) if args.file is not None else {}
+        services = (*from_file.get("services", ()), *(budget_input.parse_service(spec) for spec in args.service))
+        if not services:
+            raise ConfigError("--service", "(none)", "at least one --service, or a --file with [services.NAME]")
+        pgbouncer = (
+            budget_input.parse_pgbouncer(args.pgbouncer) if args.pgbouncer is not None else from_file.get("pgbouncer")
+        )
+        margin = budget_input.quantity("--margin", args.margin) if args.margin is not None else from_file.get("margin")
+        max_surge = (
+            budget_input.quantity("--max-surge", args.max_surge)
+            if args.max_surge is not None
+            else from_file.get("max_surge")
+        )
+        fleet = budget_input.fleet(services, margin=margin, max_surge=max_surge, pgbouncer=pgbouncer)
+        limits = _budget_limits(args, from_file)
+    except ConfigError as error:
+        _stderr(f"poolguard budget: {error}")
+        return 2
+    except budget_input.LimitsUnavailable as error:
+        _stderr(f"poolguard budget: {error}")
+        return 3
+    result = assess(fleet, limits)
+    print(json.dumps(result.to_dict(), indent=2) if args.json else render_budget(result))
+    return result.exit_code
+
+
+def _budget_limits(args: argparse.Namespace, from_file: dict[str, Any]) -> ServerLimits:
+    if args.url is not None:
+        if args.reserved is not None:
+            raise ConfigError("--reserved", args.reserved, "nothing with --url: the server's own settings are read")
+        try:
+            url = make_url(args.url)
+        except (sa_exc.ArgumentError, ValueError):
+            raise ConfigError("--url", "<unparseable URL>", "a URL such as postgresql://user@host/db") from None
+        try:
+            url.get_dialect()
+        except sa_exc.NoSuchModuleError:
+            shown = url.render_as_string(hide_password=True)
+            raise ConfigError("--url", shown, "a URL whose SQLAlchemy dialect is installed") from None
+        return budget_input.read_limits(url, timeout=args.timeout)
+    maximum = args.max_connections if args.max_connections is not None else from_file.get("max_connections")
+    if maximum is None:
+        raise ConfigError("--max-connections", "(missing)", "a whole number, or --url to read it from the server")
+    reserved = args.reserved if args.reserved is not None else from_file.get("reserved", 3)
+    positive_int("--max-connections", maximum)
+    if not isinstance(reserved, int) or not 0 <= reserved < maximum:
+        raise ConfigError("--reserved", reserved, f"a whole number from 0 to max_connections - 1 ({maximum - 1})")
+    return ServerLimits(max_connections=maximum, reserved=reserved)
 
 
 def _describe(error: BaseException, url: URL | None) -> str:

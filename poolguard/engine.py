@@ -10,12 +10,12 @@ sync and async engines can never drift apart.
 Driver specifics (merged *under* the user's ``connect_args`` and the URL's query string, so the
 user always wins):
 
-- psycopg / psycopg2: ``application_name``, ``options="-c statement_timeout=<ms>"``,
+- psycopg / psycopg2: ``application_name``, ``options="-c statement_timeout=<ms>"`` (not behind a pooler),
   ``connect_timeout`` (whole seconds; libpq's minimum is 2), and TCP keepalives plus
   ``tcp_user_timeout`` (:data:`poolguard.pools.TCP_TIMEOUT`), so a read on a silent (black-holed) server fails
   within seconds instead of waiting on the OS's retransmissions for a quarter of an hour. Neither
   cuts a slow query: the server acknowledges while it works.
-- asyncpg: ``server_settings`` ``application_name`` and ``statement_timeout``, ``timeout``, and
+- asyncpg: ``server_settings`` ``application_name`` and ``statement_timeout`` (not behind a pooler), ``timeout``, and
   ``command_timeout`` (the statement timeout plus :data:`CLIENT_MARGIN`): asyncpg has no TCP
   timeouts, so the client bounds each query itself, a little after the server would have.
 - pymysql: ``program_name`` connection attribute, ``connect_timeout``, and ``read_timeout`` /
@@ -42,9 +42,11 @@ from sqlalchemy import event, exc, pool
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext import asyncio as sa_asyncio
 
+from poolguard import _pooler
 from poolguard._validate import non_negative_int, positive_float, positive_int
 from poolguard.errors import ConfigError
 from poolguard.pools import LIBPQ_TCP_BOUNDS
+from poolguard.pools.sqlalchemy import connect_through_pooler
 
 if TYPE_CHECKING:
     from sqlalchemy.engine.interfaces import Dialect
@@ -64,6 +66,8 @@ CLIENT_MARGIN = 5.0
 
 _LIBPQ_DRIVERS = frozenset({"psycopg", "psycopg_async", "psycopg2"})
 _PSYCOPG3_DRIVERS = frozenset({"psycopg", "psycopg_async"})
+_DETECTING_DRIVERS = _LIBPQ_DRIVERS | {"asyncpg"}
+"""PostgreSQL drivers whose connections tell a pooler apart (their startup pid); others get no detection."""
 _MAX_STATEMENT_MS = 2**31 - 1  # PostgreSQL's limit for statement_timeout
 _MAX_APPLICATION_NAME = 63  # PostgreSQL's NAMEDATALEN - 1; longer names are silently truncated
 
@@ -76,6 +80,10 @@ class _EngineSpec:
     kwargs: dict[str, Any]
     mysql_statement_timeout_ms: int | None
     """Set with ``SET SESSION`` on every new pymysql connection (MariaDB and MySQL name it differently)."""
+    pooler: _pooler.Pooler
+    """What the engine knows of a pooler in front: told (``pgbouncer=True``/``False``) or to be detected."""
+    pooled_connect_args: dict[str, Any] | None
+    """The ``connect_args`` to use behind a pooler, while one is to be detected (None: no detection)."""
 
 
 def create_engine(
@@ -90,7 +98,7 @@ def create_engine(
     pool_pre_ping: bool = True,
     connect_timeout: float = 2.0,
     statement_timeout: float | None = 30.0,
-    pgbouncer: bool = False,
+    pgbouncer: bool | None = None,
     **engine_kwargs: Any,
 ) -> sqlalchemy.Engine:
     """A ``sqlalchemy.Engine`` with defaults that keep a web service's pool healthy.
@@ -124,15 +132,29 @@ def create_engine(
     Explicit ``pool_size`` / ``max_overflow`` always win; sizing is
     only passed to pools that take it (QueuePool, not SQLite's in-memory pools or NullPool).
 
-    ``pgbouncer=True`` (PgBouncer in transaction pooling mode): PgBouncer does the real pooling, so
-    this process keeps at most ``PGBOUNCER_POOL_SIZE`` (2) connections open and allows overflow up
-    to ``workers`` in total (client connections to PgBouncer are cheap; PgBouncer queues for server
-    connections). Prepared-statement caches are turned off, because a statement prepared on one
-    server connection is missing on the next (psycopg ``prepare_threshold=None``; asyncpg
-    ``statement_cache_size=0``, SQLAlchemy's ``prepared_statement_cache_size=0`` and unique statement
-    names). ``statement_timeout`` is *not* sent as a startup parameter there, because PgBouncer
-    rejects unknown startup parameters and a session ``SET`` would leak to other clients: set it on
-    the role instead (``ALTER ROLE app SET statement_timeout = '30s'``).
+    PgBouncer (transaction pooling), or another pooler in front: prepared-statement caches are
+    turned off, because a statement prepared on one server connection is missing on the next
+    (psycopg ``prepare_threshold=None``; asyncpg ``statement_cache_size=0``, SQLAlchemy's
+    ``prepared_statement_cache_size=0`` and unique statement names). ``statement_timeout`` is *not*
+    sent as a startup parameter there, because PgBouncer rejects unknown startup parameters and a
+    session ``SET`` would leak to other clients: set it on the role instead
+    (``ALTER ROLE app SET statement_timeout = '30s'``). ``pgbouncer`` says how it is known:
+
+    - ``None`` (default): detected at the engine's first connection (psycopg, psycopg2, asyncpg; see
+      :mod:`poolguard._pooler`): a connect refused over poolguard's own startup parameter is
+      retried once without it, else ``pg_backend_pid()`` against the pid given at startup (a
+      pooler's cancel key is its own; one round trip) tells, and that connection is replaced by one
+      made for the pooler. One INFO line says so; health shows ``"pooler"``. Nothing connects at creation, and
+      pools are sized as for a direct server (client connections to PgBouncer are cheap):
+      ``pgbouncer=True`` gives the smaller pools below.
+    - ``True``: nothing is probed. PgBouncer does the real pooling, so this process keeps at most
+      ``PGBOUNCER_POOL_SIZE`` (2) connections open and allows overflow up to ``workers`` in total
+      (PgBouncer queues for server connections).
+    - ``False``: no pooler, nothing is probed; PgBouncer with its default settings then refuses
+      every connect.
+
+    ``connect_args`` the user gives win in every case (e.g. ``{"prepare_threshold": 5}`` behind a
+    PgBouncer 1.21+ with ``max_prepared_statements`` on, which keeps prepared statements working).
 
     Every other keyword goes to ``sqlalchemy.create_engine`` unchanged; ``connect_args`` is merged
     over the defaults (asyncpg's ``server_settings`` one level deeper), and a parameter given in the
@@ -173,7 +195,7 @@ def create_async_engine(
     pool_pre_ping: bool = True,
     connect_timeout: float = 2.0,
     statement_timeout: float | None = 30.0,
-    pgbouncer: bool = False,
+    pgbouncer: bool | None = None,
     **engine_kwargs: Any,
 ) -> sa_asyncio.AsyncEngine:
     """An ``AsyncEngine`` with the same defaults as ``create_engine`` (see there for why).
@@ -240,9 +262,11 @@ def _engine_spec(
     pre_ping = _flag(f"{caller}.pool_pre_ping", pool_pre_ping)
     connect_seconds = positive_float(f"{caller}.connect_timeout", connect_timeout)
     statement_ms = _statement_ms(caller, statement_timeout)
-    behind_pgbouncer = _flag(f"{caller}.pgbouncer", pgbouncer)
+    if pgbouncer is not None:
+        _flag(f"{caller}.pgbouncer", pgbouncer, "None (detect), True or False")
+    behind_pgbouncer = pgbouncer is True
     if behind_pgbouncer and backend != "postgresql":
-        raise ConfigError(f"{caller}.pgbouncer", pgbouncer, "False unless the URL is a PostgreSQL one")
+        raise ConfigError(f"{caller}.pgbouncer", pgbouncer, "None or False unless the URL is a PostgreSQL one")
 
     kwargs = dict(engine_kwargs)
     # SQLAlchemy puts bound parameters into exception messages, which reach logs and tracing
@@ -268,19 +292,31 @@ def _engine_spec(
             kwargs["max_overflow"] = overflow
             kwargs["pool_timeout"] = checkout_timeout
 
-    defaults = _driver_connect_args(
-        driver,
-        service_name=name,
-        connect_seconds=connect_seconds,
-        statement_ms=None if behind_pgbouncer else statement_ms,
-        read_bound=None if statement_ms is None else statement_ms / 1000 + CLIENT_MARGIN,
-        pgbouncer=behind_pgbouncer,
-    )
-    for key in parsed.query:
-        defaults.pop(key, None)
-    connect_args = _merge(defaults, user_connect_args)
+    def connect_args_for(pooled: bool) -> dict[str, Any]:
+        defaults = _driver_connect_args(
+            driver,
+            service_name=name,
+            connect_seconds=connect_seconds,
+            statement_ms=None if pooled else statement_ms,
+            read_bound=None if statement_ms is None else statement_ms / 1000 + CLIENT_MARGIN,
+            pgbouncer=pooled,
+        )
+        for key in parsed.query:
+            defaults.pop(key, None)
+        return _merge(defaults, user_connect_args)
+
+    connect_args = connect_args_for(behind_pgbouncer)
     if connect_args:
         kwargs["connect_args"] = connect_args
+    # A creator or a ready pool bypasses the dialect's connect, where detection happens: report only.
+    bypassed = {"creator", "async_creator", "pool"} & kwargs.keys()
+    detects = pgbouncer is None and driver in _DETECTING_DRIVERS and not bypassed
+    pooler = _pooler.Pooler(
+        _pooler.target(parsed.host, parsed.port, parsed.database),
+        kind=_pooler.PGBOUNCER if behind_pgbouncer else None,
+        decided=pgbouncer is not None or driver not in _DETECTING_DRIVERS,
+        adapts=detects,
+    )
 
     mysql_timeout = statement_ms if driver == "pymysql" else None
     _log.debug(
@@ -292,7 +328,13 @@ def _engine_spec(
         behind_pgbouncer,
         driver,
     )
-    return _EngineSpec(url=parsed, kwargs=kwargs, mysql_statement_timeout_ms=mysql_timeout)
+    return _EngineSpec(
+        url=parsed,
+        kwargs=kwargs,
+        mysql_statement_timeout_ms=mysql_timeout,
+        pooler=pooler,
+        pooled_connect_args=connect_args_for(True) if detects else None,
+    )
 
 
 def _parse_url(caller: str, url: object) -> URL:
@@ -405,6 +447,11 @@ def _merge(defaults: dict[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
 
 def _install_listeners(engine: sqlalchemy.Engine, spec: _EngineSpec) -> None:
     """Listeners go on the Engine, so they survive ``dispose()``."""
+    setattr(engine.dialect, _pooler.POOLER_ATTRIBUTE, spec.pooler)
+    if spec.pooled_connect_args is not None:
+        connect_through_pooler(
+            engine.dialect, spec.pooler, spec.kwargs.get("connect_args", {}), spec.pooled_connect_args
+        )
     timeout_ms = spec.mysql_statement_timeout_ms
     if timeout_ms is None:
         return
@@ -447,7 +494,7 @@ def _statement_ms(caller: str, value: object) -> int | None:
     return ms
 
 
-def _flag(setting: str, value: object) -> bool:
+def _flag(setting: str, value: object, accepted: str = "True or False") -> bool:
     if not isinstance(value, bool):
-        raise ConfigError(setting, value, "True or False")
+        raise ConfigError(setting, value, accepted)
     return value

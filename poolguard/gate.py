@@ -140,10 +140,10 @@ class Gate:
         """How long a held connection is expected to take still: the mean of the last few use times."""
         return self.use_times.mean_of_last(MEAN_USE_SAMPLES)
 
-    def _next_release(self) -> float | None:
+    def _next_release(self, mean_use: float) -> float | None:
         """Seconds until the longest-held connection is expected back, by the mean use time; None when none is held."""
         oldest = self.leaks.oldest()
-        return None if oldest is None else max(0.0, self._mean_use() - (self.clock() - oldest))
+        return None if oldest is None else max(0.0, mean_use - (self.clock() - oldest))
 
     def checkout(
         self,

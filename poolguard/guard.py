@@ -317,6 +317,7 @@ class Guard:
             max_wait=self.max_wait,
             breaker_failure_rate=round(breaker.failure_rate, 4) if breaker else None,
             breaker_retry_after=rounded(breaker.retry_after, 3) if breaker else None,
+            pooler=getattr(self.pool, "pooler", None),
         )
 
     @property

@@ -53,7 +53,12 @@ class PingResult:
 
 @dataclass(frozen=True, slots=True)
 class PoolHealth:
-    """One pool's part of a HealthReport."""
+    """One pool's part of a HealthReport.
+
+    ``pooler``: the connection pooler found in front of the database (``pgbouncer``, or
+    ``unidentified`` when only its cancel key gave it away), None when there is none or it is not
+    known yet (it is found at the pool's first connection).
+    """
 
     name: str
     status: Status
@@ -62,6 +67,7 @@ class PoolHealth:
     breaker_failure_rate: float | None
     breaker_retry_after: float | None
     issues: tuple[str, ...]
+    pooler: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         stats = self.stats
@@ -85,6 +91,7 @@ class PoolHealth:
                 "failure_rate": self.breaker_failure_rate,
                 "retry_after": self.breaker_retry_after,
             },
+            "pooler": self.pooler,
         }
 
 
@@ -123,6 +130,7 @@ def assess(
     max_wait: float,
     breaker_failure_rate: float | None,
     breaker_retry_after: float | None,
+    pooler: str | None = None,
 ) -> PoolHealth:
     """Applies the status rules to one pool's numbers."""
     issues: list[str] = []
@@ -159,4 +167,5 @@ def assess(
         breaker_failure_rate=breaker_failure_rate,
         breaker_retry_after=breaker_retry_after,
         issues=tuple(issues),
+        pooler=pooler,
     )

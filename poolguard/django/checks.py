@@ -74,7 +74,8 @@ W001 = CheckWarning(
 )
 W002_HINT = (
     "Lower the pool's max_size or the server's processes or threads, raise max_connections, or put PgBouncer "
-    "in front. PROCESSES and THREADS in POOLGUARD override what poolguard reads from the server's variables."
+    "in front. PROCESSES and THREADS in POOLGUARD override what poolguard reads from the server's variables. "
+    "For every replica and service on this server: `poolguard budget` (docs/fleet.md)."
 )
 E003 = Error(
     "poolguard: poolguard.django.PoolGuardMiddleware is in MIDDLEWARE but 'poolguard.django' is not in "
@@ -205,27 +206,31 @@ def check_threads_exceed_capacity(app_configs: Any = None, **kwargs: Any) -> lis
 
 
 def connection_budget(loaded: DjangoSettings, alias: str) -> int:
-    """The most connections the project opens on ``alias`` across every process."""
+    """The most connections the project opens on ``alias`` across every process (``poolguard budget``'s
+    arithmetic: one pod, its processes, each with Django's connections plus the SQLAlchemy pool's)."""
+    from poolguard.diagnose.budget import Service  # noqa: PLC0415 (SQLAlchemy only when a check needs it)
+
     pool = pool_settings(connections.settings[alias])
     per_process = pool[0] if pool is not None else serving.threads(loaded.threads)[0]
     sqlalchemy = loaded.config.sqlalchemy
+    other = 0
     if sqlalchemy is not None and _same_server(str(sqlalchemy["url"]), connections.settings[alias]):
-        per_process += _sqlalchemy_connections(sqlalchemy)
-    return per_process * serving.processes(loaded.processes)[0]
+        other = _sqlalchemy_connections(sqlalchemy)
+    processes = serving.processes(loaded.processes)[0]
+    return Service(name=alias, replicas=1, processes=processes, pool_size=per_process, other=other).connections
 
 
 def _sqlalchemy_connections(options: Any) -> int:
     """pool_size + max_overflow as ``poolguard.create_engine`` sizes them (an explicit 0 overflow is 0)."""
-    from poolguard.engine import DEFAULT_WORKERS, PGBOUNCER_POOL_SIZE  # noqa: PLC0415 (SQLAlchemy only when set)
+    from poolguard.diagnose.budget import engine_pool  # noqa: PLC0415 (SQLAlchemy only when set)
 
-    workers = int(options.get("workers") or DEFAULT_WORKERS)
-    pgbouncer = bool(options.get("pgbouncer"))
-    size = options.get("pool_size")
-    size = int(size) if size is not None else (min(workers, PGBOUNCER_POOL_SIZE) if pgbouncer else workers)
-    overflow = options.get("max_overflow")
-    if overflow is None:
-        overflow = max(workers - size, 0) if pgbouncer else workers // 2
-    return size + int(overflow)
+    size, overflow = engine_pool(
+        int(options["workers"]) if options.get("workers") else None,
+        pgbouncer=bool(options.get("pgbouncer")),
+        pool_size=None if options.get("pool_size") is None else int(options["pool_size"]),
+        max_overflow=None if options.get("max_overflow") is None else int(options["max_overflow"]),
+    )
+    return size + overflow
 
 
 def _same_server(url: str, database: dict[str, Any]) -> bool:
@@ -241,23 +246,19 @@ def _same_server(url: str, database: dict[str, Any]) -> bool:
 
 def _server_allows(alias: str) -> int | None:
     """max_connections minus reserved slots, read live; None when unknown (the check then says nothing)."""
+    from poolguard.diagnose.budget import LIMITS_SQL, limits_from_row  # noqa: PLC0415
+
     connection = connections[alias]
+    backend = str(connection.vendor)
+    if backend not in LIMITS_SQL:
+        return None
     try:
         with connection.cursor() as cursor:
-            if connection.vendor == "postgresql":
-                cursor.execute(
-                    "SELECT current_setting('max_connections')::int"
-                    " - current_setting('superuser_reserved_connections')::int"
-                    " - coalesce(current_setting('reserved_connections', true)::int, 0)"
-                )
-            elif connection.vendor == "mysql":
-                cursor.execute("SELECT @@max_connections")
-            else:
-                return None
+            cursor.execute(LIMITS_SQL[backend])
             row = cursor.fetchone()
+        return limits_from_row(backend, row, alias).usable if row and row[0] is not None else None
     except Exception:
         return None
-    return int(row[0]) if row and row[0] is not None else None
 
 
 def _middleware() -> list[str]:

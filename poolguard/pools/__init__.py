@@ -199,6 +199,9 @@ class PoolAdapter(Protocol):
 
     is_async: bool
 
+    # Optional, read with getattr (so adapters without it stay PoolAdapters): ``pooler: str | None``,
+    # the connection pooler found in front of the database (see poolguard._pooler), shown in health.
+
     def attach(self, events: PoolEvents) -> None:
         """Starts reporting every checkout of the pool to ``events``."""
 

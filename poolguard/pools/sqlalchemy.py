@@ -27,6 +27,7 @@ from sqlalchemy.engine.interfaces import DBAPIConnection, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, QueuePool
 
+from poolguard import _pooler
 from poolguard._classify import is_connection_failure, mark_pre_ping
 from poolguard.errors import ConfigError
 from poolguard.pools import PoolCounts, PoolEvents, bound_probe_params, driver_fileno, shutdown_socket
@@ -65,6 +66,48 @@ _PROBE_FAMILIES = {"psycopg": "libpq", "psycopg_async": "libpq", "psycopg2": "li
 """SQLAlchemy driver names by the family of connect arguments they take."""
 
 
+def behind_pooler(dbapi_connection: Any, timeout: float | None = None) -> bool:
+    """Whether a new PostgreSQL connection's startup pid is a pooler's: one round trip, on the connection.
+
+    Called where SQLAlchemy connects, which for an asyncio driver is inside its greenlet; ``timeout``
+    bounds the round trip there (libpq's connections have their TCP bounds).
+    """
+    driver_connection = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+    pid = _pooler.client_pid(driver_connection)
+    if pid is None:
+        return False
+    if callable(getattr(driver_connection, "get_server_pid", None)):  # asyncpg
+        same = sqlalchemy.util.await_only(_pooler.asyncpg_same_backend(driver_connection, pid, timeout))
+    else:
+        same = _pooler.dbapi_same_backend(dbapi_connection, pid)
+    return not same
+
+
+def connect_through_pooler(
+    dialect: Any, pooler: _pooler.Pooler, direct: dict[str, Any], pooled: dict[str, Any]
+) -> None:
+    """Makes the engine's connections with ``pooled`` connect arguments behind a pooler, found at the first one.
+
+    ``direct`` and ``pooled`` are the engine's ``connect_args`` without and with a pooler in front
+    (see :func:`poolguard._pooler.connect_detecting`). The dialect's own ``connect`` is wrapped, an
+    attribute of this engine's dialect instance: it runs after every ``do_connect`` listener (a
+    guard's too) and before the pool's ``connect`` events, and only there can a connect the pooler
+    refused be retried. Once decided it costs a dict copy per new connection.
+    """
+    real_connect = dialect.connect
+
+    def connect(*cargs: Any, **cparams: Any) -> Any:
+        return _pooler.connect_detecting(
+            pooler,
+            lambda params: real_connect(*cargs, **params),
+            cparams,
+            _pooler.pooled_params(cparams, direct, pooled),
+            lambda connection: behind_pooler(connection, cparams.get("timeout")),  # asyncpg's connect timeout
+        )
+
+    dialect.connect = connect
+
+
 def _record_key(connection: PoolProxiedConnection) -> int:
     """A checked-out connection's key: its pool record, which is what the pool's return path receives."""
     return id(connection._connection_record)
@@ -87,6 +130,17 @@ class SQLAlchemyPool:
         self._reads_checked = False
         self._listeners: list[tuple[Any, str, Any]] = []
         self._guarded_class: type[Pool] | None = None
+        self._pooler: _pooler.Pooler | None = getattr(dialect, _pooler.POOLER_ATTRIBUTE, None)
+        if self._pooler is None and dialect.name == "postgresql" and dialect.driver in _PROBE_FAMILIES:
+            # An engine made elsewhere: its first new connection tells, for health and a log line.
+            url = self.sync_engine.url
+            self._pooler = _pooler.Pooler(_pooler.target(url.host, url.port, url.database), adapts=False)
+            setattr(dialect, _pooler.POOLER_ATTRIBUTE, self._pooler)
+
+    @property
+    def pooler(self) -> str | None:
+        """The kind of connection pooler in front (``pgbouncer``, ``unidentified``), None when none is known."""
+        return self._pooler.kind if self._pooler is not None else None
 
     def attach(self, events: PoolEvents) -> None:
         if getattr(self.sync_engine, _EVENTS_ATTRIBUTE, None) is not None:
@@ -216,6 +270,20 @@ class SQLAlchemyPool:
         started = record.info.pop(_CONNECT_STARTED, None)
         if events is not None and started is not None:
             events.connected(events.clock() - started)
+        if self._pooler is not None and not self._pooler.decided:
+            self._detect_pooler(dbapi_connection)
+
+    def _detect_pooler(self, dbapi_connection: DBAPIConnection) -> None:
+        """Reports a pooler in front of an engine made elsewhere; a check that fails decides "none"."""
+        assert self._pooler is not None
+        try:
+            behind = behind_pooler(dbapi_connection)
+        except Exception as error:
+            if not _pooler.server_answered(error):
+                raise  # lost or timed out: the connect fails
+            self._pooler.decide(None, f"the pid check failed ({type(error).__name__})")
+            return
+        self._pooler.decide_by_pid(behind)
 
     def _on_error(self, context: ExceptionContext) -> None:
         if context.is_pre_ping:  # raised on to the checkout, where the gate counts it

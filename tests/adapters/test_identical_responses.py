@@ -132,6 +132,7 @@ EXPECTED_DETAIL = {
             "suspected_leaks": 0,
             "ping_seconds": None,
             "breaker": {"state": "open", "failure_rate": 1.0, "retry_after": OPEN_FOR},
+            "pooler": None,
         }
     ],
     "issues": [f"{DOWN}: circuit breaker open", f"{DOWN}: ping failed (OperationalError)"],

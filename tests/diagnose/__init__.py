@@ -1,0 +1,1 @@
+"""poolguard/diagnose: the doctor and the connection budget."""

@@ -6,13 +6,14 @@ import importlib
 from pathlib import Path
 from types import SimpleNamespace
 
+import psycopg
 import pytest
 from django.core import checks as django_checks
 from django.test import override_settings
 
 from poolguard.django import checks, serving
 from tests.django.helpers import state
-from tests.support.databases import PG_URL
+from tests.support.databases import PG_CONNINFO, PG_URL
 
 
 def test_valid_settings_give_no_messages() -> None:
@@ -335,3 +336,13 @@ def test_w008_reads_gunicorn_threads(monkeypatch: pytest.MonkeyPatch) -> None:
         (message,) = checks.check_threads_exceed_capacity()
     assert "4 threads per process (gunicorn --threads)" in message.msg
     assert "set POOLGUARD['CAPACITY'] below 4" in message.hint
+
+
+def test_the_server_limits_are_read_with_the_budgets_query() -> None:
+    """W002 and ``poolguard budget --url`` read the same numbers: max_connections minus the reserved slots."""
+    with psycopg.connect(PG_CONNINFO) as connection:
+        maximum, reserved = (
+            int(connection.execute(f"SHOW {name}").fetchone()[0])  # type: ignore[index]
+            for name in ("max_connections", "superuser_reserved_connections")
+        )
+    assert checks._server_allows("default") == maximum - reserved

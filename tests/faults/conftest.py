@@ -45,6 +45,17 @@ def bouncer(cluster: PgCluster) -> Iterator[PgBouncer]:
         pgbouncer.destroy()
 
 
+@pytest.fixture(scope="session")
+def default_bouncer(cluster: PgCluster) -> Iterator[PgBouncer]:
+    """A PgBouncer as installed: it refuses startup parameters it does not know (nothing ignored)."""
+    pgbouncer = PgBouncer(cluster, ignore_startup_parameters=None)
+    try:
+        pgbouncer.start()
+        yield pgbouncer
+    finally:
+        pgbouncer.destroy()
+
+
 def _quiet_backends(cluster: PgCluster) -> list[tuple[int, str, str]]:
     """The app's backends idle in a transaction, after giving closing connections a moment to go."""
     with contextlib.suppress(AssertionError):

@@ -249,6 +249,8 @@ def live() -> Iterator[Live]:
         for _ in range(5):
             with guard.request_scope(route="/orders/{id}") as scope:
                 scope.session.execute(text("SELECT 1"))
+        with guard.request_scope(route="/orders/{id}", queued=0.02) as scope:  # a trusted X-Request-Start
+            scope.session.execute(text("SELECT 1"))
         assert saturate(guard, 8) >= 4
         with pytest.raises(exc.OperationalError), dead.connection():
             pass
@@ -283,6 +285,7 @@ def test_live_scrape_has_every_documented_series(live: Live):
         "db_client_connection_wait_time_seconds_bucket",
         "db_client_connection_use_time_seconds_bucket",
         "db_client_connection_create_time_seconds_bucket",
+        "poolguard_request_queue_time_seconds_bucket",
     ):
         assert live.exports(name), name
 
@@ -311,6 +314,7 @@ def test_alert_rules_cover_what_the_issue_asks_for():
     assert "db_client_connection_timeouts_total" in by_metric
     assert "poolguard_breaker_state" in by_metric
     assert "poolguard_connection_leaks_total" in by_metric
+    assert "poolguard_request_queue_time_seconds_bucket" in by_metric
     assert "> 0.9" in rules[by_metric["db_client_connection_count"]]["expr"]
     assert rules[by_metric["db_client_connection_count"]]["for"] == "5m"
     assert "histogram_quantile(0.99" in rules[by_metric["db_client_connection_wait_time_seconds_bucket"]]["expr"]
@@ -338,6 +342,7 @@ def test_dashboard_structure():
         "shed",
         "breaker",
         "leaks",
+        "queued before the app",
     ):
         assert wanted in titles, wanted
     variables = {variable["name"] for variable in dashboard["templating"]["list"]}

@@ -380,3 +380,55 @@ def test_bound_parameters_stay_out_of_error_messages(pg_url):
         assert "hunter2" not in str(raised.value)
     finally:
         engine.dispose()
+
+
+# --- Pooler detection on a direct server (through PgBouncer: tests/faults/test_pooler.py) -----------
+
+
+@pytest.mark.postgres
+def test_direct_postgresql_is_no_pooler_and_keeps_everything(make_engine: EngineFactory, pg_url: str):
+    import poolguard  # noqa: PLC0415
+
+    engine = make_engine(pg_url, statement_timeout=2)
+    guard = poolguard.Guard(engine)
+    try:
+        with guard.session() as session:
+            assert session.execute(text("SHOW statement_timeout")).scalar() == "2s"
+            raw: Any = session.connection().connection.driver_connection
+            assert raw.prepare_threshold == 5  # psycopg's default: prepared statements stay on
+        assert guard.health().to_dict()["pools"][0]["pooler"] is None
+    finally:
+        guard.close()
+
+
+@pytest.mark.postgres
+async def test_direct_postgresql_keeps_asyncpg_statement_caches(
+    make_async_engine: AsyncEngineFactory, pg_async_url: str
+):
+    engine = make_async_engine(pg_async_url, statement_timeout=2)
+    async with engine.connect() as conn:
+        assert await conn.scalar(text("SHOW statement_timeout")) == "2s"
+        adapted: Any = (await conn.get_raw_connection()).dbapi_connection
+        assert adapted._prepared_statement_cache is not None
+        assert adapted._connection._stmt_cache.get_max_size() == 100
+
+
+def test_pgbouncer_none_detects_and_rejects_other_values(pg_url: str):
+    for value in (1, "auto"):
+        with pytest.raises(ConfigError, match="None") as info:
+            pg_engine.create_engine(pg_url, pgbouncer=value)
+        assert info.value.setting == "create_engine.pgbouncer"
+    pg_engine.create_engine("sqlite://", pgbouncer=None).dispose()  # nothing to detect there, and no error
+
+
+def test_what_the_user_says_is_shown_before_any_connection():
+    import poolguard  # noqa: PLC0415
+
+    for told, shown in ((True, "pgbouncer"), (False, None), (None, None)):
+        engine = pg_engine.create_engine(databases.pg_url(port=databases.DEAD_PORT), pgbouncer=told)
+        guard = poolguard.Guard(engine)
+        try:
+            assert guard.health(ping=False).to_dict()["pools"][0]["pooler"] == shown
+        finally:
+            guard.close()
+            engine.dispose()

@@ -19,6 +19,7 @@ HEALTH_POOL_KEYS = frozenset(
         "suspected_leaks",
         "ping_seconds",
         "breaker",
+        "pooler",
     }
 )
 """The keys of each pool in the health JSON."""

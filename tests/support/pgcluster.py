@@ -243,12 +243,28 @@ class PgBouncer:
     """A private PgBouncer in transaction pooling mode, in front of ``cluster`` as the ``app`` role.
 
     ``auth_type = any``: clients may give any user name and password (the database entry logs in as
-    ``app``), so a secret in the client's URL is sent and must still never leak. ``admin_users`` are
-    written to the ini (the admin console, database ``pgbouncer``: :meth:`admin_url`); PgBouncer
-    lets anyone into the console under ``auth_type = any``, so it is what real deployments set.
+    ``app``), so a secret in the client's URL is sent and must still never leak.
+
+    ``ignore_startup_parameters``: what PgBouncer drops from a client's startup packet instead of
+    refusing the connection ("unsupported startup parameter"); None leaves PgBouncer's default
+    (nothing ignored), which is what a user's PgBouncer has unless someone changed it.
+
+    ``admin_users`` are written to the ini (the admin console, database ``pgbouncer``:
+    :meth:`admin_url`); PgBouncer lets anyone into the console under ``auth_type = any``, so it is
+    what real deployments set.
     """
 
-    def __init__(self, cluster: PgCluster, *, pool_size: int = 4, admin_users: Sequence[str] = ()) -> None:
+    IGNORED = "extra_float_digits,options,statement_timeout"
+    """What the fault suite's PgBouncer ignores, so engines made with ``pgbouncer=False`` still connect."""
+
+    def __init__(
+        self,
+        cluster: PgCluster,
+        *,
+        pool_size: int = 4,
+        ignore_startup_parameters: str | None = IGNORED,
+        admin_users: Sequence[str] = (),
+    ) -> None:
         self.cluster = cluster
         self.root = _owned_temp_dir("poolguard-pgbouncer-")
         self.port = free_port()
@@ -263,8 +279,12 @@ class PgBouncer:
             f"default_pool_size = {pool_size}\nmax_client_conn = 200\n"
             "server_check_delay = 0\nserver_login_retry = 1\n"
             f"logfile = {self.log}\npidfile = {self.root / 'pgbouncer.pid'}\n"
-            "ignore_startup_parameters = extra_float_digits,options,statement_timeout\n"
             f"admin_users = {','.join(admin_users)}\n"
+            + (
+                ""
+                if ignore_startup_parameters is None
+                else f"ignore_startup_parameters = {ignore_startup_parameters}\n"
+            )
         )
         self.process: subprocess.Popen[bytes] | None = None
 

@@ -483,7 +483,9 @@ def test_a_moment_with_a_free_slot_is_not_a_standing_queue(clock: FakeClock) -> 
 
 def test_the_head_waits_until_the_longest_held_connection_is_due_back(clock: FakeClock) -> None:
     due: list[float | None] = [None]
-    admission = Admission(4, pool_name="primary", mean_use=MeanUse(0.040), clock=clock, next_release=lambda: due[0])
+    admission = Admission(
+        4, pool_name="primary", mean_use=MeanUse(0.040), clock=clock, next_release=lambda _mean: due[0]
+    )
     assert admission.predicted_wait(0) == pytest.approx(0.010)  # unknown: spread evenly, 40 ms / 4
     due[0] = 0.002  # a connection is about to come back
     assert admission.predicted_wait(0) == pytest.approx(0.002)

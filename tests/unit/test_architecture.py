@@ -25,6 +25,7 @@ LAYERS: dict[str, int] = {
     "poolguard.errors": 0,
     "poolguard._validate": 1,
     "poolguard._classify": 1,
+    "poolguard._pooler": 1,
     "poolguard._context": 1,
     "poolguard._fork": 1,
     "poolguard._serving": 1,
@@ -50,12 +51,19 @@ LAYERS: dict[str, int] = {
     "poolguard.work": 7,
     "poolguard.watchdog": 7,
     "poolguard.guard": 8,
+    # what the server sees: the connection budget (its arithmetic is shared with Django's checks)
+    "poolguard.diagnose": 0,
+    "poolguard.diagnose.budget": 4,
+    "poolguard.diagnose.budget_input": 5,
+    "poolguard.diagnose.budget_report": 5,
 }
 """Each core module's layer: a module imports only from its own layer or below. The rest are adapters."""
 
 BOTTOM = 2
 POOL_MODULES = ("poolguard.pools.sqlalchemy", "poolguard.pools.django")
-POOLS_MAY_IMPORT = frozenset({"poolguard.pools", "poolguard.errors", "poolguard._classify", "poolguard._types"})
+POOLS_MAY_IMPORT = frozenset(
+    {"poolguard.pools", "poolguard.errors", "poolguard._classify", "poolguard._pooler", "poolguard._types"}
+)
 POOL_HELPERS = {"poolguard.pools.django": frozenset({"poolguard.pools.django_settings"})}
 """A pool module's own helper modules, split off to keep it under the size limit."""
 

@@ -179,6 +179,7 @@ def test_to_dict_has_exactly_the_documented_shape() -> None:
                 "suspected_leaks": 0,
                 "ping_seconds": 0.0004,
                 "breaker": {"state": "closed", "failure_rate": 0.0, "retry_after": None},
+                "pooler": None,
             }
         ],
         "issues": [],

@@ -320,8 +320,10 @@ def test_no_stack_is_formatted_when_debug_is_off(clock: FakeClock, caplog: pytes
 def test_oldest_is_when_the_longest_held_connection_was_taken(clock: FakeClock) -> None:
     tracker = make(clock)
     assert tracker.oldest() is None
+    tracker.by_key["early"] = Holder(clock() + 1.0)  # registered as taken, so in order
     tracker.by_key["late"] = Holder(clock() + 2.0)
-    tracker.by_key["early"] = Holder(clock() + 1.0)
     assert tracker.oldest() == clock() + 1.0
     del tracker.by_key["early"]
+    assert tracker.oldest() == clock() + 2.0
+    tracker.by_key["early"] = Holder(clock() + 3.0)  # the same key taken again is the newest
     assert tracker.oldest() == clock() + 2.0
