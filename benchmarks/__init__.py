@@ -6,6 +6,8 @@ Run from the repository root (``python -m benchmarks.<script>``):
 - ``benchmarks.server``: per request under a real server (gunicorn, uvicorn), every variant of one
   app served by one server process, requests alternating: poolguard's cost (``--compare poolguard``)
   and its telemetry's (``--compare telemetry``).
+- ``benchmarks.doctor``: ``poolguard doctor``'s wall time as a fresh process, on healthy servers
+  (PostgreSQL, MariaDB, PgBouncer's admin console) and on a silent or refusing one.
 
 The apps are real modules under ``benchmarks/apps/``.
 """

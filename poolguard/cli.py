@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,12 +26,16 @@ from poolguard.demo_report import DemoSettings, render_report
 from poolguard.diagnose import budget_input
 from poolguard.diagnose.budget import ServerLimits, assess
 from poolguard.diagnose.budget_report import render as render_budget
+from poolguard.diagnose.doctor import DEFAULT_TIMEOUT, command_age, diagnose
+from poolguard.diagnose.findings import Thresholds, render_text
+from poolguard.diagnose.target import Target, TargetError, parse_url
 from poolguard.errors import ConfigError, PoolGuardError
 
 __all__ = ["main"]
 
 _MIN_SECONDS, _MAX_SECONDS = 0.5, 60.0
 _MAX_CLIENTS = 256
+_MIN_DOCTOR_SECONDS = 0.25  # what a healthy server needs, at the least, after a slow start
 
 _DEMO_DESCRIPTION = """\
 Run the example app twice with the same load, once on a plain SQLAlchemy engine and once through
@@ -54,6 +59,57 @@ examples:
 
 The URL's password is never printed.
 """
+
+
+_DOCTOR_DESCRIPTION = """\
+Examine a database server as the fleet sees it, and say what to do about what it finds:
+
+  PostgreSQL  pg_stat_activity: connections by application and state, sessions idle in transaction,
+              long-running statements, sessions waiting on locks (and who blocks them),
+              max_connections and reserved slots (headroom), roles and databases near their
+              CONNECTION LIMIT
+  MySQL       the processlist (by user, database and command; long-running; asleep inside a
+              transaction), Threads_connected against max_connections, Aborted_* and
+              Connection_errors_* counters
+  PgBouncer   the admin console (a URL whose database is "pgbouncer"): SHOW POOLS (clients
+              waiting, maxwait), SHOW STATS, SHOW CONFIG
+
+The whole run, connect included, ends within --timeout: a server that does not answer is itself a
+critical finding. Statement text is never shown (it can hold parameters); neither is the password.
+"""
+
+_DOCTOR_EPILOG = """\
+The URL may also come from the DATABASE_URL environment variable (which keeps a password off the
+command line). SQLAlchemy forms (postgresql+psycopg://, mysql+pymysql://) are accepted.
+
+exit codes:
+  0  healthy, or only warnings and information
+  1  a critical finding (the server is unreachable, nearly out of connections, ...)
+  2  a bad option or URL
+
+examples:
+  poolguard doctor postgresql://monitor@db.internal/app
+  DATABASE_URL=mysql://app:...@127.0.0.1/app poolguard doctor --json
+  poolguard doctor postgresql://admin@pgbouncer.internal:6432/pgbouncer --timeout 2
+"""
+
+
+def _doctor_url(value: str) -> Target:
+    """The URL as a doctor's target; the error never echoes the value (it may hold a password)."""
+    try:
+        return parse_url(value)
+    except TargetError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _threshold(value: str) -> float:
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = math.nan
+    if not 0.0 < seconds <= 86400.0:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds above 0 and up to 86400, got {value!r}")
+    return seconds
 
 
 def _seconds(value: str) -> float:
@@ -135,6 +191,50 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--json", action="store_true", help="print the numbers as JSON instead of the table")
     demo.set_defaults(handler=_run_demo)
+
+    doctor = commands.add_parser(
+        "doctor",
+        help="what the database server sees: connections, idle transactions, long queries, locks, headroom",
+        description=_DOCTOR_DESCRIPTION,
+        epilog=_DOCTOR_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    doctor.add_argument(
+        "url",
+        metavar="URL",
+        nargs="?",
+        type=_doctor_url,
+        default=os.environ.get("DATABASE_URL") or None,
+        help="postgresql://, mysql:// (or mariadb://) URL, or PgBouncer's admin console "
+        "postgresql://user@host:6432/pgbouncer (default: $DATABASE_URL)",
+    )
+    doctor.add_argument("--json", action="store_true", help="print the report as JSON")
+    doctor.add_argument(
+        "--timeout",
+        type=_seconds,
+        default=DEFAULT_TIMEOUT,
+        help=f"seconds the whole command may take, start and connect included, {_MIN_SECONDS:g} to {_MAX_SECONDS:g} "
+        f"(default: {DEFAULT_TIMEOUT:g})",
+    )
+    defaults = Thresholds()
+    doctor.add_argument(
+        "--long-query",
+        type=_threshold,
+        default=defaults.long_query,
+        metavar="SECONDS",
+        help=f"a statement running this long is a warning, {defaults.long_query_critical / defaults.long_query:g}x "
+        f"as long critical (default: {defaults.long_query:g})",
+    )
+    doctor.add_argument(
+        "--idle-in-transaction",
+        type=_threshold,
+        default=defaults.idle_in_transaction,
+        metavar="SECONDS",
+        help="a session idle inside a transaction this long is a warning, "
+        f"{defaults.idle_in_transaction_critical / defaults.idle_in_transaction:g}x as long critical "
+        f"(default: {defaults.idle_in_transaction:g})",
+    )
+    doctor.set_defaults(handler=_run_doctor)
     _add_budget(commands)
     return parser
 
@@ -153,6 +253,18 @@ def _run_demo(args: argparse.Namespace) -> int:
     else:
         print(render_report(report))
     return 0
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    target: Target | None = args.url
+    if target is None:
+        _stderr("poolguard doctor: no URL: give one (poolguard doctor URL) or set DATABASE_URL")
+        return 2
+    thresholds = Thresholds().scaled(idle_in_transaction=args.idle_in_transaction, long_query=args.long_query)
+    timeout = max(args.timeout - command_age(), _MIN_DOCTOR_SECONDS)  # the process's start counts too
+    report = diagnose(target, timeout=timeout, thresholds=thresholds)
+    print(json.dumps(report.to_dict(), indent=2) if args.json else render_text(report))
+    return report.exit_code
 
 
 _BUDGET_DESCRIPTION = """\

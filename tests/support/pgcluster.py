@@ -248,13 +248,22 @@ class PgBouncer:
     ``ignore_startup_parameters``: what PgBouncer drops from a client's startup packet instead of
     refusing the connection ("unsupported startup parameter"); None leaves PgBouncer's default
     (nothing ignored), which is what a user's PgBouncer has unless someone changed it.
+
+    ``admin_users`` are written to the ini (the admin console, database ``pgbouncer``:
+    :meth:`admin_url`); PgBouncer lets anyone into the console under ``auth_type = any``, so it is
+    what real deployments set.
     """
 
     IGNORED = "extra_float_digits,options,statement_timeout"
     """What the fault suite's PgBouncer ignores, so engines made with ``pgbouncer=False`` still connect."""
 
     def __init__(
-        self, cluster: PgCluster, *, pool_size: int = 4, ignore_startup_parameters: str | None = IGNORED
+        self,
+        cluster: PgCluster,
+        *,
+        pool_size: int = 4,
+        ignore_startup_parameters: str | None = IGNORED,
+        admin_users: Sequence[str] = (),
     ) -> None:
         self.cluster = cluster
         self.root = _owned_temp_dir("poolguard-pgbouncer-")
@@ -270,6 +279,7 @@ class PgBouncer:
             f"default_pool_size = {pool_size}\nmax_client_conn = 200\n"
             "server_check_delay = 0\nserver_login_retry = 1\n"
             f"logfile = {self.log}\npidfile = {self.root / 'pgbouncer.pid'}\n"
+            f"admin_users = {','.join(admin_users)}\n"
             + (
                 ""
                 if ignore_startup_parameters is None
@@ -303,3 +313,8 @@ class PgBouncer:
 
     def url(self, driver: str = "psycopg", *, password: str | None = None) -> str:
         return self.cluster.url(driver, password=password, port=self.port)
+
+    def admin_url(self, user: str, *, password: str | None = None) -> str:
+        """``postgresql://<user>[:<password>]@127.0.0.1:<port>/pgbouncer``: the admin console."""
+        credentials = user if password is None else f"{user}:{password}"
+        return f"postgresql://{credentials}@{HOST}:{self.port}/pgbouncer"

@@ -79,9 +79,9 @@ FRAMEWORKS: dict[str, tuple[str, ...]] = {
     "asgiref": ("poolguard.django",),
     "prometheus_client": ("poolguard.prometheus",),
     "asyncpg": ("poolguard.pools.asyncpg", "poolguard.asyncpg_pool", "poolguard.fastapi"),  # fastapi: type-only
-    "psycopg": (),
+    "psycopg": ("poolguard.diagnose.postgres", "poolguard.diagnose.pgbouncer"),
     "psycopg_pool": (),
-    "pymysql": (),
+    "pymysql": ("poolguard.diagnose.mysql",),
 }
 """A framework or driver package, and the only modules allowed to import it (and their submodules)."""
 
@@ -179,6 +179,7 @@ def test_every_core_module_has_a_layer() -> None:
                 "poolguard._starlette_handlers",
                 "poolguard.fastapi",
                 "poolguard.django",
+                "poolguard.diagnose",
             ),
         )
         or name
