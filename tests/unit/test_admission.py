@@ -527,3 +527,32 @@ async def test_try_acquire_takes_a_free_slot_and_never_waits(clock: FakeClock) -
     admission.release()
     assert admission.in_use == 0
     assert make(clock, capacity=None).try_acquire()
+
+
+def serve_a_waiter_after(clock: FakeClock, admission: Admission, seconds: float) -> None:
+    """One slot held; a waiter gets it after ``seconds`` (the interval's shortest wait), then the interval ends."""
+    admission.acquire(0.0)
+    first = ThreadWaiter(admission, "first", []).start_queued(expected_waiting=1)
+    clock.advance(seconds)
+    admission.release()
+    first.join()
+    clock.advance(INTERVAL)
+
+
+def test_waits_of_most_of_a_use_are_a_standing_queue(clock: FakeClock) -> None:
+    """Threads twice the pool: at most the pool's size waits in the app, each about one use (here 30 of
+    40 ms), while the rest of the overload queues unseen in the server. That is overload."""
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.040))
+    serve_a_waiter_after(clock, admission, 0.030)
+    with pytest.raises(PoolSaturated):
+        admission.acquire(0.0)  # the slow path, at the interval's end, decides
+    assert admission.overloaded
+
+
+def test_waits_of_a_fraction_of_a_use_are_a_busy_pool(clock: FakeClock) -> None:
+    """A batch a little over the pool's size: each waits a fraction of a use (15 of 40 ms), over TARGET."""
+    admission = make(clock, capacity=1, mean_use=MeanUse(0.040))
+    serve_a_waiter_after(clock, admission, 0.015)
+    with pytest.raises(PoolSaturated):
+        admission.acquire(0.0)
+    assert not admission.overloaded
