@@ -307,7 +307,13 @@ def _add_budget(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         epilog=_BUDGET_EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    budget.add_argument("--service", action="append", default=[], metavar="SPEC", help="a service (repeatable)")
+    budget.add_argument(
+        "--service",
+        action="append",
+        default=[],
+        metavar="SPEC",
+        help="a service, NAME:replicas=N[,KEY=VALUE,...] with the keys listed above (repeatable)",
+    )
     budget.add_argument("--file", type=Path, default=None, help="a TOML fleet file ([services.NAME] tables)")
     server = budget.add_mutually_exclusive_group()
     server.add_argument("--max-connections", type=int, default=None, metavar="N", help="the server's max_connections")
@@ -339,7 +345,8 @@ def _add_budget(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -
         type=_seconds,
         default=5.0,
         metavar="SECONDS",
-        help="seconds to connect and read with --url (default: 5)",
+        help=f"seconds the whole read with --url may take, connect included, {_MIN_SECONDS:g} to {_MAX_SECONDS:g} "
+        "(default: 5)",
     )
     budget.add_argument("--json", action="store_true", help="print the result as JSON")
     budget.set_defaults(handler=_run_budget)
