@@ -43,13 +43,8 @@ def test_doctor_fails_on_an_unreachable_database_without_leaking_the_password() 
 @pytest.fixture(scope="module")
 def private() -> Iterator[PgCluster]:
     """A server of this module's own, so what the doctor finds there is known (the shared one is everyone's)."""
-    cluster = PgCluster.create(max_connections=20)
-    try:
-        cluster.start()
-        cluster.bootstrap()
+    with PgCluster.bootstrapped(max_connections=20) as cluster:
         yield cluster
-    finally:
-        cluster.destroy()
 
 
 def test_doctor_adds_what_the_server_sees_and_fails_only_on_a_critical_finding(
