@@ -30,18 +30,12 @@ pool, a listener; 0), ``max_surge``.
 
 from __future__ import annotations
 
-import math
 import re
-import threading
 import tomllib
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
 from typing import Any
-
-import sqlalchemy
-from sqlalchemy import exc as sa_exc
-from sqlalchemy.engine import URL, make_url
 
 from poolguard.diagnose.budget import (
     LIMITS_SQL,
@@ -53,9 +47,8 @@ from poolguard.diagnose.budget import (
     engine_pool,
     limits_from_row,
 )
+from poolguard.diagnose.target import NoAnswer, Session, Target, within
 from poolguard.errors import ConfigError, PoolGuardError
-from poolguard.health import redact
-from poolguard.pools import LIBPQ_TCP_BOUNDS
 
 SERVICE_KEYS = ("replicas", "processes", "workers", "pool_size", "max_overflow", "pgbouncer", "other", "max_surge")
 PGBOUNCER_KEYS = tuple(f.name for f in fields(PgBouncerSettings))
@@ -63,8 +56,7 @@ FILE_KEYS = ("max_connections", "reserved", "margin", "max_surge", "services", "
 _INTEGER_KEYS = frozenset({"replicas", "processes", "workers", "pool_size", "max_overflow", "other"})
 _NAME = re.compile(r"[A-Za-z0-9_.\-]{1,63}")
 _QUANTITY = re.compile(r"(\d+(?:\.\d+)?)(%?)")
-_PORTS = {"postgresql": 5432, "mysql": 3306}
-_SYNC_DRIVERS = {"postgresql": "postgresql+psycopg", "mysql": "mysql+pymysql"}
+APPLICATION_NAME = "poolguard budget"
 
 
 class LimitsUnavailable(PoolGuardError):
@@ -212,56 +204,42 @@ def fleet(
     return Fleet(services=services, pgbouncer=pgbouncer, **extra)
 
 
-def read_limits(url: str | URL, *, timeout: float) -> ServerLimits:
-    """``max_connections`` and the reserved slots, read live; every wait bounded by ``timeout`` seconds
-    (connect, the query, and the whole call: a server that accepts and never answers is given up on)."""
-    parsed = make_url(url) if isinstance(url, str) else url
-    backend = parsed.get_backend_name()
-    if backend not in LIMITS_SQL:
-        raise LimitsUnavailable(f"cannot read limits from a {backend} server: only PostgreSQL and MySQL/MariaDB")
-    dialect = parsed.get_dialect()
-    if dialect.is_async or "+" not in parsed.drivername:
-        parsed = parsed.set(drivername=_SYNC_DRIVERS[backend])
-        dialect = parsed.get_dialect()
-    shown = f"{backend} at {parsed.host or 'localhost'}:{parsed.port or _PORTS[backend]}"
-    connect_args = _bounded_connect_args(dialect.driver, timeout)
-    outcome: list[ServerLimits | BaseException] = []
+def read_limits(target: Target, *, timeout: float) -> ServerLimits:
+    """``max_connections`` and the reserved slots, read live with the doctor's bounded connection; the
+    whole call ends within ``timeout`` seconds (a server that accepts and never answers is given up on)."""
+    shown = f"{target.kind} at {target.host or 'localhost'}:{target.port}"
+    if target.kind not in LIMITS_SQL:
+        raise ConfigError(
+            "--url",
+            target.shown(),
+            "the URL of the PostgreSQL or MySQL/MariaDB server (PgBouncer's admin console has no max_connections)",
+        )
+    session = Session()
 
-    def read() -> None:
-        engine = sqlalchemy.create_engine(parsed, poolclass=sqlalchemy.NullPool, connect_args=connect_args)
-        try:
-            with engine.connect() as connection:
-                row = connection.exec_driver_sql(LIMITS_SQL[backend]).one()
-            outcome.append(limits_from_row(backend, row, shown))
-        except BaseException as error:  # handed to the caller's thread
-            outcome.append(error)
-        finally:
-            engine.dispose()
+    def read() -> ServerLimits:
+        return limits_from_row(target.kind, _limits_row(target, timeout, session), shown)
 
-    worker = threading.Thread(target=read, name="poolguard-budget-limits", daemon=True)
-    worker.start()
-    worker.join(timeout + 0.5)
-    if not outcome:
-        raise LimitsUnavailable(f"{shown} did not answer within {timeout:g}s")
-    result = outcome[0]
-    if isinstance(result, ServerLimits):
-        return result
-    raise LimitsUnavailable(f"cannot read the limits of {shown}: {_describe(result, parsed.password)}")
+    try:
+        return within(timeout, session, read, name="poolguard-budget-limits")
+    except NoAnswer:
+        raise LimitsUnavailable(f"{shown} did not answer within {timeout:g}s") from None
+    except Exception as error:  # the driver's (or its import's), or settings the arithmetic refuses
+        raise LimitsUnavailable(f"cannot read the limits of {shown}: {target.describe(error)}") from None
 
 
-def _bounded_connect_args(driver: str, timeout: float) -> dict[str, Any]:
-    if driver in ("psycopg", "psycopg2"):
-        return {"connect_timeout": max(2, math.ceil(timeout)), **LIBPQ_TCP_BOUNDS}
-    if driver == "pymysql":
-        return {"connect_timeout": timeout, "read_timeout": timeout, "write_timeout": timeout}
-    return {}
+def _limits_row(target: Target, timeout: float, session: Session) -> Any:
+    """The row of :data:`LIMITS_SQL`'s query, on a connection of the doctor's (its driver imported on use)."""
+    if target.kind == "postgresql":
+        from poolguard.diagnose import postgres  # noqa: PLC0415 (its driver, on use)
 
+        with postgres.connect(target, timeout, session, application_name=APPLICATION_NAME) as connection:
+            return connection.execute(LIMITS_SQL["postgresql"]).fetchone()
+    from poolguard.diagnose import mysql  # noqa: PLC0415 (its driver, on use)
 
-def _describe(error: BaseException, password: object) -> str:
-    if isinstance(error, sa_exc.DBAPIError) and error.orig is not None:
-        error = error.orig
-    lines = str(error).strip().splitlines()
-    message = f"{type(error).__name__}: {lines[0] if lines else ''}".rstrip(": ")
-    if password:
-        message = message.replace(str(password), "***")
-    return redact(message)
+    connection = mysql.connect(target, timeout, session, program_name=APPLICATION_NAME)
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute(LIMITS_SQL["mysql"])
+            return cursor.fetchone()
+    finally:
+        connection.close()

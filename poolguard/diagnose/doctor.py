@@ -1,6 +1,7 @@
 """``poolguard doctor``: examine one server within a deadline, whatever state it is in.
 
-The examination runs in a worker thread; the caller waits at most ``timeout`` seconds. The drivers'
+The examination runs in a worker thread (:func:`~poolguard.diagnose.target.within`); the caller
+waits at most ``timeout`` seconds. The drivers'
 own bounds (connect timeout, ``tcp_user_timeout``, read timeouts, ``statement_timeout``) end the
 common cases; the deadline covers the rest (a server that accepts connections and never answers,
 libpq's two-second floor on its connect timeout) by shutting the connection's socket down, so the
@@ -12,13 +13,12 @@ from __future__ import annotations
 
 import os
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 from poolguard.diagnose.findings import Report, Thresholds
-from poolguard.diagnose.target import Kind, Session, Target
+from poolguard.diagnose.target import Kind, NoAnswer, Session, Target, within
 
 __all__ = ["DEFAULT_TIMEOUT", "command_age", "diagnose"]
 
@@ -60,7 +60,6 @@ def diagnose(
     limits = thresholds or Thresholds()
     session = Session()
     work = Report(target=target.shown(), kind=target.kind)
-    errors: list[BaseException] = []
     started = clock()
     try:
         examine = _examiner(target.kind)  # imported here: a missing driver is a finding, not a timeout
@@ -74,17 +73,14 @@ def diagnose(
         work.seconds = clock() - started
         return work
 
-    def run() -> None:
-        try:
-            examine(target, timeout, limits, session, work)
-        except Exception as error:  # reported as a finding below, redacted
-            errors.append(error)
-
-    worker = threading.Thread(target=run, name="poolguard-doctor", daemon=True)
-    worker.start()
-    worker.join(max(0.0, timeout - (clock() - started)))  # the driver's import counted
-    if worker.is_alive():
-        session.abort()
+    try:
+        within(
+            timeout - (clock() - started),  # the driver's import counted
+            session,
+            lambda: examine(target, timeout, limits, session, work),
+            name="poolguard-doctor",
+        )
+    except NoAnswer:
         report = Report(target=target.shown(), kind=target.kind, server=work.server)
         stage = "a query" if session.connected else "the connection"
         report.add(
@@ -93,9 +89,9 @@ def diagnose(
             f"{stage} got no answer within {timeout:.3g} s",
             _no_answer_action(target),
         )
-    elif errors:
+    except Exception as error:  # reported as a finding, redacted
         report = Report(target=target.shown(), kind=target.kind, server=work.server, facts=work.facts)
-        report.add("critical", *_describe_failure(target, errors[0], connected=session.connected))
+        report.add("critical", *_describe_failure(target, error, connected=session.connected))
     else:
         report = work
     report.seconds = clock() - started
@@ -131,9 +127,7 @@ def _no_answer_action(target: Target) -> str:
 
 def _describe_failure(target: Target, error: BaseException, *, connected: bool) -> tuple[str, str, str]:
     """(code, message, action) for an error, in the driver's words, with the password scrubbed."""
-    lines = str(error).strip().splitlines()
-    detail = target.redact(lines[0].strip() if lines else "")
-    message = f"{type(error).__name__}" + (f": {detail}" if detail else "")
+    message = target.describe(error)
     if not connected:
         return (
             "unreachable",

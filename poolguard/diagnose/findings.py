@@ -7,7 +7,7 @@ password, a DSN or a statement's parameters.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 Severity = Literal["critical", "warning", "info"]
@@ -121,16 +121,12 @@ class Thresholds:
         """These thresholds with new warning values; the critical ones keep their ratio to them."""
         idle = self.idle_in_transaction if idle_in_transaction is None else idle_in_transaction
         long = self.long_query if long_query is None else long_query
-        return Thresholds(
+        return replace(
+            self,
             idle_in_transaction=idle,
             idle_in_transaction_critical=idle * self.idle_in_transaction_critical / self.idle_in_transaction,
             long_query=long,
             long_query_critical=long * self.long_query_critical / self.long_query,
-            lock_wait_critical=self.lock_wait_critical,
-            many=self.many,
-            headroom_warning=self.headroom_warning,
-            headroom_critical=self.headroom_critical,
-            wait_critical=self.wait_critical,
         )
 
 

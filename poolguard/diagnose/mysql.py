@@ -33,7 +33,7 @@ _SLEEP_INFO = 300.0
 """Seconds asleep after which idle connections are worth a line (pools keeping idle connections)."""
 
 
-def connect(target: Target, timeout: float, session: Session) -> Any:
+def connect(target: Target, timeout: float, session: Session, *, program_name: str = "poolguard doctor") -> Any:
     """A bounded pymysql connection (connect, read and write timeouts of ``timeout``)."""
     seconds = max(0.1, timeout)
     connection = pymysql.connect(
@@ -46,7 +46,7 @@ def connect(target: Target, timeout: float, session: Session) -> Any:
         read_timeout=seconds,
         write_timeout=seconds,
         autocommit=True,
-        program_name="poolguard doctor",
+        program_name=program_name,
         **target.options,
     )
     try:

@@ -103,9 +103,11 @@ def _backend(row: tuple[Any, ...]) -> Backend:
     )
 
 
-def connect(target: Target, timeout: float, session: Session) -> psycopg.Connection[Any]:
+def connect(
+    target: Target, timeout: float, session: Session, *, application_name: str = APPLICATION_NAME
+) -> psycopg.Connection[Any]:
     """A bounded autocommit connection to ``target`` (libpq's connect and TCP timeouts)."""
-    params: dict[str, Any] = {"application_name": APPLICATION_NAME, **target.options}
+    params: dict[str, Any] = {"application_name": application_name, **target.options}
     params.update(host=target.host or None, port=target.port, user=target.user, password=target.password)
     params["dbname"] = target.database
     bound_probe_params("libpq", params, timeout)

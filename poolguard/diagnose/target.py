@@ -1,4 +1,5 @@
-"""Which server the doctor examines, from a URL or Django's settings, and the one live session it holds.
+"""Which server the doctor (and ``poolguard budget --url``) reads, from a URL or Django's settings,
+the one live session it holds, and the deadline it is read within.
 
 A target keeps its password out of ``repr`` and renders itself redacted; :meth:`Target.redact`
 scrubs the password from any text (a driver's error message can echo the DSN), so nothing the
@@ -8,14 +9,15 @@ doctor prints can hold it.
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 from urllib.parse import parse_qsl, quote, unquote, urlsplit
 
 from poolguard.pools import shutdown_socket
 
 Kind = Literal["postgresql", "mysql", "pgbouncer"]
+T = TypeVar("T")
 
 _SCHEMES: dict[str, Kind] = {"postgresql": "postgresql", "postgres": "postgresql", "mysql": "mysql", "mariadb": "mysql"}
 _PORTS: dict[Kind, int] = {"postgresql": 5432, "pgbouncer": 6432, "mysql": 3306}
@@ -67,6 +69,12 @@ class Target:
             for form in {self.password, quote(self.password, safe=""), quote(self.password)}:
                 text = text.replace(form, "***")
         return text
+
+    def describe(self, error: BaseException) -> str:
+        """The error's class and the first line of its message, with the password scrubbed."""
+        lines = str(error).strip().splitlines()
+        detail = self.redact(lines[0].strip() if lines else "")
+        return f"{type(error).__name__}" + (f": {detail}" if detail else "")
 
 
 def parse_url(url: str) -> Target:
@@ -152,3 +160,33 @@ class Session:
         with self._lock:
             self.aborted = True
             shutdown_socket(self._fileno)
+
+
+class NoAnswer(TimeoutError):
+    """The work did not end by its deadline; its session was shut down."""
+
+
+def within(seconds: float, session: Session, work: Callable[[], T], *, name: str) -> T:
+    """``work()`` run in a daemon thread and waited on at most ``seconds``: its result, or its exception.
+
+    Past the deadline the session is aborted (a read blocked on a silent server ends, so the thread
+    does too) and :class:`NoAnswer` is raised; a connect still under way ends at its own timeout.
+    """
+    outcome: list[T] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            outcome.append(work())
+        except BaseException as error:  # raised again in the caller's thread
+            errors.append(error)
+
+    worker = threading.Thread(target=run, name=name, daemon=True)
+    worker.start()
+    worker.join(max(0.0, seconds))
+    if worker.is_alive():
+        session.abort()
+        raise NoAnswer(f"no answer within {seconds:.3g} s")
+    if errors:
+        raise errors[0]
+    return outcome[0]

@@ -16,8 +16,8 @@
   ``max_size``, else the threads per process, plus the SQLAlchemy pool's size and overflow when
   ``POOLGUARD["SQLALCHEMY"]`` points at the same host, times the processes) exceeds what the server
   allows (``max_connections`` minus reserved slots). Processes and threads: ``POOLGUARD["PROCESSES"]``
-  / ``["THREADS"]``, else the server's own variables. It reads the server live, so it runs only with
-  ``check --database ALIAS``.
+  / ``["THREADS"]``, else the server's own variables. It reads the server live (``poolguard budget
+  --url``'s read, within ``LIMITS_TIMEOUT``), so it runs only with ``check --database ALIAS``.
 - ``poolguard.W003``: ``POOLGUARD`` is set but the middleware is not in ``MIDDLEWARE``: nothing is
   guarded and the health URL answers 404.
 - ``poolguard.W004``: the middleware is not first in ``MIDDLEWARE``: what runs before it is unguarded.
@@ -44,7 +44,7 @@ from poolguard._serving import DEFAULT, queue_hidden, threads_advice
 from poolguard.config import ENV_PREFIX
 from poolguard.django import serving
 from poolguard.django.conf import DjangoSettings, configure_settings, per_thread_capacity
-from poolguard.errors import ConfigError
+from poolguard.errors import ConfigError, PoolGuardError
 from poolguard.pools.django_settings import pool_settings
 
 TAG = "poolguard"
@@ -72,6 +72,9 @@ W001 = CheckWarning(
     ),
     id="poolguard.W001",
 )
+LIMITS_TIMEOUT = 5.0
+"""Seconds W002 may take to read a server's limits, connect included."""
+
 W002_HINT = (
     "Lower the pool's max_size or the server's processes or threads, raise max_connections, or put PgBouncer "
     "in front. PROCESSES and THREADS in POOLGUARD override what poolguard reads from the server's variables. "
@@ -245,19 +248,17 @@ def _same_server(url: str, database: dict[str, Any]) -> bool:
 
 
 def _server_allows(alias: str) -> int | None:
-    """max_connections minus reserved slots, read live; None when unknown (the check then says nothing)."""
-    from poolguard.diagnose.budget import LIMITS_SQL, limits_from_row  # noqa: PLC0415
+    """max_connections minus reserved slots, read live on ``poolguard budget --url``'s bounded connection
+    (a silent server costs ``LIMITS_TIMEOUT``, not a hang); None when unknown (the check then says nothing)."""
+    from poolguard.diagnose.budget_input import read_limits  # noqa: PLC0415 (SQLAlchemy only when a check needs it)
+    from poolguard.diagnose.target import target_from_django  # noqa: PLC0415
 
-    connection = connections[alias]
-    backend = str(connection.vendor)
-    if backend not in LIMITS_SQL:
+    target = target_from_django(connections[alias].settings_dict)
+    if target is None:
         return None
     try:
-        with connection.cursor() as cursor:
-            cursor.execute(LIMITS_SQL[backend])
-            row = cursor.fetchone()
-        return limits_from_row(backend, row, alias).usable if row and row[0] is not None else None
-    except Exception:
+        return read_limits(target, timeout=LIMITS_TIMEOUT).usable
+    except PoolGuardError:  # unreachable, PgBouncer's admin console, or refused settings
         return None
 
 

@@ -26,13 +26,8 @@ ADMIN = "console_admin"
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[PgCluster]:
-    server = PgCluster.create(max_connections=MAX_CONNECTIONS)
-    try:
-        server.start()
-        server.bootstrap()
+    with PgCluster.bootstrapped(max_connections=MAX_CONNECTIONS) as server:
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,7 @@ bad input (exit 2), a dead server (bounded, exit 3), and a password that never s
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -250,48 +247,41 @@ def test_an_async_driver_url_is_read_with_its_sync_driver(capsys: pytest.Capture
     assert json.loads(out)["server"]["max_connections"] > 0
 
 
-@pytest.fixture
-def silent_server() -> Iterator[int]:
-    """Accepts TCP connections and never says a word: a hung server."""
-    listener = socket.socket()
-    listener.bind((HOST, 0))
-    listener.listen(8)
-    held: list[socket.socket] = []
-    stop = threading.Event()
-
-    def accept() -> None:
-        listener.settimeout(0.1)
-        while not stop.is_set():
-            try:
-                held.append(listener.accept()[0])
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-
-    thread = threading.Thread(target=accept, daemon=True)
-    thread.start()
-    yield int(listener.getsockname()[1])
-    stop.set()
-    thread.join(2)
-    listener.close()
-    for sock in held:
-        sock.close()
-
-
 @pytest.mark.parametrize("scheme", ["postgresql+psycopg", "mysql+pymysql"])
 def test_a_silent_server_is_given_up_on_within_the_timeout(
-    capsys: pytest.CaptureFixture[str], silent_server: int, scheme: str
+    capsys: pytest.CaptureFixture[str], silent_port: int, scheme: str
 ) -> None:
-    url = f"{scheme}://root:{SECRET}@{HOST}:{silent_server}/test"
+    url = f"{scheme}://root:{SECRET}@{HOST}:{silent_port}/test"
     started = time.monotonic()
     code, out, err = run(capsys, "--url", url, "--timeout", "1", "--service", "a:replicas=1")
     elapsed = time.monotonic() - started
     assert code == 3
     assert out == ""
     assert err.startswith("poolguard budget: ")
-    assert f"at {HOST}:{silent_server}" in err
-    assert elapsed < 3.0  # the call gives up after timeout + 0.5 s
+    assert f"at {HOST}:{silent_port}" in err
+    assert elapsed < 1.5  # the whole read ends at --timeout
+    assert SECRET not in err
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        (f"sqlite:///{SECRET}.db", "argument --url: unsupported scheme 'sqlite'; expected postgresql://"),
+        (f"postgresql://root:{SECRET}@:5432/test", "argument --url: no host in the URL; expected postgresql://"),
+        (
+            f"postgresql://admin:{SECRET}@{HOST}:6432/pgbouncer",
+            f"invalid value for --url: 'postgresql://admin:***@{HOST}:6432/pgbouncer'; accepted: the URL of the "
+            "PostgreSQL or MySQL/MariaDB server",
+        ),
+    ],
+)
+def test_a_url_budget_cannot_read_is_a_usage_error_naming_the_option(
+    capsys: pytest.CaptureFixture[str], url: str, message: str
+) -> None:
+    code, out, err = run(capsys, "--url", url, "--service", "a:replicas=1")
+    assert code == 2
+    assert out == ""
+    assert message in err
     assert SECRET not in err
 
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import importlib
+import socket
+import time
 from pathlib import Path
 from types import SimpleNamespace
 
 import psycopg
 import pytest
 from django.core import checks as django_checks
+from django.db import connections
 from django.test import override_settings
 
 from poolguard.django import checks, serving
@@ -346,3 +349,15 @@ def test_the_server_limits_are_read_with_the_budgets_query() -> None:
             for name in ("max_connections", "superuser_reserved_connections")
         )
     assert checks._server_allows("default") == maximum - reserved
+
+
+def test_the_server_limits_read_gives_up_on_a_silent_server(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``check --database`` on a server that accepts and never answers: no warning, and no hang."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(8)
+        monkeypatch.setitem(connections["default"].settings_dict, "PORT", str(listener.getsockname()[1]))
+        monkeypatch.setattr(checks, "LIMITS_TIMEOUT", 1.0)
+        started = time.monotonic()
+        assert checks._server_allows("default") is None
+        assert time.monotonic() - started < 1.5

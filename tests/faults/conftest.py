@@ -25,14 +25,9 @@ MAX_CONNECTIONS = 40
 
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[PgCluster]:
-    server = PgCluster.create(max_connections=MAX_CONNECTIONS)
-    try:
-        server.start()
-        server.bootstrap()
+    with PgCluster.bootstrapped(max_connections=MAX_CONNECTIONS) as server:
         server.make_role(PASSWORD_ROLE, SECRET)
         yield server
-    finally:
-        server.destroy()
 
 
 @pytest.fixture(scope="session")

@@ -84,14 +84,9 @@ class RunningBouncer:
 
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[PgCluster]:
-    server = PgCluster.create(max_connections=30)
-    try:
-        server.start()
-        server.bootstrap()
+    with PgCluster.bootstrapped(max_connections=30) as server:
         server.sql(f"CREATE ROLE {STATS_USER} LOGIN")
         yield server
-    finally:
-        server.destroy()
 
 
 @contextlib.contextmanager

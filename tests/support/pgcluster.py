@@ -9,6 +9,7 @@ stop, restart or starve a server get their own::
     cluster.crash(); cluster.start()         # pg_ctl stop -m immediate, then back
     cluster.terminate(state="idle")          # pg_terminate_backend of the app's idle backends
     cluster.destroy()                        # stopped (immediate) and removed, even after a failure
+    with PgCluster.bootstrapped() as cluster: ...  # all of it, role and database made (a fixture)
 
 Roles: ``postgres`` (superuser, used only by these helpers), ``app`` (what the app under test logs in
 as: not a superuser, so the reserved connection slots and role limits apply to it; trust auth, so a
@@ -132,6 +133,18 @@ class PgCluster:
         with (cluster.data / "postgresql.conf").open("a") as conf:
             conf.write(_CONF + f"port = {cluster.port}\nmax_connections = {max_connections}\n")
         return cluster
+
+    @classmethod
+    @contextlib.contextmanager
+    def bootstrapped(cls, *, max_connections: int = 40) -> Iterator[PgCluster]:
+        """A cluster created, started and bootstrapped for the block, destroyed after it (even after a failure)."""
+        cluster = cls.create(max_connections=max_connections)
+        try:
+            cluster.start()
+            cluster.bootstrap()
+            yield cluster
+        finally:
+            cluster.destroy()
 
     # -- lifecycle ---------------------------------------------------------------------------------
 

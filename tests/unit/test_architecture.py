@@ -54,8 +54,13 @@ LAYERS: dict[str, int] = {
     "poolguard.acquire": 7,
     "poolguard.watchdog": 7,
     "poolguard.guard": 8,
-    # what the server sees: the connection budget (its arithmetic is shared with Django's checks)
+    # what the server sees: the connection budget (its arithmetic is shared with Django's checks), and the
+    # doctor's bounded connections, which budget --url reads the server's limits with
     "poolguard.diagnose": 0,
+    "poolguard.diagnose.findings": 0,
+    "poolguard.diagnose.target": 3,
+    "poolguard.diagnose.postgres": 4,
+    "poolguard.diagnose.mysql": 4,
     "poolguard.diagnose.budget": 4,
     "poolguard.diagnose.budget_input": 5,
     "poolguard.diagnose.budget_report": 5,
