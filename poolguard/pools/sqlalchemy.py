@@ -126,7 +126,7 @@ class SQLAlchemyPool:
         """The OpenTelemetry ``db.system.name`` value."""
         self._events: PoolEvents | None = None
         self._pinging: dict[int, Any] = {}
-        """DB-API connections in a pre-ping or a pid check now, by id: what :meth:`abort_connecting` reaches."""
+        """DB-API connections in a pre-ping right now, by id: what :meth:`abort_connecting` reaches."""
         self._reads_checked = False
         self._listeners: list[tuple[Any, str, Any]] = []
         self._guarded_class: type[Pool] | None = None
@@ -274,14 +274,8 @@ class SQLAlchemyPool:
             self._detect_pooler(dbapi_connection)
 
     def _detect_pooler(self, dbapi_connection: DBAPIConnection) -> None:
-        """Reports a pooler in front of an engine made elsewhere; a check that fails decides "none".
-
-        The check's round trip is within :meth:`abort_connecting`'s reach, as a pre-ping is: such an
-        engine's reads may be unbounded, and a server gone silent after the connect would hang it.
-        """
+        """Reports a pooler in front of an engine made elsewhere; a check that fails decides "none"."""
         assert self._pooler is not None
-        key = id(dbapi_connection)
-        self._pinging[key] = dbapi_connection
         try:
             behind = behind_pooler(dbapi_connection)
         except Exception as error:
@@ -289,8 +283,6 @@ class SQLAlchemyPool:
                 raise  # lost or timed out: the connect fails
             self._pooler.decide(None, f"the pid check failed ({type(error).__name__})")
             return
-        finally:
-            self._pinging.pop(key, None)
         self._pooler.decide_by_pid(behind)
 
     def _on_error(self, context: ExceptionContext) -> None:
