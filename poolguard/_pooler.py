@@ -10,11 +10,11 @@ clients. No client can ask the pooler, but the connection itself tells, cheaply:
   versions), before anything is spent: :func:`refused_startup_parameter`.
 - A pooler answers cancel requests itself, so the backend pid the client is given at startup (its
   cancel key) is the pooler's own, never the pid of the server process running the client's
-  queries (``pg_backend_pid()``): :func:`is_pooler`, :func:`dbapi_same_backend`,
-  :func:`asyncpg_same_backend`. One round trip on the first connection, the server doing the
-  comparison; it also catches a PgBouncer told to ignore the parameter
-  (``ignore_startup_parameters = options``) and poolers of other kinds, which is the right answer
-  for prepared statements: behind a session pooler turning them off costs only their reuse.
+  queries (``pg_backend_pid()``): :func:`dbapi_same_backend`, :func:`asyncpg_same_backend`. One
+  round trip on the first connection, the server doing the comparison; it also catches a PgBouncer
+  told to ignore the parameter (``ignore_startup_parameters = options``) and poolers of other
+  kinds, which is the right answer for prepared statements: behind a session pooler turning them
+  off costs only their reuse.
 
 Nothing here imports a driver: connections are duck-typed (psycopg 3 and psycopg2
 ``info.backend_pid``, asyncpg ``get_server_pid()``), so the SQLAlchemy engines and an asyncpg pool
@@ -41,7 +41,6 @@ __all__ = [
     "connect_asyncpg",
     "connect_detecting",
     "dbapi_same_backend",
-    "is_pooler",
     "pooled_params",
     "refused_startup_parameter",
     "same_backend_query",
@@ -98,11 +97,6 @@ def client_pid(connection: Any) -> int | None:
         if pid is None and callable(get):
             pid = get()
     return pid if isinstance(pid, int) else None
-
-
-def is_pooler(client: int | None, server: int | None) -> bool:
-    """Whether the pid a client was given at startup is not its server process's: a pooler answered."""
-    return client is not None and server is not None and client != server
 
 
 def dbapi_same_backend(connection: Any, pid: int) -> bool:

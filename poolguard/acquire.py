@@ -56,16 +56,18 @@ async def acquire(gate: Gate, pool: AcquiringPool, unit: Unit) -> Any:
         if breaker is not None and not breaker.closed:
             gate._acquire_breaker(breaker)
         reserved = unit.reserved
+        budget = gate.max_wait - unit.waited
         if reserved is not None:
             unit.reserved = None
             start -= reserved
+            budget -= reserved
         else:
-            budget = gate.max_wait - unit.waited
             try:
                 if unit.queued and budget <= 0:
                     raise gate._too_late(unit)
                 if not gate.admission.try_acquire():
                     await gate.admission.acquire_async(budget, unit.sheds)
+                    budget -= gate.clock() - start  # what is left for the pool's own wait
             except BaseException as exc:
                 gate._not_admitted(exc, unit, start)
                 raise
@@ -73,7 +75,7 @@ async def acquire(gate: Gate, pool: AcquiringPool, unit: Unit) -> Any:
         # that checks out from it (the watchdog's thread only reads).
         gate.pending += 1
         try:
-            connection = await pool.acquire(gate.max_wait - unit.waited)
+            connection = await pool.acquire(budget)
         except BaseException as exc:
             gate._checkout_failed(exc, unit, start)
             raise

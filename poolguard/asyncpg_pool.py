@@ -18,7 +18,15 @@ from urllib.parse import urlsplit, urlunsplit
 
 from poolguard import _pooler
 from poolguard._validate import positive_float, positive_int
-from poolguard.engine import CLIENT_MARGIN, DEFAULT_WORKERS, _flag, _service_name, _statement_ms
+from poolguard.engine import (
+    CLIENT_MARGIN,
+    DEFAULT_WORKERS,
+    _driver_connect_args,
+    _flag,
+    _merge,
+    _service_name,
+    _statement_ms,
+)
 from poolguard.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -115,22 +123,18 @@ def connect_kwargs(
 ) -> dict[str, Any]:
     """asyncpg's arguments for these defaults, directly to PostgreSQL or through PgBouncer (transaction mode).
 
-    The one place the PgBouncer difference lives: no prepared-statement cache, no ``statement_timeout``
-    startup parameter (the client-side ``command_timeout`` stays: the role's timeout is the server's).
+    The engines' own (:mod:`poolguard.engine`), so the two cannot drift: behind PgBouncer no
+    prepared-statement cache and no ``statement_timeout`` startup parameter (the client-side
+    ``command_timeout`` stays: the role's timeout is the server's).
     """
-    kwargs: dict[str, Any] = {"timeout": connect_timeout}
-    if statement_ms is not None:
-        kwargs["command_timeout"] = statement_ms / 1000 + CLIENT_MARGIN
-    settings: dict[str, str] = {}
-    if service_name is not None:
-        settings["application_name"] = service_name
-    if statement_ms is not None and not behind_pgbouncer:
-        settings["statement_timeout"] = str(statement_ms)
-    if settings:
-        kwargs["server_settings"] = settings
-    if behind_pgbouncer:
-        kwargs["statement_cache_size"] = 0
-    return kwargs
+    return _driver_connect_args(
+        "asyncpg",
+        service_name=service_name,
+        connect_seconds=connect_timeout,
+        statement_ms=None if behind_pgbouncer else statement_ms,
+        read_bound=None if statement_ms is None else statement_ms / 1000 + CLIENT_MARGIN,
+        pgbouncer=behind_pgbouncer,
+    )
 
 
 def _without(kwargs: dict[str, Any], query: set[str]) -> dict[str, Any]:
@@ -181,11 +185,3 @@ def _check_names(pool_kwargs: Mapping[str, Any], asyncpg: Any) -> None:
     settings = pool_kwargs.get("server_settings")
     if settings is not None and not isinstance(settings, Mapping):
         raise ConfigError(f"{_CALLER}.server_settings", f"<{type(settings).__name__}>", "a mapping of str to str")
-
-
-def _merge(defaults: dict[str, Any], user: Mapping[str, Any]) -> dict[str, Any]:
-    merged = dict(defaults)
-    for key, value in user.items():
-        base = merged.get(key)
-        merged[key] = {**base, **value} if isinstance(base, dict) and isinstance(value, Mapping) else value
-    return merged

@@ -301,6 +301,8 @@ def _engine_spec(
             read_bound=None if statement_ms is None else statement_ms / 1000 + CLIENT_MARGIN,
             pgbouncer=pooled,
         )
+        if pooled and driver == "asyncpg":  # SQLAlchemy's asyncpg dialect: its own statement cache and names
+            defaults.update(prepared_statement_cache_size=0, prepared_statement_name_func=_unique_statement_name)
         for key in parsed.query:
             defaults.pop(key, None)
         return _merge(defaults, user_connect_args)
@@ -390,7 +392,7 @@ def _driver_connect_args(
     read_bound: float | None,
     pgbouncer: bool,
 ) -> dict[str, Any]:
-    """The driver's own spelling of the connection defaults; empty for drivers we do not know.
+    """The driver's own spelling of the connection defaults (asyncpg's: create_asyncpg_pool's too); else empty.
 
     ``read_bound`` is the client-side limit on one query for drivers without TCP timeouts (the
     statement timeout plus a margin; kept behind PgBouncer, where the server-side one is the role's).
@@ -418,8 +420,6 @@ def _driver_connect_args(
             args["server_settings"] = server_settings
         if pgbouncer:
             args["statement_cache_size"] = 0
-            args["prepared_statement_cache_size"] = 0
-            args["prepared_statement_name_func"] = _unique_statement_name
     elif driver == "pymysql":
         args["connect_timeout"] = connect_seconds
         if read_bound is not None:

@@ -29,9 +29,10 @@ pool (made in the lifespan, given to the middleware as a function) :data:`DbConn
     @app.get("/orders/{id}")
     async def order(id: int, conn: DbConnection) -> dict[str, Any]:
         ...
- Both are generic in the
-session class, defaulting to SQLAlchemy's: ``SyncDbSession[sqlmodel.Session]`` (or ``DbSession[MySession]``)
-is the same dependency typed as the app's own class, so a SQLModel app keeps its tutorial's alias::
+
+``DbSession`` and ``SyncDbSession`` are generic in the session class, defaulting to SQLAlchemy's:
+``SyncDbSession[sqlmodel.Session]`` (or ``DbSession[MySession]``) is the same dependency typed as the app's
+own class, so a SQLModel app keeps its tutorial's alias::
 
     SessionDep = SyncDbSession[Session]          # Session from sqlmodel; the guard makes them:
     guard = poolguard.Guard(engine, session_factory=sessionmaker(engine, class_=Session))

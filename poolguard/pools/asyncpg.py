@@ -109,7 +109,7 @@ class AsyncpgPool:
 
     async def _acquire_within(self, budget: float) -> Any:
         try:
-            return await self._acquire(timeout=max(budget, 0.001))
+            connection = await self._acquire(timeout=max(budget, 0.001))
         except TimeoutError:
             events = self._events
             name = events.name if events is not None else "?"
@@ -119,6 +119,10 @@ class AsyncpgPool:
                 retry_after=1.0,
                 pool=name,
             ) from None
+        # asyncpg keeps an acquire's timeout as the default of its release, which would then cut the reset
+        # (and terminate the connection) at what was left of this wait; the reset has command_timeout.
+        connection._holder._timeout = None
+        return connection
 
     @staticmethod
     def broken(connection: Any, exc: BaseException) -> bool:

@@ -55,7 +55,9 @@ def build(*, wrong: bool = False, **guard_options: Any) -> FastAPI:
         return {"one": await conn.fetchval("SELECT 1"), "again": await conn.fetchval("SELECT pg_backend_pid()")}
 
     @app.get("/twice")
-    async def twice(first: DbConnection, second: DbConnection) -> dict[str, bool]:
+    async def twice(request: Request) -> dict[str, bool]:
+        # Two first uses at once (a task group's): one acquire, one connection.
+        first, second = await asyncio.gather(get_connection(request), get_connection(request))
         return {"same": first is second}
 
     @app.get("/fails")

@@ -347,3 +347,62 @@ async def test_connections_held_outside_the_guard_bound_its_wait_with_pool_satur
     finally:
         for connection in outside:
             await pool.release(connection)
+
+
+async def test_a_release_after_a_bounded_wait_keeps_its_own_bound(make_pool: Any, guards: Any) -> None:
+    """asyncpg keeps an acquire's timeout as its release's: the wait bounded because a connection was held
+    outside the guard must not cut the release's reset at that budget (a TimeoutError, the connection lost)."""
+    slow: list[bool] = []
+
+    async def reset(connection: asyncpg.Connection) -> None:
+        if slow:
+            await asyncio.sleep(0.4)
+
+    pool = await make_pool(max_size=1, reset=reset)
+    guard = guards(pool, max_wait=0.3)
+    outside = await pool.acquire()
+
+    async def give_it_back() -> None:
+        await asyncio.sleep(0.05)
+        await pool.release(outside)
+
+    returning = asyncio.ensure_future(give_it_back())
+    async with guard.connection() as conn:  # none free: the wait is bounded by the budget
+        pid = await conn.fetchval("SELECT pg_backend_pid()")
+        slow.append(True)
+    await returning
+    slow.clear()
+    assert pool.get_idle_size() == 1
+    async with pool.acquire() as again:
+        assert await again.fetchval("SELECT pg_backend_pid()") == pid  # reset and kept, not terminated
+    assert guard.breaker is not None
+    assert guard.breaker.failure_rate == 0.0
+
+
+async def test_a_wait_in_admission_then_in_the_pool_shares_one_budget(make_pool: Any, guards: Any) -> None:
+    """A unit that waited for its slot, then finds the connection taken by a direct ``pool.acquire()``, waits
+    for the pool only what is left of its budget: the two waits together stay within ``max_wait``."""
+    pool = await make_pool(max_size=1)
+    guard = guards(pool, max_wait=1.0)
+    outcome: list[tuple[str, float]] = []
+
+    async def unit() -> None:
+        started = time.monotonic()
+        try:
+            async with guard.connection():
+                outcome.append(("served", time.monotonic() - started))
+        except PoolSaturated:
+            outcome.append(("saturated", time.monotonic() - started))
+
+    async with guard.connection():
+        waiting = asyncio.ensure_future(unit())
+        await asyncio.sleep(0.6)  # the unit waits for the one slot
+        assert guard.gate.admission.waiting == 1
+    outside = await pool.acquire()  # the slot goes to the unit, the connection here first
+    try:
+        await waiting
+    finally:
+        await pool.release(outside)
+    ((result, seconds),) = outcome
+    assert result == "saturated"
+    assert 0.9 < seconds < 1.4

@@ -35,14 +35,6 @@ def test_other_errors_name_none(message: str) -> None:
     assert _pooler.refused_startup_parameter(RuntimeError(message)) is None
 
 
-@pytest.mark.parametrize(
-    ("client", "server", "expected"),
-    [(8768, 8768, False), (2074499265, 8768, True), (-145934109, 8769, True), (None, 8768, False), (1, None, False)],
-)
-def test_is_pooler(client: int | None, server: int | None, expected: bool) -> None:
-    assert _pooler.is_pooler(client, server) is expected
-
-
 def test_pooled_params_change_only_where_direct_and_pooled_differ() -> None:
     direct = {"options": "-c statement_timeout=30000", "connect_timeout": 2, "application_name": "orders"}
     pooled = {"connect_timeout": 2, "application_name": "orders", "prepare_threshold": None}
