@@ -72,6 +72,19 @@ async def run_async(guard: poolguard.Guard) -> list[int]:
 EXPECTED = [ROUNDS * n + ROUNDS * (ROUNDS - 1) // 2 for n in range(TASKS)]
 
 
+async def run_asyncpg(acquire: Any) -> list[int]:
+    """TASKS tasks, each ROUNDS parameterised queries, a connection from ``acquire()`` (an async context) each."""
+
+    async def work(n: int) -> int:
+        total = 0
+        for i in range(ROUNDS):
+            async with acquire() as connection:
+                total += await connection.fetchval("SELECT $1::int + $2::int", n, i)
+        return total
+
+    return list(await asyncio.gather(*(work(n) for n in range(TASKS))))
+
+
 def test_sync_engine_with_defaults_works_through_pgbouncer(
     pooler: tuple[PgBouncer, str], fleet: Fleet, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -213,14 +226,7 @@ async def test_asyncpg_pool_connect_hook(
     async with asyncpg.create_pool(dsn, connect=connect, min_size=0, max_size=8, **direct) as pool:
         assert pool._connect is connect  # where a Guard over the pool finds the answer
 
-        async def work(n: int) -> int:
-            total = 0
-            for i in range(ROUNDS):
-                async with pool.acquire() as connection:
-                    total += await connection.fetchval("SELECT $1::int + $2::int", n, i)
-            return total
-
-        assert await asyncio.gather(*(work(n) for n in range(TASKS))) == EXPECTED
+        assert await run_asyncpg(pool.acquire) == EXPECTED
         async with pool.acquire() as connection:
             timeout = await connection.fetchval("SHOW statement_timeout")
     assert pooler.decided
@@ -306,14 +312,7 @@ async def test_create_asyncpg_pool_with_defaults_works_through_pgbouncer(
     try:
         assert (await guard.ahealth(ping=False)).to_dict()["pools"][0]["pooler"] is None  # not known yet
 
-        async def work(n: int) -> int:
-            total = 0
-            for i in range(ROUNDS):
-                async with guard.connection() as connection:
-                    total += await connection.fetchval("SELECT $1::int + $2::int", n, i)
-            return total
-
-        assert await asyncio.gather(*(work(n) for n in range(TASKS))) == EXPECTED
+        assert await run_asyncpg(guard.connection) == EXPECTED
         async with guard.connection() as connection:
             assert await connection.fetchval("SHOW statement_timeout") == "0"  # not sent through the pooler
         assert guard.breaker is not None
