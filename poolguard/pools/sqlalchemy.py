@@ -14,6 +14,7 @@ blocking the event loop.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import time
 from contextvars import ContextVar
@@ -125,8 +126,9 @@ class SQLAlchemyPool:
         self.db_system = "mariadb" if getattr(dialect, "is_mariadb", False) else dialect.name
         """The OpenTelemetry ``db.system.name`` value."""
         self._events: PoolEvents | None = None
-        self._pinging: dict[int, Any] = {}
-        """DB-API connections in a pre-ping right now, by id: what :meth:`abort_connecting` reaches."""
+        self._mid_checkout: dict[int, Any] = {}
+        """DB-API connections in a pre-ping or being set up (the connect events' round trips) right now,
+        by id: what :meth:`abort_connecting` reaches."""
         self._reads_checked = False
         self._listeners: list[tuple[Any, str, Any]] = []
         self._guarded_class: type[Pool] | None = None
@@ -151,7 +153,10 @@ class SQLAlchemyPool:
             )
         setattr(self.sync_engine, _EVENTS_ATTRIBUTE, events)
         self._events = events
-        self._listen(self.sync_engine, "do_connect", self._before_connect)
+        # First: an app's do_connect that connects itself gets the probe's bounds too, and a new
+        # connection is within reach through every connect listener (the dialect's initialize too).
+        self._listen_first_on_dialect("do_connect", self._before_connect)
+        self._listen(self.sync_engine, "connect", self._setting_up, insert=True)
         self._listen(self.sync_engine, "connect", self._after_connect)
         self._listen(self.sync_engine, "handle_error", self._on_error)
         self._guard_pool(self.sync_engine.pool)
@@ -175,9 +180,21 @@ class SQLAlchemyPool:
         self._events = None
         self._guarded_class = None
 
-    def _listen(self, target: Any, name: str, fn: Any) -> None:
-        event.listen(target, name, fn)
+    def _listen(self, target: Any, name: str, fn: Any, **options: Any) -> None:
+        event.listen(target, name, fn, **options)
         self._listeners.append((target, name, fn))
+
+    def _listen_first_on_dialect(self, name: str, fn: Any) -> None:
+        """Listens to a dialect event ahead of the app's listeners of it.
+
+        SQLAlchemy drops ``insert=True`` for dialect events (``DialectEvents._listen`` does not pass
+        it on), so the listener is moved to the front of the engine's collection here.
+        """
+        self._listen(self.sync_engine, name, fn, insert=True)
+        listeners = getattr(getattr(self.sync_engine.dialect.dispatch, name, None), "listeners", None)
+        if isinstance(listeners, collections.deque) and fn in listeners and listeners[0] != fn:
+            listeners.remove(fn)
+            listeners.appendleft(fn)
 
     def _guard_pool(self, pool: Pool) -> None:
         """Routes the pool's checkouts and returns through the gate with a subclass of the pool's own class.
@@ -197,9 +214,20 @@ class SQLAlchemyPool:
         await_in_greenlet = sqlalchemy.util.await_only if self.is_async else None
         checkout = events.checkout
         checkin = events.checkin
+        mid_checkout = self._mid_checkout
+        forget_closed = self._forget_closed
 
         def connect(pool: Pool) -> PoolProxiedConnection:
-            connection: PoolProxiedConnection = checkout(MethodType(real_connect, pool), await_in_greenlet, _record_key)
+            try:
+                connection: PoolProxiedConnection = checkout(
+                    MethodType(real_connect, pool), await_in_greenlet, _record_key
+                )
+            except BaseException:
+                if mid_checkout:
+                    forget_closed()
+                raise
+            if mid_checkout:
+                mid_checkout.pop(id(connection.dbapi_connection), None)
             return connection
 
         def _do_return_conn(pool: Pool, record: ConnectionPoolEntry) -> None:
@@ -224,7 +252,7 @@ class SQLAlchemyPool:
         only pre-pings of this engine pay for it, and :meth:`detach` removes it.
         """
         real_ping = dialect.do_ping
-        pinging = self._pinging
+        pinging = self._mid_checkout
 
         def do_ping(dbapi_connection: Any) -> bool:
             key = id(dbapi_connection)
@@ -239,7 +267,7 @@ class SQLAlchemyPool:
 
     def abort_connecting(self) -> int:
         aborted = 0
-        for connection in list(self._pinging.values()):
+        for connection in list(self._mid_checkout.values()):
             raw = getattr(connection, "driver_connection", connection)
             aborted += shutdown_socket(driver_fileno(raw))
         return aborted
@@ -264,6 +292,21 @@ class SQLAlchemyPool:
         assert self._events is not None
         self._events.connecting()
         record.info[_CONNECT_STARTED] = self._events.clock()
+
+    def _setting_up(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
+        """A new connection is within :meth:`abort_connecting`'s reach until its checkout returns.
+
+        Its connect events make round trips (SQLAlchemy's dialect initialize on the first, the
+        pooler check, an app's own ``SET``), and an engine made elsewhere may leave reads unbounded:
+        a server gone silent right after the connect would hang the checkout there.
+        """
+        self._mid_checkout[id(dbapi_connection)] = dbapi_connection
+
+    def _forget_closed(self) -> None:
+        """Drops the connections a failed checkout left: SQLAlchemy closes one whose connect events failed."""
+        for key, connection in list(self._mid_checkout.items()):
+            if driver_fileno(getattr(connection, "driver_connection", connection)) is None:
+                self._mid_checkout.pop(key, None)
 
     def _after_connect(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
         events = self._events

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import time
 from typing import Any
 
@@ -17,7 +18,7 @@ import asyncpg
 import psycopg
 import pytest
 import sqlalchemy
-from sqlalchemy import exc, text
+from sqlalchemy import event, exc, text
 
 import poolguard
 from poolguard import BreakerState, _pooler
@@ -296,6 +297,54 @@ async def test_a_pid_check_on_a_silent_server_is_bounded(proxy: TcpProxy) -> Non
     assert time.monotonic() - started < 2.0
     assert not pooler.decided
     assert made[0].is_closed()
+
+
+def test_a_connection_set_up_on_a_server_gone_silent_is_aborted(
+    cluster: PgCluster, proxy: TcpProxy, fleet: Fleet
+) -> None:
+    """Guard(an engine made elsewhere, reads unbounded): the server goes silent right after the first connect,
+    so SQLAlchemy's dialect initialize and the pooler check hang in the connect events. Once the watchdog has
+    confirmed the outage it aborts that connection, as it aborts a pre-ping: a 503-able error in seconds.
+
+    The app's own do_connect connects itself, as SQLAlchemy documents for replacing the DB-API connect;
+    the watchdog's probes go through it too and must still be bounded. (The proxy's kernel acknowledges
+    every packet, so no TCP timeout would ever fire here: only the abort ends the wait.)"""
+    engine = fleet.engine(cluster.url("psycopg", port=proxy.port), guarded=False)
+    silenced: list[bool] = []
+
+    @event.listens_for(engine, "do_connect")
+    def connect_then_go_silent(dialect: Any, record: Any, cargs: Any, cparams: Any) -> Any:
+        connection = dialect.connect(*cargs, **cparams)
+        if not silenced:
+            silenced.append(True)
+            proxy.blackhole()
+        return connection
+
+    guard = fleet.guard(engine)
+    started = time.monotonic()
+    with pytest.raises(exc.OperationalError), guard.session() as session:
+        session.execute(text("SELECT 1"))
+    assert time.monotonic() - started < 8.0
+    assert guard.breaker is not None
+    assert guard.breaker.state is BreakerState.OPEN
+    adapter: Any = guard.pool
+    assert not adapter._pooler.decided  # the next connection checks again
+    assert not adapter._mid_checkout  # the aborted connection is not kept
+    time.sleep(3.0)  # still silent: every probe must end within its own bounds, or recovery would wait on them
+    ages = [round(guard.clock() - started, 2) for started in guard.prober._starts]
+    assert all(age < 2.9 for age in ages), f"probes hung on the silent server for {ages} s"
+
+    proxy.heal()
+    healed = time.monotonic()
+    while guard.breaker.state is not BreakerState.CLOSED:
+        assert time.monotonic() - healed < 3.0, "not served again after the network healed"
+        time.sleep(0.05)
+        with contextlib.suppress(poolguard.Unavailable), guard.session() as session:
+            session.execute(text("SELECT 1"))
+    with guard.session() as session:
+        assert session.execute(text("SELECT 1")).scalar() == 1
+    assert adapter._pooler.decided
+    assert guard.health(ping=False).pools[0].pooler is None  # decided: no pooler in front
 
 
 async def test_create_asyncpg_pool_with_defaults_works_through_pgbouncer(
