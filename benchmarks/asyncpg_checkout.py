@@ -17,9 +17,9 @@ included; time spent waiting for the server is not in it, so other work on the m
 less than wall time), then wall time. Rounds alternate bare and guarded after a warm-up, which side
 goes first alternating too; a figure is the median of its rounds with the interquartile range, and
 the guard's extra is the median of the paired per-round differences. Issue 15's target: the guard
-adds under 25 % to acquire + release, and less than asyncpg's own acquire costs (measured apart:
-``await pool.acquire()`` timed alone, on one task). The machine's load average before and after is
-printed: the runs share it with other work.
+adds under 25 % to acquire + release, and less than asyncpg's own acquire costs (measured apart, the
+acquire alone timed on one task: ``await pool.acquire()`` against the guard's acquire, rounds
+paired). The machine's load average before and after is printed: the runs share it with other work.
 """
 
 from __future__ import annotations
@@ -76,18 +76,36 @@ async def compare(bare: Op, guarded: Op, rounds: int, ops: int, tasks: int) -> R
     return times
 
 
-async def own_acquire(pool: asyncpg.Pool, rounds: int, ops: int) -> list[float]:
-    """µs of asyncpg's own ``await pool.acquire()`` alone (the release is not timed), per round."""
-    results = []
-    for _ in range(rounds):
-        spent = 0.0
-        for _ in range(ops):
-            started = time.perf_counter()
-            connection = await pool.acquire()
-            spent += time.perf_counter() - started
-            await pool.release(connection)
-        results.append(spent / ops * 1e6)
-    return results
+async def acquire_alone(pool: asyncpg.Pool, guard: poolguard.Guard, rounds: int, ops: int) -> Rounds:
+    """µs of wall time of the acquire alone (the release is not timed), per round: asyncpg's own
+    ``await pool.acquire()`` against the guard's ``await guard.connection().__aenter__()`` on a pool of
+    the same settings, rounds alternating. The guard's side is asyncpg's acquire and its own work around it."""
+
+    async def bare() -> float:
+        started = time.perf_counter()
+        connection = await pool.acquire()
+        spent = time.perf_counter() - started
+        await pool.release(connection)
+        return spent
+
+    async def guarded() -> float:
+        block = guard.connection()
+        started = time.perf_counter()
+        await block.__aenter__()
+        spent = time.perf_counter() - started
+        await block.__aexit__(None, None, None)
+        return spent
+
+    times: Rounds = ([], [])
+    for round_number in range(rounds + 1):  # the first is a warm-up
+        order = ((0, bare), (1, guarded)) if round_number % 2 == 0 else ((1, guarded), (0, bare))
+        for side, op in order:
+            spent = 0.0
+            for _ in range(ops):
+                spent += await op()
+            if round_number:
+                times[side].append((spent / ops * 1e6, spent / ops * 1e6))
+    return times
 
 
 def row(name: str, tasks: int, times: Rounds) -> str:
@@ -154,9 +172,14 @@ async def run(dsn: str, rounds: int, ops: int) -> None:
         ):
             for tasks in (1, TASKS):
                 print(row(name, tasks, await compare(bare, guarded, rounds, ops // scale, tasks)), flush=True)
-        own = await own_acquire(bare_noreset, rounds, ops)
-        q1, median, q3 = quartiles(own)
-        print(f"\nasyncpg's own `await pool.acquire()` alone, one task: {median:.1f} µs ({q1:.1f}-{q3:.1f})")
+        bare_alone, guarded_alone = await acquire_alone(bare_noreset, guard_noreset, rounds, ops)
+        own = quartiles([wall for wall, _ in bare_alone])
+        extra = quartiles([g - b for (b, _), (g, _) in zip(bare_alone, guarded_alone, strict=True)])
+        print(
+            f"\nThe acquire alone (wall µs, release untimed), one task: asyncpg's own `await pool.acquire()` "
+            f"{own[1]:.1f} ({own[0]:.1f}-{own[2]:.1f}); the guard's extra on it, paired: "
+            f"**{extra[1]:+.1f}** ({extra[0]:+.1f} to {extra[2]:+.1f})"
+        )
     finally:
         guard.close()
         guard_noreset.close()

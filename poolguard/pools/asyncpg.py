@@ -44,7 +44,8 @@ class AsyncpgPool:
         self.pool = pool
         self._events: PoolEvents | None = None
         self._real_connect: Callable[..., Awaitable[Any]] | None = None
-        self._acquire = pool.acquire
+        self._acquire: Callable[[float | None], Awaitable[Any]] = pool._acquire
+        """The coroutine behind ``pool.acquire()``, without the context object that call makes for each acquire."""
         self.release: Callable[[Any], Awaitable[None]] = pool.release
         """The pool's own release, itself: cancellation-safe (asyncpg shields it) and, as a bare release,
         without a timeout of its own (one costs a timer per release): the reset's round trip is bounded by
@@ -101,7 +102,7 @@ class AsyncpgPool:
         """
         try:
             if self.pool._queue._queue:
-                acquiring: Awaitable[Any] = self._acquire()
+                acquiring: Awaitable[Any] = self._acquire(None)
                 return acquiring
         except AttributeError:  # a pool not initialized yet (or an asyncpg that keeps them elsewhere)
             pass
@@ -109,7 +110,7 @@ class AsyncpgPool:
 
     async def _acquire_within(self, budget: float) -> Any:
         try:
-            connection = await self._acquire(timeout=max(budget, 0.001))
+            connection = await self._acquire(max(budget, 0.001))
         except TimeoutError:
             events = self._events
             name = events.name if events is not None else "?"
