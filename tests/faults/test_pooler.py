@@ -108,6 +108,29 @@ def test_sync_engine_with_defaults_works_through_pgbouncer(
         assert session.execute(text("SELECT current_setting('application_name')")).scalar() == "orders"
 
 
+def test_psycopg2_engine_with_defaults_works_through_pgbouncer(
+    pooler: tuple[PgBouncer, str], fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """psycopg2 prepares nothing server-side; what PgBouncer refuses there is the ``options`` startup parameter."""
+    bouncer, kind = pooler
+    engine = fleet.engine(bouncer.url("psycopg2", password=SECRET), service_name="orders", workers=8)
+    guard = fleet.guard(engine)
+    assert run_sync(guard) == EXPECTED
+    assert guard.breaker is not None
+    assert guard.breaker.state is BreakerState.CLOSED
+    assert guard.health().to_dict()["pools"][0]["pooler"] == kind
+    assert len(detections(caplog)) == 1
+    with guard.session() as session:
+        assert session.execute(text("SELECT current_setting('application_name')")).scalar() == "orders"
+
+
+def test_psycopg2_engine_made_elsewhere_is_reported(bouncer: PgBouncer, fleet: Fleet) -> None:
+    guard = fleet.guard(fleet.engine(bouncer.url("psycopg2"), guarded=False))
+    with guard.session() as session:
+        session.execute(text("SELECT 1"))
+    assert guard.health().to_dict()["pools"][0]["pooler"] == _pooler.UNIDENTIFIED
+
+
 @pytest.mark.parametrize("driver", ["psycopg_async", "asyncpg"])
 async def test_async_engine_with_defaults_works_through_pgbouncer(
     driver: str, pooler: tuple[PgBouncer, str], fleet: Fleet, caplog: pytest.LogCaptureFixture
@@ -195,8 +218,9 @@ def test_a_creator_bypasses_detection_which_then_only_reports(bouncer: PgBouncer
     assert guard.health().to_dict()["pools"][0]["pooler"] == _pooler.UNIDENTIFIED
 
 
-def test_the_private_cluster_direct_is_no_pooler(cluster: PgCluster, fleet: Fleet) -> None:
-    guard = fleet.guard(fleet.engine(cluster.url("psycopg", password=SECRET), statement_timeout=4))
+@pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
+def test_the_private_cluster_direct_is_no_pooler(driver: str, cluster: PgCluster, fleet: Fleet) -> None:
+    guard = fleet.guard(fleet.engine(cluster.url(driver, password=SECRET), statement_timeout=4))
     with guard.session() as session:
         assert session.execute(text("SHOW statement_timeout")).scalar() == "4s"
     assert guard.health().to_dict()["pools"][0]["pooler"] is None
