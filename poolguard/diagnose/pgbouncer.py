@@ -97,6 +97,16 @@ def _judge(
             f"{key} {config[key]}" for key in ("pool_mode", "default_pool_size", "max_client_conn") if key in config
         ),
     )
+    if int(config.get("max_prepared_statements") or 0) > 0:
+        report.add(
+            "info",
+            "pgbouncer.prepared_statements",
+            f"max_prepared_statements {config['max_prepared_statements']}: prepared statements work through "
+            "this PgBouncer (1.21+), in transaction mode too",
+            "poolguard's engines turn the drivers' prepared statements off behind a pooler (a client cannot see "
+            "this setting); to keep them, pass connect_args={'prepare_threshold': 5} (psycopg) or "
+            "{'statement_cache_size': 100} (asyncpg)",
+        )
     for pool in pools:
         _pool(report, thresholds, pool, config)
     for row in stats:

@@ -9,7 +9,8 @@ import pytest
 
 from poolguard.cli import main
 from poolguard.diagnose.doctor import diagnose
-from poolguard.diagnose.findings import Thresholds
+from poolguard.diagnose.findings import Report, Thresholds
+from poolguard.diagnose.pgbouncer import _judge
 from poolguard.diagnose.target import parse_url
 from tests.diagnose.conftest import ADMIN, SECRET, Held
 from tests.support.clock import wait_until
@@ -38,6 +39,23 @@ def test_an_idle_pgbouncer_is_healthy(bouncer: PgBouncer, capsys: pytest.Capture
     out = capsys.readouterr().out
     assert "pool_mode transaction, default_pool_size 2" in out
     assert SECRET not in out
+    assert "pgbouncer.prepared_statements" not in out  # 1.18: no max_prepared_statements
+
+
+def test_max_prepared_statements_on_says_how_to_keep_the_drivers_prepares() -> None:
+    """PgBouncer 1.21+ (this machine has 1.18): the finding comes from SHOW CONFIG's row, as the console gives it."""
+    report = Report(kind="pgbouncer", target="127.0.0.1:6432/pgbouncer")
+    config = {"pool_mode": "transaction", "max_prepared_statements": "100"}
+    _judge(report, thresholds=Thresholds(), config=config, pools=[], stats=[], lists={})
+    (finding,) = [finding for finding in report.findings if finding.code == "pgbouncer.prepared_statements"]
+    assert finding.severity == "info"
+    assert "max_prepared_statements 100" in finding.message
+    assert "prepare_threshold" in finding.action
+    off = Report(kind="pgbouncer", target="127.0.0.1:6432/pgbouncer")
+    _judge(
+        off, thresholds=Thresholds(), config={**config, "max_prepared_statements": "0"}, pools=[], stats=[], lists={}
+    )
+    assert "pgbouncer.prepared_statements" not in [finding.code for finding in off.findings]
 
 
 def test_clients_waiting_for_a_server_connection_are_found(
