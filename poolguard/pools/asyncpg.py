@@ -44,8 +44,11 @@ class AsyncpgPool:
         self.pool = pool
         self._events: PoolEvents | None = None
         self._real_connect: Callable[..., Awaitable[Any]] | None = None
-        self._acquire: Callable[[float | None], Awaitable[Any]] = pool._acquire
-        """The coroutine behind ``pool.acquire()``, without the context object that call makes for each acquire."""
+        self._acquire: Callable[[float | None], Awaitable[Any]] = getattr(pool, "_acquire", None) or (
+            lambda timeout: pool.acquire(timeout=timeout)
+        )
+        """The coroutine behind ``pool.acquire()``, without the context object that call makes for each acquire
+        (the public call where an asyncpg keeps it elsewhere)."""
         self.release: Callable[[Any], Awaitable[None]] = pool.release
         """The pool's own release, itself: cancellation-safe (asyncpg shields it) and, as a bare release,
         without a timeout of its own (one costs a timer per release): the reset's round trip is bounded by
