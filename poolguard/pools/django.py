@@ -82,9 +82,10 @@ class DjangoPool:
         """Per-thread connections: how many threads may use the alias at once (None: unbounded)."""
         self._events: PoolEvents | None = None
         self._pool: Any = None
-        self._checking: dict[int, Any] = {}
-        """Psycopg connections in the pool's own check (``CONN_HEALTH_CHECKS``) right now, by id:
-        what :meth:`abort_connecting` reaches."""
+        self._mid_checkout: dict[int, Any] = {}
+        """Connections being checked out right now, by id: what :meth:`abort_connecting` reaches. Psycopg
+        connections in the pool's own check (``CONN_HEALTH_CHECKS``), and per-thread wrappers in a request's
+        first use (connect, ``init_connection_state``, the app's ``connection_created`` receivers)."""
         self._connect_errors = 0
         self.generation = 0
         """Bumped by :meth:`discard_stale`: a per-thread connection of an older generation is closed
@@ -165,12 +166,10 @@ class DjangoPool:
         return raw is not None and shutdown_socket(driver_fileno(raw))
 
     def abort_connecting(self) -> int:
-        """Connections in the psycopg pool's check: with ``CONN_HEALTH_CHECKS`` Django has the pool ping
-        each connection inside ``getconn``, which a silent database leaves hanging mid-checkout."""
-        aborted = 0
-        for connection in list(self._checking.values()):
-            aborted += shutdown_socket(driver_fileno(connection))
-        return aborted
+        """Connections mid-checkout: with ``CONN_HEALTH_CHECKS`` Django has the pool ping each connection
+        inside ``getconn``, and a new per-thread connection makes round trips before the request has it;
+        a silent database leaves either hanging."""
+        return sum(self.abort(connection) for connection in list(self._mid_checkout.values()))
 
     def discard_stale(self) -> None:
         """Per-thread connections: closed at their next request. Django's psycopg pool: replaced.
@@ -235,11 +234,14 @@ class DjangoPool:
             return connection  # the holder's handle: what a leak report or a reclaim acts on
 
         state[_CONNECTING] = True
+        key = id(connection)
+        self._mid_checkout[key] = connection
         try:
             # Keyed by the request's unit: end_unit checks it in under the same key.
             events.checkout(connect, None, lambda _connection: id(unit))
         finally:
             state[_CONNECTING] = False
+            self._mid_checkout.pop(key, None)
 
     def _watch_pool(self, connection: Any) -> None:
         pool = connection.pool
@@ -483,10 +485,10 @@ def _tracked_check(check: Callable[[Any], None], registry: dict[str, DjangoPool]
             return
         adapter._events.connecting()
         key = id(connection)
-        adapter._checking[key] = connection
+        adapter._mid_checkout[key] = connection
         try:
             check(connection)
         finally:
-            adapter._checking.pop(key, None)
+            adapter._mid_checkout.pop(key, None)
 
     return tracked

@@ -5,6 +5,10 @@ tests run this app in a child: ``python -m tests.faults.django_child PORT TABLE`
 root. ``default`` is the private cluster at ``PORT`` (a proxy's) as the app role with the secret in
 its settings (``ATOMIC_REQUESTS``); ``auth`` is a role that needs a password, given the wrong one.
 
+With ``POOLGUARD_FAULTS_SILENCE_DIR`` set, the app has a ``connection_created`` receiver of its own (a
+``SET``, as apps do), which the parent can arm to have the server silenced while a new connection is set
+up (see :func:`_set_up_connections`).
+
 Protocol: each stdin line ``METHOD PATH`` is one request through ``django.test.Client``; the answer is
 one JSON line on stdout: ``{"status": int, "headers": {...}, "body": str, "seconds": float}``. Every
 log record (INFO and above) goes to stderr, which the parent searches for the secret.
@@ -15,8 +19,10 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import django
@@ -99,6 +105,31 @@ def configure(port: int, table: str, mode: str = "per-request") -> None:
     django.setup()
 
 
+def _set_up_connections(directory: Path) -> None:
+    """The app's own ``connection_created`` receiver: ``SET application_name`` on every new connection.
+
+    Armed (the parent made ``armed`` in ``directory``), the next one says ``ready`` and waits (at most
+    10 s) for ``silenced``, which the parent makes once the proxy is silent: its ``SET`` then meets a
+    silent server in the middle of the request's first use of the connection.
+    """
+    from django.db.backends.signals import connection_created  # noqa: PLC0415
+
+    def set_up(sender: Any, connection: Any, **kwargs: Any) -> None:
+        if connection.alias != "default":
+            return
+        armed = directory / "armed"
+        if armed.exists():
+            armed.unlink()
+            (directory / "ready").touch()
+            deadline = time.monotonic() + 10.0
+            while not (directory / "silenced").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+        with connection.cursor() as cursor:
+            cursor.execute("SET application_name = 'faults'")
+
+    connection_created.connect(set_up, weak=False)
+
+
 def _manage(command: str) -> dict[str, Any]:
     """Runs a management command in this process; its exit status as an HTTP-like status (0 -> 200, else 503)."""
     from django.core.management import call_command  # noqa: PLC0415
@@ -116,6 +147,8 @@ def _manage(command: str) -> dict[str, Any]:
 
 def main() -> None:
     configure(int(sys.argv[1]), sys.argv[2], *sys.argv[3:4])
+    if silence_dir := os.environ.get("POOLGUARD_FAULTS_SILENCE_DIR"):
+        _set_up_connections(Path(silence_dir))
     from django.test import Client  # noqa: PLC0415 - needs configured settings
 
     client = Client(raise_request_exception=False)

@@ -27,9 +27,9 @@ pytestmark = pytest.mark.postgres
 class DjangoChild:
     """The child's app: ``request(method, path)`` sends one request and waits (bounded) for its answer."""
 
-    def __init__(self, port: int, table: str, mode: str = "per-request") -> None:
+    def __init__(self, port: int, table: str, mode: str = "per-request", **environ: str) -> None:
         self.log = Path(tempfile.mkstemp(prefix="poolguard-django-", suffix=".log")[1])
-        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT)}
+        env = {**os.environ, "PYTHONPATH": str(PROJECT_ROOT), **environ}
         with self.log.open("w") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-W", "error", "-m", "tests.faults.django_child", str(port), table, mode],
@@ -178,6 +178,37 @@ def test_django_outage_is_shed_and_recovered_within_a_second_or_so(
             proxy.heal()
         assert served_again_within(app, 3.0) < 2.0
         assert app.request("GET", "/health/db").status == 200
+    finally:
+        log = app.close()
+    assert SECRET not in log
+    assert "Traceback" not in log
+
+
+def test_a_connection_set_up_on_a_server_gone_silent_is_aborted(proxy: TcpProxy, table: str, tmp_path: Path) -> None:
+    """The server goes silent while a request's new connection is being set up (the app's own
+    ``connection_created`` receiver runs a ``SET``): once the watchdog has confirmed the outage it aborts
+    that connection, a 503 within seconds. (The proxy's kernel acknowledges every packet, so no TCP
+    timeout would end the wait here.)"""
+    app = DjangoChild(proxy.port, table, POOLGUARD_FAULTS_SILENCE_DIR=str(tmp_path))
+    try:
+        # The first request makes the thread's connection (the test client keeps it between requests).
+
+        def silence_when_ready() -> None:
+            deadline = time.monotonic() + 10.0
+            while not (tmp_path / "ready").exists() and time.monotonic() < deadline:
+                time.sleep(0.01)
+            proxy.blackhole()
+            (tmp_path / "silenced").touch()
+
+        (tmp_path / "armed").touch()
+        silencer = threading.Thread(target=silence_when_ready)
+        silencer.start()
+        hung = app.request("GET", "/one", timeout=15)
+        silencer.join()
+        assert (tmp_path / "silenced").exists()
+        assert_503(hung, within=4.0)
+        proxy.heal()
+        assert served_again_within(app, 3.0) < 2.0  # a new connection, set up by the receiver as usual
     finally:
         log = app.close()
     assert SECRET not in log
