@@ -4,13 +4,15 @@ asyncpg has no hook before an acquire starts waiting (its ``on_acquire`` wait-ti
 request upstream), so nothing here intercepts the pool: a guarded unit of work acquires through
 :meth:`AsyncpgPool.acquire` and releases through :meth:`AsyncpgPool.release`, and the core measures the
 wait and the use around those two calls. An ``asyncpg.Pool`` has ``__slots__``: the only thing
-installed on it is a timed wrapper of its connect function (``Pool._connect``, asyncpg 0.30+), for
-the create times and for refusing a second guard; :meth:`detach` puts the original back.
+installed on it is a wrapper of its connect function (``Pool._connect``, asyncpg 0.30+), for the
+create times, for aborting a connect hung on a silent server and for refusing a second guard;
+:meth:`detach` puts the original back.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -44,6 +46,9 @@ class AsyncpgPool:
         self.pool = pool
         self._events: PoolEvents | None = None
         self._real_connect: Callable[..., Awaitable[Any]] | None = None
+        self._connecting: dict[asyncio.Task[Any], asyncio.AbstractEventLoop] = {}
+        """Connects under way, each a task of its own on its loop: what :meth:`abort_connecting` cancels."""
+        self._aborted: set[asyncio.Task[Any]] = set()
         self._acquire: Callable[[float | None], Awaitable[Any]] = getattr(pool, "_acquire", None) or (
             lambda timeout: pool.acquire(timeout=timeout)
         )
@@ -64,20 +69,50 @@ class AsyncpgPool:
                 "a pool no other Guard watches; share one Guard per pool (guard.close() releases it)",
             )
         self._events = events
+        self._warn_unbounded_reads(events.name)
         if connect is None:  # asyncpg before 0.30: no create times
             return
         clock = events.clock
+        connecting = self._connecting
+        aborted = self._aborted
 
         async def timed_connect(*args: Any, **kwargs: Any) -> Any:
             events.connecting()
             started = clock()
-            connection = await connect(*args, **kwargs)
+            # A task of its own, so the watchdog's thread can cancel it: a connect to a silent server is
+            # bounded only by asyncpg's connect timeout (60 s unless the pool says otherwise).
+            attempt = asyncio.ensure_future(connect(*args, **kwargs))
+            connecting[attempt] = asyncio.get_running_loop()
+            try:
+                connection = await attempt
+            except asyncio.CancelledError:
+                if attempt not in aborted:  # the caller was cancelled, and the attempt with it
+                    raise
+                raise ConnectionAbortedError(
+                    f"pool {events.name!r}: connect aborted, the database does not answer"
+                ) from None
+            finally:
+                connecting.pop(attempt, None)
+                aborted.discard(attempt)
             events.connected(clock() - started)
             return connection
 
         setattr(timed_connect, _EVENTS_ATTRIBUTE, events)
         self._real_connect = connect
         self.pool._connect = timed_connect
+
+    def _warn_unbounded_reads(self, name: str) -> None:
+        """Once per guard: a pool whose connections have no ``command_timeout`` waits on a silent server for
+        as long as the network lets it, in every query (held connections are aborted once an outage is
+        confirmed, but a pool's ``init`` or ``setup`` callback is not reached)."""
+        if (getattr(self.pool, "_connect_kwargs", None) or {}).get("command_timeout"):
+            return
+        _log.warning(
+            "poolguard: reads of pool %r on a silent (black-holed) database are unbounded without a "
+            "command_timeout; create the pool with asyncpg.create_pool(..., command_timeout=35) "
+            "(or with poolguard.create_asyncpg_pool)",
+            name,
+        )
 
     @property
     def pooler(self) -> str | None:
@@ -181,10 +216,15 @@ class AsyncpgPool:
         raw = _raw(handle)
         return raw is not None and shutdown_socket(driver_fileno(raw))
 
-    @staticmethod
-    def abort_connecting() -> int:
-        """asyncpg pings nothing at acquire; a connect under way is bounded by its ``timeout``."""
-        return 0
+    def abort_connecting(self) -> int:
+        """Cancels the connects under way (asyncpg pings nothing at acquire); each then fails with
+        ``ConnectionAbortedError``, a connection failure. Called from the watchdog's thread."""
+        attempts = list(self._connecting.items())
+        for attempt, loop in attempts:
+            self._aborted.add(attempt)
+            with contextlib.suppress(RuntimeError):  # its loop has closed: nothing is waiting on it
+                loop.call_soon_threadsafe(attempt.cancel)
+        return len(attempts)
 
     def discard_stale(self) -> None:
         """What ``Pool.expire_connections()`` does (a coroutine; this runs in the breaker's thread): connections

@@ -122,3 +122,31 @@ async def test_pgbouncer_in_transaction_mode_with_prepared_statements_off(bounce
         assert await asyncio.gather(*(work(n) for n in range(8))) == [n + 1 for n in range(8)]
     assert guard.breaker is not None
     assert guard.breaker.failure_rate == 0.0
+
+
+async def test_a_pool_made_elsewhere_never_waits_out_a_connect_to_a_silent_server(
+    cluster: PgCluster, proxy: TcpProxy, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Guard(asyncpg.create_pool(...))`` with asyncpg's defaults: a connect to a silent server waits out
+    asyncpg's 60 s connect timeout, and nothing bounds a read. The connect under way is aborted once the
+    watchdog has confirmed the outage, and the guard says once what to add for the reads."""
+    dsn = cluster.url("asyncpg", port=proxy.port).replace("postgresql+asyncpg", "postgresql")
+    pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2)
+    guard = Guard(pool, name="elsewhere")
+    try:
+        assert await select_one(guard) == 1
+        await pool.expire_connections()  # the next acquire connects anew
+        proxy.blackhole()
+        started = time.monotonic()
+        with pytest.raises(OSError):
+            await select_one(guard)
+        assert time.monotonic() - started < 3.5
+        assert guard.breaker is not None
+        assert guard.breaker.state is BreakerState.OPEN
+        proxy.heal()
+        assert await served_again_within(guard, 2.5) < 2.5
+    finally:
+        guard.close()
+        pool.terminate()
+    warnings = [r.getMessage() for r in caplog.records if "command_timeout" in r.getMessage()]
+    assert len(warnings) == 1, warnings
