@@ -47,6 +47,23 @@ Neither cuts a slow query short: a server at work acknowledges what it is sent."
 
 _LIBPQ_MIN_CONNECT_TIMEOUT = 2  # libpq treats anything lower as 2 s
 
+CONNECT_TIMEOUT = 2
+"""Seconds poolguard gives a connect whose parameters set no timeout of its own (libpq then waits for
+ever on a server that accepts and says nothing, asyncpg 60 s): a connect under way cannot be aborted,
+only bounded. A timeout the app sets, 0 (none) included, is kept."""
+
+_CONNECT_TIMEOUT_KEYS = {"libpq": "connect_timeout", "asyncpg": "timeout", "mysql": "connect_timeout"}
+
+
+def bound_connect(family: str, params: dict[str, Any]) -> bool:
+    """Adds :data:`CONNECT_TIMEOUT` to a connect's parameters, in place, where they set no timeout of their
+    own (``family`` as for :func:`bound_probe_params`); True when it did."""
+    key = _CONNECT_TIMEOUT_KEYS.get(family)
+    if key is None or key in params:
+        return False
+    params[key] = CONNECT_TIMEOUT
+    return True
+
 
 def bound_probe_params(family: str, params: dict[str, Any], timeout: float) -> None:
     """Bounds a probe's own connection, in place, in its driver's terms: connect, and reads where it can.

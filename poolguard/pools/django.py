@@ -29,6 +29,7 @@ from django.db.utils import DatabaseError  # type: ignore[import-untyped]
 from poolguard._classify import counted_pool, is_connection_failure
 from poolguard.errors import ConfigError, PoolSaturated
 from poolguard.pools import (
+    CONNECT_TIMEOUT,
     LIBPQ_TCP_BOUNDS,
     PoolCounts,
     PoolEvents,
@@ -48,8 +49,6 @@ _REGISTRY = "_poolguard_adapters"
 _HOOKED = "_poolguard_hooked"
 _CONNECTING = "_poolguard_connecting"
 _GENERATION = "_poolguard_generation"
-CONNECT_TIMEOUT = 2
-"""Seconds a Django connection of a guarded alias may take to connect, unless ``OPTIONS`` says otherwise."""
 
 
 class DjangoPool:

@@ -31,7 +31,15 @@ from sqlalchemy.pool import ConnectionPoolEntry, Pool, PoolProxiedConnection, Qu
 from poolguard import _pooler
 from poolguard._classify import is_connection_failure, mark_pre_ping
 from poolguard.errors import ConfigError
-from poolguard.pools import PoolCounts, PoolEvents, bound_probe_params, driver_fileno, shutdown_socket
+from poolguard.pools import (
+    CONNECT_TIMEOUT,
+    PoolCounts,
+    PoolEvents,
+    bound_connect,
+    bound_probe_params,
+    driver_fileno,
+    shutdown_socket,
+)
 
 _log = logging.getLogger("poolguard")
 
@@ -273,25 +281,40 @@ class SQLAlchemyPool:
         return aborted
 
     def _before_connect(self, dialect: Any, record: ConnectionPoolEntry | None, cargs: Any, cparams: Any) -> None:
+        family = _PROBE_FAMILIES.get(dialect.driver, "")
         if not self._reads_checked:
-            self._reads_checked = True
-            suggestion = unbounded_reads(dialect.driver, cparams)
-            if suggestion is not None:
-                _log.warning(
-                    "poolguard: reads of pool %r on a silent (black-holed) database are unbounded with these connect "
-                    "arguments; poolguard aborts connections hung through an outage it has confirmed, but to bound "
-                    "every read create the engine with connect_args=%s (or with poolguard.create_engine)",
-                    self._events.name if self._events is not None else "?",
-                    suggestion,
-                )
+            self._first_connect(dialect.driver, family, cparams)
         if record is None:  # a probe's own connection, not the pool's
             timeout = _probe_timeout.get()
             if timeout is not None:
-                bound_probe_params(_PROBE_FAMILIES.get(dialect.driver, ""), cparams, timeout)
+                bound_probe_params(family, cparams, timeout)
             return
+        bound_connect(family, cparams)
         assert self._events is not None
         self._events.connecting()
         record.info[_CONNECT_STARTED] = self._events.clock()
+
+    def _first_connect(self, driver: str, family: str, cparams: dict[str, Any]) -> None:
+        """Says once what bounds the engine's connections lack: reads (a warning: only an outage the
+        guard has confirmed ends them) and the connect (bounded here, see :func:`bound_connect`)."""
+        self._reads_checked = True
+        name = self._events.name if self._events is not None else "?"
+        suggestion = unbounded_reads(driver, cparams)
+        if suggestion is not None:
+            _log.warning(
+                "poolguard: reads of pool %r on a silent (black-holed) database are unbounded with these connect "
+                "arguments; poolguard aborts connections hung through an outage it has confirmed, but to bound "
+                "every read create the engine with connect_args=%s (or with poolguard.create_engine)",
+                name,
+                suggestion,
+            )
+        if bound_connect(family, dict(cparams)):
+            _log.info(
+                "poolguard: pool %r: the engine sets no connect timeout, so poolguard gives its connects one of "
+                "%d s (a connect under way cannot be aborted); a connect timeout in connect_args replaces it",
+                name,
+                CONNECT_TIMEOUT,
+            )
 
     def _setting_up(self, dbapi_connection: DBAPIConnection, record: ConnectionPoolEntry) -> None:
         """A new connection is within :meth:`abort_connecting`'s reach until its checkout returns.

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import logging
 import time
 from typing import Any
 
@@ -284,3 +285,29 @@ def test_plain_engine_through_the_guard_stopped_server(cluster: PgCluster, fleet
     assert [select_one(guard) for _ in range(3)] == [1, 1, 1]
     assert guard.health().status == "ok"
     assert_clean(cluster, engine)
+
+
+@pytest.mark.parametrize("driver", ["psycopg", "asyncpg"])
+async def test_a_connect_to_a_silent_server_is_bounded_on_an_engine_made_elsewhere(
+    driver: str, cluster: PgCluster, proxy: TcpProxy, fleet: Fleet, caplog: pytest.LogCaptureFixture
+) -> None:
+    """``Guard(create_engine(url))`` as Flask-SQLAlchemy makes it: no connect timeout, so a connect to a server
+    that accepts and then says nothing waits for ever (libpq) or 60 s (asyncpg), and a connect under way
+    cannot be aborted. The guard gives such connects poolguard's connect timeout (logged once); a timeout
+    the app sets itself, 0 (none) included, stays."""
+    caplog.set_level(logging.INFO, logger="poolguard")
+    url = cluster.url(driver, port=proxy.port)
+    engine: Any = fleet.async_engine(url, guarded=False) if driver == "asyncpg" else fleet.engine(url, guarded=False)
+    guard = fleet.guard(engine)
+    proxy.blackhole()
+    started = time.monotonic()
+    with pytest.raises(exc.OperationalError if driver == "psycopg" else (exc.DBAPIError, OSError)):
+        if driver == "asyncpg":
+            async with guard.session() as session:
+                await session.execute(text("SELECT 1"))
+        else:
+            select_one(guard)
+    assert time.monotonic() - started < 4.0
+    lines = [r.getMessage() for r in caplog.records if "sets no connect timeout" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "2 s" in lines[0]

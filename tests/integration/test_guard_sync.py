@@ -567,3 +567,29 @@ def test_poolguards_engine_bounds_reads_and_says_nothing(make_guard: GuardFactor
     finally:
         engine.dispose()
     assert not caplog.records
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("connect_args", "seen"),
+    [({}, 2), ({"connect_timeout": 7}, 7), ({"connect_timeout": 0}, 0)],
+    ids=["none: poolguard's", "the app's", "the app's 0 (none)"],
+)
+def test_an_engine_made_elsewhere_connects_with_a_timeout(connect_args: dict[str, Any], seen: int) -> None:
+    """What the engine's connect is given, as the app's own do_connect listener sees it: poolguard's connect
+    timeout only where the engine sets none."""
+    engine = sqlalchemy.create_engine(databases.PG_URL, connect_args=connect_args)
+    given: list[Any] = []
+
+    @event.listens_for(engine, "do_connect")
+    def record(dialect: Any, connection_record: Any, cargs: Any, cparams: dict[str, Any]) -> None:
+        given.append(cparams.get("connect_timeout"))
+
+    guard = Guard(engine, probe_interval=None)
+    try:
+        with guard.session() as session:
+            assert session.execute(text("SELECT 1")).scalar() == 1
+    finally:
+        guard.close()
+        engine.dispose()
+    assert given == [seen]
