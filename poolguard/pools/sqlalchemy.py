@@ -137,7 +137,7 @@ class SQLAlchemyPool:
         self._mid_checkout: dict[int, Any] = {}
         """DB-API connections in a pre-ping or being set up (the connect events' round trips) right now,
         by id: what :meth:`abort_connecting` reaches."""
-        self._reads_checked = False
+        self._bounds_checked = False
         self._listeners: list[tuple[Any, str, Any]] = []
         self._guarded_class: type[Pool] | None = None
         self._pooler: _pooler.Pooler | None = getattr(dialect, _pooler.POOLER_ATTRIBUTE, None)
@@ -282,7 +282,7 @@ class SQLAlchemyPool:
 
     def _before_connect(self, dialect: Any, record: ConnectionPoolEntry | None, cargs: Any, cparams: Any) -> None:
         family = _PROBE_FAMILIES.get(dialect.driver, "")
-        if not self._reads_checked:
+        if not self._bounds_checked:
             self._first_connect(dialect.driver, family, cparams)
         if record is None:  # a probe's own connection, not the pool's
             timeout = _probe_timeout.get()
@@ -297,7 +297,7 @@ class SQLAlchemyPool:
     def _first_connect(self, driver: str, family: str, cparams: dict[str, Any]) -> None:
         """Says once what bounds the engine's connections lack: reads (a warning: only an outage the
         guard has confirmed ends them) and the connect (bounded here, see :func:`bound_connect`)."""
-        self._reads_checked = True
+        self._bounds_checked = True
         name = self._events.name if self._events is not None else "?"
         suggestion = unbounded_reads(driver, cparams)
         if suggestion is not None:
