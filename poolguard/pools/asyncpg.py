@@ -49,6 +49,9 @@ class AsyncpgPool:
         self._connecting: dict[asyncio.Task[Any], asyncio.AbstractEventLoop] = {}
         """Connects under way, each a task of its own on its loop: what :meth:`abort_connecting` cancels."""
         self._aborted: set[asyncio.Task[Any]] = set()
+        self._made: dict[int, Any] = {}
+        """Connections made but perhaps not yet the pool's, by id: the pool's ``init`` may be making round trips
+        on them, which :meth:`abort_connecting` reaches (see :meth:`_forget_settled`)."""
         self._acquire: Callable[[float | None], Awaitable[Any]] = getattr(pool, "_acquire", None) or (
             lambda timeout: pool.acquire(timeout=timeout)
         )
@@ -75,10 +78,13 @@ class AsyncpgPool:
         clock = events.clock
         connecting = self._connecting
         aborted = self._aborted
+        made = self._made
+        forget_settled = self._forget_settled
 
         async def timed_connect(*args: Any, **kwargs: Any) -> Any:
             events.connecting()
             started = clock()
+            forget_settled()
             # A task of its own, so the watchdog's thread can cancel it: a connect to a silent server is
             # bounded only by asyncpg's connect timeout (60 s unless the pool says otherwise).
             attempt = asyncio.ensure_future(connect(*args, **kwargs))
@@ -94,6 +100,7 @@ class AsyncpgPool:
             finally:
                 connecting.pop(attempt, None)
                 aborted.discard(attempt)
+            made[id(connection)] = connection
             events.connected(clock() - started)
             return connection
 
@@ -218,13 +225,24 @@ class AsyncpgPool:
 
     def abort_connecting(self) -> int:
         """Cancels the connects under way (asyncpg pings nothing at acquire); each then fails with
-        ``ConnectionAbortedError``, a connection failure. Called from the watchdog's thread."""
+        ``ConnectionAbortedError``, a connection failure. Shuts the sockets of connections made but not yet
+        the pool's (its ``init`` is making round trips on them). Called from the watchdog's thread."""
         attempts = list(self._connecting.items())
         for attempt, loop in attempts:
             self._aborted.add(attempt)
             with contextlib.suppress(RuntimeError):  # its loop has closed: nothing is waiting on it
                 loop.call_soon_threadsafe(attempt.cancel)
-        return len(attempts)
+        self._forget_settled()
+        return len(attempts) + sum(shutdown_socket(driver_fileno(c)) for c in list(self._made.values()))
+
+    def _forget_settled(self) -> None:
+        """Drops the made connections the pool now holds (their ``init`` is done) and the closed ones; what is
+        left is being set up. Run at each connect, so it holds at most a pool's worth."""
+        holders = getattr(self.pool, "_holders", None) or ()
+        owned = {id(holder._con) for holder in list(holders) if getattr(holder, "_con", None) is not None}
+        for key, connection in list(self._made.items()):
+            if key in owned or connection.is_closed():
+                self._made.pop(key, None)
 
     def discard_stale(self) -> None:
         """What ``Pool.expire_connections()`` does (a coroutine; this runs in the breaker's thread): connections

@@ -150,3 +150,32 @@ async def test_a_pool_made_elsewhere_never_waits_out_a_connect_to_a_silent_serve
         pool.terminate()
     warnings = [r.getMessage() for r in caplog.records if "command_timeout" in r.getMessage()]
     assert len(warnings) == 1, warnings
+
+
+async def test_a_pool_init_hung_on_a_silent_server_is_aborted(cluster: PgCluster, proxy: TcpProxy) -> None:
+    """A pool's ``init`` (a type codec, a ``SET``: round trips on each new connection) meets a server gone silent
+    right after the connect: once the watchdog has confirmed the outage it aborts that connection too."""
+    silence = asyncio.Event()
+
+    async def init(connection: asyncpg.Connection) -> None:
+        if silence.is_set():
+            proxy.blackhole()
+        await connection.execute("SET application_name = 'faults'")
+
+    dsn = cluster.url("asyncpg", port=proxy.port).replace("postgresql+asyncpg", "postgresql")
+    pool = await asyncpg.create_pool(dsn, min_size=0, max_size=2, init=init, command_timeout=None)
+    guard = Guard(pool, name="init")
+    try:
+        assert await select_one(guard) == 1
+        await pool.expire_connections()
+        silence.set()
+        started = time.monotonic()
+        with pytest.raises((asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError)):
+            await select_one(guard)
+        assert time.monotonic() - started < 3.5
+        silence.clear()
+        proxy.heal()
+        assert await served_again_within(guard, 2.5) < 2.5
+    finally:
+        guard.close()
+        pool.terminate()
