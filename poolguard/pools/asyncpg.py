@@ -226,14 +226,29 @@ class AsyncpgPool:
     def abort_connecting(self) -> int:
         """Cancels the connects under way (asyncpg pings nothing at acquire); each then fails with
         ``ConnectionAbortedError``, a connection failure. Shuts the sockets of connections made but not yet
-        the pool's (its ``init`` is making round trips on them). Called from the watchdog's thread."""
+        the pool's (its ``init`` is making round trips on them) and of those in its ``setup`` (run at every
+        acquire, before the guard holds the connection). Called from the watchdog's thread."""
         attempts = list(self._connecting.items())
         for attempt, loop in attempts:
             self._aborted.add(attempt)
             with contextlib.suppress(RuntimeError):  # its loop has closed: nothing is waiting on it
                 loop.call_soon_threadsafe(attempt.cancel)
         self._forget_settled()
-        return len(attempts) + sum(shutdown_socket(driver_fileno(c)) for c in list(self._made.values()))
+        setting_up = list(self._made.values()) + self._in_setup()
+        return len(attempts) + sum(shutdown_socket(driver_fileno(connection)) for connection in setting_up)
+
+    def _in_setup(self) -> list[Any]:
+        """Connections the pool's ``setup`` callback is running on: asyncpg has handed their holder a proxy
+        and not yet marked it in use (that comes after ``setup``), so the guard does not hold them yet."""
+        if getattr(self.pool, "_setup", None) is None:
+            return []
+        return [
+            holder._con
+            for holder in list(getattr(self.pool, "_holders", None) or ())
+            if getattr(holder, "_proxy", None) is not None
+            and getattr(holder, "_in_use", False) is None
+            and getattr(holder, "_con", None) is not None
+        ]
 
     def _forget_settled(self) -> None:
         """Drops the made connections the pool now holds (their ``init`` is done) and the closed ones; what is

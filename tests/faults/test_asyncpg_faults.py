@@ -179,3 +179,31 @@ async def test_a_pool_init_hung_on_a_silent_server_is_aborted(cluster: PgCluster
     finally:
         guard.close()
         pool.terminate()
+
+
+async def test_a_pool_setup_hung_on_a_silent_server_is_aborted(cluster: PgCluster, proxy: TcpProxy) -> None:
+    """A pool's ``setup`` runs at every acquire, before the guard holds the connection: a server gone silent
+    then leaves the acquire hanging in it, until the watchdog has confirmed the outage and aborts it."""
+    silence = asyncio.Event()
+
+    async def setup(connection: Any) -> None:
+        if silence.is_set():
+            proxy.blackhole()
+        await connection.execute("SET application_name = 'faults'")
+
+    dsn = cluster.url("asyncpg", port=proxy.port).replace("postgresql+asyncpg", "postgresql")
+    pool = await asyncpg.create_pool(dsn, min_size=1, max_size=2, setup=setup)
+    guard = Guard(pool, name="setup")
+    try:
+        assert await select_one(guard) == 1
+        silence.set()
+        started = time.monotonic()
+        with pytest.raises((asyncpg.ConnectionDoesNotExistError, asyncpg.InterfaceError, OSError)):
+            await select_one(guard)
+        assert time.monotonic() - started < 3.5
+        silence.clear()
+        proxy.heal()
+        assert await served_again_within(guard, 2.5) < 2.5
+    finally:
+        guard.close()
+        pool.terminate()
